@@ -1,0 +1,115 @@
+"""Model configs in diffusers' format: the constructor arguments, recorded as a read-only mapping.
+
+A model class decorates its ``__init__`` with :func:`register_to_config`; the bound arguments (with
+defaults filled in) become ``model.config``, which is written to ``config.json`` by
+``save_pretrained`` and read back by ``from_config``/``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import warnings
+from typing import Any, Callable, Mapping
+
+
+class FrozenConfig(dict):
+    """A dict that also answers attribute access (``config.in_channels``) and refuses mutation."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no entry {name!r}") from None
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("a model config is read-only; build a new model with from_config(..., key=value)")
+
+    __setitem__ = __delitem__ = __setattr__ = _immutable
+    pop = popitem = clear = update = setdefault = _immutable
+
+    def to_json_string(self) -> str:
+        return json.dumps(_jsonable(dict(self)), indent=2, sort_keys=True) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def register_to_config(init: Callable) -> Callable:
+    """Decorate a model's ``__init__`` so that its bound arguments become ``self.config``."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(values.pop(name, {}))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                values.pop(name, None)
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_config", FrozenConfig(values))
+
+    wrapper._config_signature = signature
+    return wrapper
+
+
+def init_parameter_names(cls) -> list[str]:
+    """The keyword arguments a config-registered class accepts."""
+    signature = getattr(cls.__init__, "_config_signature", None) or inspect.signature(cls.__init__)
+    return [
+        n for n, p in signature.parameters.items()
+        if n != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    ]
+
+
+class ConfigMixin:
+    """``config`` and ``from_config`` for classes whose ``__init__`` uses :func:`register_to_config`."""
+
+    config_name = "config.json"
+
+    @property
+    def config(self) -> FrozenConfig:
+        try:
+            return object.__getattribute__(self, "_config")
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__}.__init__ is not decorated with register_to_config"
+            ) from None
+
+    @classmethod
+    def extract_init_kwargs(cls, config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
+        """Keep the entries of ``config`` that ``cls(**kwargs)`` accepts; warn about the others.
+
+        Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are metadata and
+        dropped silently.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (dict or model.config); got {type(config).__name__}")
+        accepted = set(init_parameter_names(cls))
+        kwargs, unknown = {}, []
+        for key, value in config.items():
+            if key in accepted:
+                kwargs[key] = value
+            elif not key.startswith("_"):
+                unknown.append(key)
+        if unknown and warn:
+            warnings.warn(
+                f"{cls.__name__} ignores unknown config keys: {sorted(unknown)}", UserWarning, stacklevel=3
+            )
+        return kwargs
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides):
+        """Build a model from a config mapping (e.g. another model's ``.config``) plus keyword overrides."""
+        kwargs = cls.extract_init_kwargs(dict(config or {}))
+        kwargs.update(cls.extract_init_kwargs(overrides))
+        return cls(**kwargs)

@@ -1,0 +1,124 @@
+"""Timestep embeddings: sinusoidal (``Timesteps``), Gaussian Fourier, and the MLP that follows them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .activations import get_activation
+
+
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1, scale: float = 1,
+                           max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of a 1-D tensor of (possibly fractional) timesteps -> ``(N, embedding_dim)``.
+
+    Frequencies are ``max_period ** (-i / (half - downscale_freq_shift))`` for ``i < half``; the
+    output is ``[sin, cos]`` (``[cos, sin]`` with ``flip_sin_to_cos``), zero-padded to odd widths.
+    """
+    if timesteps.dim() != 1:
+        raise ValueError(f"timesteps must be 1-D (N,); got shape {tuple(timesteps.shape)}")
+    half = embedding_dim // 2
+    index = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(index * (-math.log(max_period) / (half - downscale_freq_shift)))
+    angles = scale * (timesteps[:, None].float() * freqs[None, :])
+    parts = [torch.cos(angles), torch.sin(angles)] if flip_sin_to_cos else [torch.sin(angles), torch.cos(angles)]
+    emb = torch.cat(parts, dim=-1)
+    if embedding_dim % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class Timesteps(nn.Module):
+    """Parameter-free sinusoidal timestep embedding: ``(N,)`` -> ``(N, num_channels)``."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: int = 1):
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+        self.scale = scale
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return get_timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos,
+                                      self.downscale_freq_shift, self.scale)
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features of (log) noise levels: ``(N,)`` -> ``(N, 2 * embedding_size)``.
+
+    The frozen frequencies live in the parameter ``weight`` (the name diffusers checkpoints use).
+    ``set_W_to_weight`` is accepted for signature compatibility; it only changes how diffusers
+    draws the random initial values.
+    """
+
+    def __init__(self, embedding_size: int = 256, scale: float = 1.0, set_W_to_weight: bool = True,
+                 log: bool = True, flip_sin_to_cos: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        self.log = log
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log:
+            x = torch.log(x)
+        phase = x[:, None] * self.weight[None, :] * (2 * math.pi)
+        parts = [torch.cos(phase), torch.sin(phase)] if self.flip_sin_to_cos else [torch.sin(phase), torch.cos(phase)]
+        return torch.cat(parts, dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on a timestep embedding: ``linear_1 -> act -> linear_2 [-> post_act]``.
+
+    ``cond_proj_dim`` adds ``cond_proj`` (no bias), whose projection of ``condition`` is added to the
+    input first (LCM's ``timestep_cond``).
+    """
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", out_dim: int | None = None,
+                 post_act_fn: str | None = None, cond_proj_dim: int | None = None, sample_proj_bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim, sample_proj_bias)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
+        self.act = get_activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, out_dim if out_dim is not None else time_embed_dim, sample_proj_bias)
+        self.post_act = get_activation(post_act_fn)
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            sample = sample + self.cond_proj(condition)
+        sample = self.linear_1(sample)
+        if self.act is not None:
+            sample = self.act(sample)
+        sample = self.linear_2(sample)
+        if self.post_act is not None:
+            sample = self.post_act(sample)
+        return sample
+
+
+def timesteps_to_tensor(timestep, batch_size: int, device: torch.device,
+                        scalar_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Turn an int, a float, a 0-d or a 1-d tensor into a ``(batch_size,)`` tensor on ``device``.
+
+    A Python number becomes a tensor of ``scalar_dtype`` (``None``: int64 for ints, float32 for
+    floats; ``UNet2DModel`` passes int64 because diffusers' ``UNet2DModel`` truncates Python floats).
+    A 1-element 1-d tensor is broadcast over the batch; a 1-d tensor of another length must equal
+    ``batch_size``.
+    """
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(device)
+    elif isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
+        raise TypeError(f"timestep must be an int, a float or a tensor; got {type(timestep).__name__}")
+    else:
+        dtype = scalar_dtype or (torch.float32 if isinstance(timestep, float) else torch.int64)
+        t = torch.tensor([timestep], dtype=dtype, device=device)
+    if t.dim() == 0:
+        t = t[None]
+    if t.dim() != 1:
+        raise ValueError(f"timestep must be a scalar or a 1-d tensor; got shape {tuple(t.shape)}")
+    if t.shape[0] == 1 and batch_size != 1:
+        t = t.expand(batch_size)
+    elif t.shape[0] != batch_size:
+        raise ValueError(f"timestep has {t.shape[0]} entries but the batch has {batch_size} samples")
+    return t

@@ -1,0 +1,1 @@
+"""The fastunet UNet models."""
