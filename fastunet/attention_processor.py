@@ -1,0 +1,721 @@
+"""diffusers' ``Attention`` layer and its processors, with the attention itself on fastunet's kernels.
+
+The module keeps diffusers' constructor, sub-module names (``to_q``, ``to_k``, ``to_v``, ``to_out``,
+``group_norm``, ``spatial_norm``, ``norm_cross``, ``add_k_proj``, ``add_v_proj``) and helper methods,
+so diffusers checkpoints load strict and diffusers' own processors run on it.
+
+A processor is a plain callable ``processor(attn, hidden_states, encoder_hidden_states=None,
+attention_mask=None, temb=None)``.  The four here share one pipeline (spatial norm, tokens from
+``(B, C, H, W)``, group norm, projections, output projection, residual, rescale) and differ only in how
+they compute ``softmax(q k^T * scale + mask) v``:
+
+* :class:`TritonAttnProcessor` -- ``fastunet.kernels.attention`` on strided ``(B, H, N, D)`` views of
+  the projections; the default;
+* :class:`AttnProcessor2_0`    -- ``torch.nn.functional.scaled_dot_product_attention``;
+* :class:`AttnProcessor`       -- explicit scores through ``attn.get_attention_scores`` (baddbmm and
+  softmax, honouring ``upcast_attention``/``upcast_softmax``);
+* :class:`SlicedAttnProcessor` -- the same, ``slice_size`` batch*heads rows at a time.
+
+They use only what diffusers' ``Attention`` also has, so the same objects can be set on a diffusers
+model: ``diffusers_unet.set_attn_processor(TritonAttnProcessor())``.
+
+:class:`AttentionMixin` gives models diffusers' processor API: ``attn_processors``,
+``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice`` and
+``fuse_qkv_projections`` / ``unfuse_qkv_projections``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Callable, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastunet.kernels import attention as attention_kernel
+from fastunet.kernels import group_norm_act
+
+logger = logging.getLogger(__name__)
+
+AttentionProcessor = Callable[..., torch.Tensor]
+
+# kwargs diffusers passes around for IP-adapters; dropped without a warning when a processor lacks them
+_QUIET_KWARGS = frozenset({"ip_adapter_masks", "ip_hidden_states"})
+
+
+class SpatialNorm(nn.Module):
+    """GroupNorm of ``f`` modulated by a spatial condition: ``norm(f) * conv_y(zq) + conv_b(zq)``.
+
+    ``f`` is ``(B, f_channels, H, W)``; ``zq`` is ``(B, zq_channels, h, w)``, resized to ``(H, W)``
+    by nearest-neighbour interpolation first.  (MoVQ, https://huggingface.co/papers/2209.09002.)
+    """
+
+    def __init__(self, f_channels: int, zq_channels: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(num_channels=f_channels, num_groups=32, eps=1e-6, affine=True)
+        self.conv_y = nn.Conv2d(zq_channels, f_channels, kernel_size=1)
+        self.conv_b = nn.Conv2d(zq_channels, f_channels, kernel_size=1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
+        norm = self.norm_layer
+        normed = group_norm_act(f, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
+        return normed * self.conv_y(zq) + self.conv_b(zq)
+
+
+def _unsupported(name: str, value, allowed) -> None:
+    if value != allowed:
+        raise NotImplementedError(
+            f"fastunet's Attention does not support {name}={value!r} (only {allowed!r}); "
+            "it implements the options diffusers' UNets use"
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention with diffusers' constructor, parameter names and processor API.
+
+    ``forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs)``:
+    ``hidden_states`` is ``(B, N, query_dim)`` or ``(B, query_dim, H, W)``, ``encoder_hidden_states``
+    ``(B, M, cross_attention_dim)``; the output has the shape of ``hidden_states``.  The computation is
+    delegated to ``self.processor`` (:class:`TritonAttnProcessor` unless another is given).
+
+    Unsupported diffusers options (``qk_norm``, grouped-query ``kv_heads``, ``context_pre_only``,
+    ``pre_only``, ``is_causal``) raise ``NotImplementedError``; no diffusers UNet uses them.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        cross_attention_dim: int | None = None,
+        heads: int = 8,
+        kv_heads: int | None = None,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        bias: bool = False,
+        upcast_attention: bool = False,
+        upcast_softmax: bool = False,
+        cross_attention_norm: str | None = None,
+        cross_attention_norm_num_groups: int = 32,
+        qk_norm: str | None = None,
+        added_kv_proj_dim: int | None = None,
+        added_proj_bias: bool | None = True,
+        norm_num_groups: int | None = None,
+        spatial_norm_dim: int | None = None,
+        out_bias: bool = True,
+        scale_qk: bool = True,
+        only_cross_attention: bool = False,
+        eps: float = 1e-5,
+        rescale_output_factor: float = 1.0,
+        residual_connection: bool = False,
+        _from_deprecated_attn_block: bool = False,
+        processor: AttentionProcessor | None = None,
+        out_dim: int | None = None,
+        out_context_dim: int | None = None,
+        context_pre_only: bool | None = None,
+        pre_only: bool = False,
+        elementwise_affine: bool = True,
+        is_causal: bool = False,
+    ):
+        super().__init__()
+        for name, value in (("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        _unsupported("qk_norm", qk_norm, None)
+        _unsupported("context_pre_only", context_pre_only, None)
+        _unsupported("pre_only", pre_only, False)
+        _unsupported("is_causal", is_causal, False)
+        if kv_heads is not None and kv_heads != (out_dim // dim_head if out_dim is not None else heads):
+            raise NotImplementedError(
+                f"fastunet's Attention does not support grouped-query attention: kv_heads={kv_heads} "
+                f"must equal heads={heads}"
+            )
+        if out_dim is not None and out_dim % dim_head != 0:
+            raise ValueError(f"out_dim must be a multiple of dim_head={dim_head}; got out_dim={out_dim}")
+        if added_kv_proj_dim is None and only_cross_attention:
+            raise ValueError(
+                "only_cross_attention=True needs added_kv_proj_dim (the key/value projections of the "
+                "encoder states); got added_kv_proj_dim=None"
+            )
+        if cross_attention_norm not in (None, "layer_norm", "group_norm"):
+            raise ValueError(
+                f"cross_attention_norm must be None, 'layer_norm' or 'group_norm'; got {cross_attention_norm!r}"
+            )
+
+        self.inner_dim = out_dim if out_dim is not None else dim_head * heads
+        self.inner_kv_dim = self.inner_dim
+        self.query_dim = query_dim
+        self.use_bias = bias
+        self.is_cross_attention = cross_attention_dim is not None
+        self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.upcast_attention = upcast_attention
+        self.upcast_softmax = upcast_softmax
+        self.rescale_output_factor = rescale_output_factor
+        self.residual_connection = residual_connection
+        self.dropout = dropout
+        self.out_dim = out_dim if out_dim is not None else query_dim
+        self.out_context_dim = out_context_dim if out_context_dim is not None else query_dim
+        self.context_pre_only = context_pre_only
+        self.pre_only = pre_only
+        self.is_causal = is_causal
+        # Tells the checkpoint loader to rename the old ``query/key/value/proj_attn`` keys.
+        self._from_deprecated_attn_block = _from_deprecated_attn_block
+        self.scale_qk = scale_qk
+        self.scale = dim_head**-0.5 if scale_qk else 1.0
+        self.heads = out_dim // dim_head if out_dim is not None else heads
+        # set_attention_slice slices over batch*heads; a slice may hold at most ``heads`` rows per sample
+        self.sliceable_head_dim = heads
+        self.added_kv_proj_dim = added_kv_proj_dim
+        self.added_proj_bias = added_proj_bias
+        self.only_cross_attention = only_cross_attention
+        #: True once ``fuse_projections`` has built ``to_qkv`` (self-attention) or ``to_kv`` (cross).
+        self.fused_projections: bool = False
+
+        self.group_norm = (
+            nn.GroupNorm(num_channels=query_dim, num_groups=norm_num_groups, eps=eps, affine=True)
+            if norm_num_groups is not None else None
+        )
+        self.spatial_norm = (
+            SpatialNorm(f_channels=query_dim, zq_channels=spatial_norm_dim) if spatial_norm_dim is not None else None
+        )
+        # diffusers' processors look for these; fastunet builds none of them
+        self.norm_q = self.norm_k = self.norm_added_q = self.norm_added_k = None
+
+        if cross_attention_norm == "layer_norm":
+            self.norm_cross = nn.LayerNorm(self.cross_attention_dim)
+        elif cross_attention_norm == "group_norm":
+            channels = added_kv_proj_dim if added_kv_proj_dim is not None else self.cross_attention_dim
+            self.norm_cross = nn.GroupNorm(
+                num_channels=channels, num_groups=cross_attention_norm_num_groups, eps=1e-5, affine=True
+            )
+        else:
+            self.norm_cross = None
+
+        self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
+        if only_cross_attention:
+            self.to_k = self.to_v = None
+        else:
+            self.to_k = nn.Linear(self.cross_attention_dim, self.inner_kv_dim, bias=bias)
+            self.to_v = nn.Linear(self.cross_attention_dim, self.inner_kv_dim, bias=bias)
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, self.inner_kv_dim, bias=added_proj_bias)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, self.inner_kv_dim, bias=added_proj_bias)
+        else:
+            self.add_k_proj = self.add_v_proj = None
+        self.add_q_proj = None
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, self.out_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_add_out = None
+
+        self.set_processor(processor if processor is not None else TritonAttnProcessor())
+
+    # -- processor ---------------------------------------------------------------------------------
+
+    def set_processor(self, processor: AttentionProcessor) -> None:
+        """Use ``processor`` for the attention computation (an ``nn.Module`` one becomes a sub-module)."""
+        if not callable(processor):
+            raise TypeError(f"processor must be callable; got {type(processor).__name__}")
+        if isinstance(getattr(self, "processor", None), nn.Module) and not isinstance(processor, nn.Module):
+            # the old processor was registered as a sub-module: unregister it before a plain attribute
+            logger.info("replacing processor %s (and its weights) with %s", self.processor, processor)
+            del self._modules["processor"]
+        self.processor = processor
+
+    def get_processor(self, return_deprecated_lora: bool = False) -> AttentionProcessor | None:
+        """The processor in use (``None`` when asked for a deprecated LoRA processor, as in diffusers)."""
+        return None if return_deprecated_lora else self.processor
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Slice attention over batch*heads, ``slice_size`` rows at a time; ``None`` turns slicing off."""
+        if slice_size is not None and slice_size > self.sliceable_head_dim:
+            raise ValueError(f"slice_size {slice_size} has to be smaller or equal to {self.sliceable_head_dim}.")
+        self.set_processor(SlicedAttnProcessor(slice_size) if slice_size is not None else TritonAttnProcessor())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **cross_attention_kwargs,
+    ) -> torch.Tensor:
+        """Run the processor.  Keyword arguments it does not declare are dropped with a warning."""
+        channels = hidden_states.shape[1] if hidden_states.ndim == 4 else hidden_states.shape[-1]
+        if channels != self.query_dim:
+            raise ValueError(
+                f"hidden_states must have query_dim={self.query_dim} channels; got shape {tuple(hidden_states.shape)}"
+            )
+        if encoder_hidden_states is not None:
+            expected = self.added_kv_proj_dim if self.added_kv_proj_dim is not None else self.cross_attention_dim
+            if encoder_hidden_states.shape[-1] != expected:
+                raise ValueError(
+                    f"encoder_hidden_states must have {expected} features in its last dimension; "
+                    f"got shape {tuple(encoder_hidden_states.shape)}"
+                )
+        accepted = _call_parameters(type(self.processor))
+        unused = [k for k in cross_attention_kwargs if k not in accepted and k not in _QUIET_KWARGS]
+        if unused:
+            logger.warning(
+                "cross_attention_kwargs %s are not expected by %s and will be ignored.",
+                unused, type(self.processor).__name__,
+            )
+        kwargs = {k: v for k, v in cross_attention_kwargs.items() if k in accepted}
+        return self.processor(
+            self, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+        )
+
+    # -- helpers the processors use (diffusers' semantics) -------------------------------------------
+
+    def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """``(B, N, H*D)`` (or ``(B, E, N, H*D)``) -> ``(B*H, N', D)`` for ``out_dim=3``, ``(B, H, N', D)`` for 4."""
+        if out_dim not in (3, 4):
+            raise ValueError(f"out_dim must be 3 or 4; got {out_dim}")
+        if tensor.ndim == 3:
+            batch, tokens, dim = tensor.shape
+        else:
+            batch, extra, tokens, dim = tensor.shape
+            tokens *= extra
+        heads = self.heads
+        tensor = tensor.reshape(batch, tokens, heads, dim // heads).permute(0, 2, 1, 3)
+        return tensor.reshape(batch * heads, tokens, dim // heads) if out_dim == 3 else tensor
+
+    def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(B*H, N, D)`` -> ``(B, N, H*D)``."""
+        rows, tokens, dim = tensor.shape
+        heads = self.heads
+        return tensor.reshape(rows // heads, heads, tokens, dim).permute(0, 2, 1, 3).reshape(
+            rows // heads, tokens, heads * dim
+        )
+
+    def get_attention_scores(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``softmax(scale * q k^T + mask)`` for ``(B*H, N, D)`` query and ``(B*H, M, D)`` key; the result
+        has the query's dtype.  ``upcast_attention`` computes the scores in fp32, ``upcast_softmax`` the
+        softmax."""
+        dtype = query.dtype
+        if self.upcast_attention:
+            query, key = query.float(), key.float()
+        if attention_mask is None:
+            scores = torch.bmm(query, key.transpose(-1, -2)) * self.scale
+        else:
+            scores = torch.baddbmm(attention_mask.to(query.dtype), query, key.transpose(-1, -2), beta=1, alpha=self.scale)
+        if self.upcast_softmax:
+            scores = scores.float()
+        return scores.softmax(dim=-1).to(dtype)
+
+    def prepare_attention_mask(
+        self, attention_mask: torch.Tensor | None, target_length: int, batch_size: int, out_dim: int = 3
+    ) -> torch.Tensor | None:
+        """Repeat a ``(B, N', M)`` (or ``(B, M)``) mask per head: ``(B*H, N', M)`` for ``out_dim=3``,
+        ``(B, H, N', M)`` for 4.  ``M`` must equal ``target_length`` (diffusers pads a mismatched mask in a
+        way no processor can use; fastunet raises instead)."""
+        if attention_mask is None:
+            return None
+        if out_dim not in (3, 4):
+            raise ValueError(f"out_dim must be 3 or 4; got {out_dim}")
+        heads = self.heads
+        if attention_mask.ndim not in (2, 3):
+            raise ValueError(
+                f"attention_mask must be (batch, keys) or (batch[*heads], queries, keys); got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[-1] != target_length:
+            raise ValueError(
+                f"attention_mask must have {target_length} keys in its last dimension; got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[0] not in (batch_size, batch_size * heads):
+            raise ValueError(
+                f"attention_mask must have batch {batch_size} or batch*heads {batch_size * heads} in its first "
+                f"dimension; got shape {tuple(attention_mask.shape)}"
+            )
+        if out_dim == 3:
+            if attention_mask.shape[0] < batch_size * heads:
+                attention_mask = attention_mask.repeat_interleave(heads, dim=0)
+            return attention_mask
+        return attention_mask.unsqueeze(1).repeat_interleave(heads, dim=1)
+
+    def norm_encoder_hidden_states(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Apply ``norm_cross`` to ``(B, M, C)`` encoder states (a GroupNorm over the channel dim)."""
+        if self.norm_cross is None:
+            raise ValueError("norm_encoder_hidden_states needs cross_attention_norm; this Attention has none")
+        if isinstance(self.norm_cross, nn.GroupNorm):
+            return self.norm_cross(encoder_hidden_states.transpose(1, 2)).transpose(1, 2)
+        return self.norm_cross(encoder_hidden_states)
+
+    # -- fused projections ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Build one projection for q, k and v (``to_qkv``; self-attention) or for k and v (``to_kv``;
+        cross-attention) from the current weights, and set ``fused_projections``."""
+        if self.to_k is None:
+            raise ValueError("fuse_projections needs to_k/to_v; only_cross_attention=True has none")
+        parts = (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+        weight = torch.cat([p.weight for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=self.use_bias,
+                          device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        if self.use_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        if self.is_cross_attention:
+            self.to_kv = fused
+        else:
+            self.to_qkv = fused
+        self.fused_projections = bool(fuse)
+
+    def unfuse_projections(self) -> None:
+        """Drop ``to_qkv``/``to_kv`` and go back to the separate projections."""
+        for name in ("to_qkv", "to_kv"):
+            if name in self._modules:
+                del self._modules[name]
+        self.fused_projections = False
+
+
+@functools.lru_cache(maxsize=None)
+def _call_parameters(processor_type: type) -> frozenset:
+    return frozenset(inspect.signature(processor_type.__call__).parameters)
+
+
+# -- processors ----------------------------------------------------------------------------------------
+
+
+def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q ``(B, N, H*D)`` and k, v ``(B, M, H*D)``, through the fused projections when ``attn`` has them.
+
+    Fused results are split with views, so q, k and v share one buffer.
+    """
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if getattr(attn, "fused_projections", False):
+        to_qkv, to_kv = getattr(attn, "to_qkv", None), getattr(attn, "to_kv", None)
+        if encoder_hidden_states is None and to_qkv is not None:
+            return to_qkv(hidden_states).chunk(3, dim=-1)
+        if to_kv is not None:
+            key, value = to_kv(context).chunk(2, dim=-1)
+            return attn.to_q(hidden_states), key, value
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+
+def _check_mask(mask: torch.Tensor, batch: int, heads: int, queries: int, keys: int) -> torch.Tensor:
+    """A user mask -> a ``(B|1, H|1, N|1, M)`` view, broadcast instead of repeated per head."""
+    shape = tuple(mask.shape)
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(1)
+    if mask.ndim != 3 or mask.shape[-1] != keys or mask.shape[1] not in (1, queries) \
+            or mask.shape[0] not in (batch, batch * heads):
+        raise ValueError(
+            f"attention_mask must be (batch, keys), (batch, 1|queries, keys) or (batch*heads, 1|queries, keys) "
+            f"with batch={batch}, heads={heads}, queries={queries}, keys={keys}; got shape {shape}"
+        )
+    if mask.shape[0] == batch * heads and heads > 1:
+        return mask.view(batch, heads, mask.shape[1], keys)
+    return mask.unsqueeze(1)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool keep-mask as an additive one (0 kept, -inf dropped); a float mask cast to ``dtype``."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class _AttnProcessorBase:
+    """The pipeline every processor shares; subclasses implement :meth:`attend`."""
+
+    def attend(self, attn, query, key, value, attention_mask, batch: int) -> torch.Tensor:
+        """``(B, N, H*D)`` query, ``(B, M, H*D)`` key/value, the caller's mask -> ``(B, N, H*D)``."""
+        raise NotImplementedError
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            return self._added_kv_call(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if attn.group_norm is not None and image_shape is not None:
+            hidden_states = self.group_norm(attn.group_norm, hidden_states)
+        if image_shape is not None:
+            batch, channels = image_shape[:2]
+            hidden_states = hidden_states.view(batch, channels, -1).transpose(1, 2)
+        elif attn.group_norm is not None:
+            hidden_states = self.group_norm(attn.group_norm, hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross is not None:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
+        hidden_states = self.attend(attn, query, key, value, attention_mask, query.shape[0])
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+
+        if image_shape is not None:
+            hidden_states = hidden_states.transpose(1, 2).reshape(image_shape[0], -1, *image_shape[2:])
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        if attn.rescale_output_factor != 1.0:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        """``norm`` applied to ``(B, C, *)``."""
+        return norm(x)
+
+    def _added_kv_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        # diffusers' added-KV layout (SimpleCrossAttn blocks): keys are the projected encoder states
+        # followed (unless only_cross_attention) by the block's own tokens; the residual is always added.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        batch, channels = hidden_states.shape[:2]
+        hidden_states = hidden_states.view(batch, channels, -1).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross is not None:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if attn.group_norm is not None:
+            hidden_states = self.group_norm(attn.group_norm, hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.add_k_proj(encoder_hidden_states)
+        value = attn.add_v_proj(encoder_hidden_states)
+        if not attn.only_cross_attention:
+            key = torch.cat([key, attn.to_k(hidden_states)], dim=1)
+            value = torch.cat([value, attn.to_v(hidden_states)], dim=1)
+        hidden_states = self.attend(attn, query, key, value, attention_mask, batch)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states.transpose(1, 2).reshape(residual.shape) + residual
+
+
+class TritonAttnProcessor(_AttnProcessorBase):
+    """fastunet's default processor: ``fastunet.kernels.attention`` on ``(B, H, N, D)`` strided views of
+    the projections (no copies), the mask broadcast over heads instead of repeated, and the group norm
+    through ``fastunet.kernels.group_norm_act``."""
+
+    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
+
+    def attend(self, attn, query, key, value, attention_mask, batch):
+        heads = attn.heads
+        head_dim = query.shape[-1] // heads
+        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        mask = None
+        if attention_mask is not None:
+            mask = _check_mask(attention_mask, batch, heads, q.shape[2], k.shape[2])
+            if mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)
+        out = attention_kernel(q, k, v, attn_mask=mask, scale=attn.scale)
+        return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+
+
+class AttnProcessor2_0(_AttnProcessorBase):
+    """``torch.nn.functional.scaled_dot_product_attention`` on the projections, with ``attn.scale``."""
+
+    def attend(self, attn, query, key, value, attention_mask, batch):
+        heads = attn.heads
+        head_dim = query.shape[-1] // heads
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
+            if attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask.to(query.dtype)
+        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
+        return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+
+
+def _batched_mask(attn, attention_mask, key_length, batch, dtype):
+    """The mask as ``(B*H, N'|1, M)`` additive scores, as ``get_attention_scores`` takes it."""
+    if attention_mask is None:
+        return None
+    mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(1)
+    return _additive(mask, dtype)
+
+
+class AttnProcessor(_AttnProcessorBase):
+    """Explicit attention scores (``attn.get_attention_scores``: baddbmm, softmax) times values."""
+
+    def attend(self, attn, query, key, value, attention_mask, batch):
+        mask = _batched_mask(attn, attention_mask, key.shape[1], batch, query.dtype)
+        q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        probs = attn.get_attention_scores(q, k, mask)
+        return attn.batch_to_head_dim(torch.bmm(probs, v))
+
+
+class SlicedAttnProcessor(_AttnProcessorBase):
+    """:class:`AttnProcessor` computed ``slice_size`` rows of batch*heads at a time, to bound the
+    memory of the ``(rows, N, M)`` score matrix."""
+
+    def __init__(self, slice_size: int):
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int):
+            raise TypeError(f"slice_size must be an int; got {type(slice_size).__name__}")
+        if slice_size < 1:
+            raise ValueError(f"slice_size must be at least 1; got {slice_size}")
+        self.slice_size = slice_size
+
+    def attend(self, attn, query, key, value, attention_mask, batch):
+        mask = _batched_mask(attn, attention_mask, key.shape[1], batch, query.dtype)
+        q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        out = torch.empty_like(q)
+        for start in range(0, q.shape[0], self.slice_size):
+            rows = slice(start, start + self.slice_size)
+            probs = attn.get_attention_scores(q[rows], k[rows], mask[rows] if mask is not None else None)
+            out[rows] = torch.bmm(probs, v[rows])
+        return attn.batch_to_head_dim(out)
+
+
+# -- model-level API -----------------------------------------------------------------------------------
+
+
+class AttentionMixin:
+    """diffusers' attention-processor API for models (mix into a ``ModelMixin`` subclass).
+
+    Attention layers are the sub-modules with ``get_processor``/``set_processor``; their processors are
+    keyed ``"<module path>.processor"``.
+    """
+
+    #: The processors in force before ``fuse_qkv_projections``, restored by ``unfuse_qkv_projections``.
+    _original_attn_processors: dict[str, AttentionProcessor] | None = None
+
+    def _attention_layers(self) -> dict[str, nn.Module]:
+        """Attention layers by path, in diffusers' order (depth-first, parent before children)."""
+        layers = {}
+
+        def visit(path: str, module: nn.Module) -> None:
+            if hasattr(module, "get_processor"):
+                layers[path] = module
+            for name, child in module.named_children():
+                visit(f"{path}.{name}", child)
+
+        for name, child in self.named_children():
+            visit(name, child)
+        return layers
+
+    @property
+    def attn_processors(self) -> dict[str, AttentionProcessor]:
+        """``{"<module path>.processor": processor}`` for every attention layer."""
+        return {f"{path}.processor": m.get_processor() for path, m in self._attention_layers().items()}
+
+    def set_attn_processor(self, processor: AttentionProcessor | dict[str, AttentionProcessor]) -> None:
+        """Set one processor on every attention layer, or a dict with exactly the keys of
+        :attr:`attn_processors`, one per layer."""
+        layers = self._attention_layers()
+        if isinstance(processor, dict):
+            count = len(layers)
+            if len(processor) != count:
+                raise ValueError(
+                    f"A dict of processors was passed, but the number of processors {len(processor)} does not match"
+                    f" the number of attention layers: {count}. Please make sure to pass {count} processor classes."
+                )
+            expected = {f"{path}.processor" for path in layers}
+            if set(processor) != expected:
+                raise ValueError(
+                    f"the processor dict must have exactly the keys of attn_processors; missing "
+                    f"{sorted(expected - set(processor))}, unknown {sorted(set(processor) - expected)}"
+                )
+            for path, module in layers.items():
+                module.set_processor(processor[f"{path}.processor"])
+        else:
+            for module in layers.values():
+                module.set_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        """Back to fastunet's default, :class:`TritonAttnProcessor`, everywhere."""
+        self.set_attn_processor(TritonAttnProcessor())
+
+    def set_attention_slice(self, slice_size: Union[str, int, list, None] = "auto") -> None:
+        """Sliced attention: ``"auto"`` halves each layer's sliceable head count, ``"max"`` slices one row
+        at a time, an int applies to every layer, a list gives one size per layer (in the order of
+        :attr:`attn_processors`), and ``None`` entries leave slicing off."""
+        sliceable = []
+
+        def collect(module: nn.Module) -> None:
+            if hasattr(module, "set_attention_slice"):
+                sliceable.append(module.sliceable_head_dim)
+            for child in module.children():
+                collect(child)
+
+        for child in self.children():
+            collect(child)
+
+        if slice_size == "auto":
+            # half the heads per slice; a layer with a single head gets a slice of one (diffusers asks for 0)
+            sizes = [max(dim // 2, 1) for dim in sliceable]
+        elif slice_size == "max":
+            sizes = [1] * len(sliceable)
+        elif isinstance(slice_size, str):
+            raise ValueError(f"slice_size must be 'auto', 'max', an int or a list; got {slice_size!r}")
+        elif isinstance(slice_size, list):
+            sizes = list(slice_size)
+        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
+            sizes = [slice_size] * len(sliceable)
+        else:
+            raise TypeError(f"slice_size must be 'auto', 'max', an int or a list; got {type(slice_size).__name__}")
+
+        if len(sizes) != len(sliceable):
+            raise ValueError(
+                f"You have provided {len(sizes)}, but {getattr(self, 'config', type(self).__name__)} has "
+                f"{len(sliceable)} different attention layers. Make sure to match `len(slice_size)` to be "
+                f"{len(sliceable)}."
+            )
+        for size, dim in zip(sizes, sliceable):
+            if size is not None and size > dim:
+                raise ValueError(f"size {size} has to be smaller or equal to {dim}.")
+
+        remaining = iter(sizes)
+
+        def apply(module: nn.Module) -> None:
+            if hasattr(module, "set_attention_slice"):
+                module.set_attention_slice(next(remaining))
+            for child in module.children():
+                apply(child)
+
+        for child in self.children():
+            apply(child)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse the q/k/v (self-attention) or k/v (cross-attention) projections of every attention layer.
+
+        Layers keep fastunet processors (they use the fused weights); any other processor is replaced by
+        :class:`TritonAttnProcessor`.  :meth:`unfuse_qkv_projections` restores the processors.
+        """
+        processors = self.attn_processors
+        for proc in processors.values():
+            if "Added" in type(proc).__name__:
+                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        layers = self._attention_layers()
+        for module in layers.values():
+            if getattr(module, "added_kv_proj_dim", None) is not None:
+                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        self._original_attn_processors = processors
+        for module in layers.values():
+            module.fuse_projections()
+            if not isinstance(module.get_processor(), _AttnProcessorBase):
+                module.set_processor(TritonAttnProcessor())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo :meth:`fuse_qkv_projections`: separate projections and the processors from before."""
+        for module in self._attention_layers().values():
+            if hasattr(module, "unfuse_projections"):
+                module.unfuse_projections()
+        if self._original_attn_processors is not None:
+            self.set_attn_processor(self._original_attn_processors)
+            self._original_attn_processors = None
+
+
+__all__ = [
+    "Attention",
+    "AttentionMixin",
+    "AttnProcessor",
+    "AttnProcessor2_0",
+    "SlicedAttnProcessor",
+    "SpatialNorm",
+    "TritonAttnProcessor",
+]
