@@ -1,0 +1,139 @@
+"""``ResnetBlock2D``: the residual block of the 2-D UNets, with GroupNorm+activation fused.
+
+    h = conv1(resample(act(norm1(x))))
+    h = conv2(dropout(act(norm2(h + t))))                      time_embedding_norm="default"
+    h = conv2(dropout(act(norm2(h) * (1 + scale) + shift)))    time_embedding_norm="scale_shift"
+    out = (shortcut(resample(x)) + h) / output_scale_factor
+
+with ``t`` (or ``scale, shift``) = ``time_emb_proj(act(temb))``. Both norm+act pairs run as one
+``fastunet.kernels.group_norm_act`` call, the time embedding folded in as its ``add`` or ``scale``/``shift``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import group_norm_act
+from .activations import fused_activation_name, get_activation
+from .resampling import Downsample2D, FirDownsample2D, FirUpsample2D, Upsample2D
+
+# diffusers activations that group_norm_act cannot fuse, applied after it instead
+_UNFUSED = {"relu": F.relu}
+
+
+def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act_fn: str | None, add: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(norm(x + add) * (1 + scale) + shift)`` through ``group_norm_act`` with ``norm``'s parameters.
+
+    x: ``(B, C, *spatial)``; add/scale/shift: ``(B, C)`` or None; ``act_fn``: a diffusers name or None.
+    """
+    key = act_fn.lower() if isinstance(act_fn, str) else act_fn
+    fused = None if key in _UNFUSED else fused_activation_name(act_fn)
+    y = group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, fused, add=add, scale=scale, shift=shift)
+    return _UNFUSED[key](y) if key in _UNFUSED else y
+
+
+def check_groups(channels: int, groups: int, what: str) -> None:
+    """Raise ValueError unless ``groups`` is a positive int dividing ``channels``."""
+    if not isinstance(groups, int) or groups < 1 or channels % groups != 0:
+        raise ValueError(f"{what}: {channels} channels cannot be split into {groups!r} GroupNorm groups "
+                         f"(expected a positive divisor of {channels})")
+
+
+class ResnetBlock2D(nn.Module):
+    """Residual block ``(B, in_channels, H, W) -> (B, conv_2d_out_channels, H', W')``.
+
+    Arguments and sub-module names follow diffusers' ``ResnetBlock2D``. ``up``/``down`` resample
+    both paths after ``norm1``+act by 2x (nearest/avg-pool, the ``(1, 3, 3, 1)`` FIR filter for
+    ``kernel="fir"``, plain nearest/avg-pool for ``kernel="sde_vp"``); ``pre_norm`` and
+    ``conv_shortcut`` are accepted for compatibility (the shortcut is always a 1x1 conv, as in diffusers).
+    """
+
+    def __init__(self, *, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
+                 dropout: float = 0.0, temb_channels: int | None = 512, groups: int = 32,
+                 groups_out: int | None = None, pre_norm: bool = True, eps: float = 1e-6,
+                 non_linearity: str = "swish", skip_time_act: bool = False, time_embedding_norm: str = "default",
+                 kernel: str | None = None, output_scale_factor: float = 1.0, use_in_shortcut: bool | None = None,
+                 up: bool = False, down: bool = False, conv_shortcut_bias: bool = True,
+                 conv_2d_out_channels: int | None = None):
+        super().__init__()
+        if time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(f"ResnetBlock2D time_embedding_norm must be 'default' or 'scale_shift'; got "
+                             f"{time_embedding_norm!r} ('ada_group'/'spatial' need ResnetBlockCondNorm2D)")
+        if kernel not in (None, "fir", "sde_vp"):
+            raise ValueError(f"kernel must be None, 'fir' or 'sde_vp'; got {kernel!r}")
+        out_channels = in_channels if out_channels is None else out_channels
+        groups_out = groups if groups_out is None else groups_out
+        conv_2d_out_channels = conv_2d_out_channels or out_channels
+        check_groups(in_channels, groups, "ResnetBlock2D norm1")
+        check_groups(out_channels, groups_out, "ResnetBlock2D norm2")
+        get_activation(non_linearity)  # validates the name
+
+        self.pre_norm = True
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.use_conv_shortcut = conv_shortcut
+        self.up = up
+        self.down = down
+        self.output_scale_factor = output_scale_factor
+        self.time_embedding_norm = time_embedding_norm
+        self.skip_time_act = skip_time_act
+        self.act_fn = non_linearity
+
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if temb_channels is None:
+            self.time_emb_proj = None
+        else:
+            proj_out = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+            self.time_emb_proj = nn.Linear(temb_channels, proj_out)
+        self.norm2 = nn.GroupNorm(groups_out, out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
+        self.nonlinearity = get_activation(non_linearity)
+
+        self.upsample = self.downsample = None
+        if up:
+            self.upsample = FirUpsample2D(in_channels) if kernel == "fir" else Upsample2D(in_channels)
+        elif down:
+            self.downsample = (FirDownsample2D(in_channels) if kernel == "fir"
+                               else Downsample2D(in_channels, use_conv=False, padding=1, name="op"))
+
+        self.use_in_shortcut = in_channels != conv_2d_out_channels if use_in_shortcut is None else use_in_shortcut
+        self.conv_shortcut = None
+        if self.use_in_shortcut:
+            self.conv_shortcut = nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, stride=1, padding=0,
+                                           bias=conv_shortcut_bias)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """input_tensor ``(B, in_channels, H, W)``, temb ``(B, temb_channels)`` (required when the block
+        has ``time_emb_proj``) -> ``(B, conv_2d_out_channels, H', W')``."""
+        if input_tensor.dim() != 4 or input_tensor.shape[1] != self.in_channels:
+            raise ValueError(f"ResnetBlock2D expects (B, {self.in_channels}, H, W) input; "
+                             f"got shape {tuple(input_tensor.shape)}")
+        hidden_states = norm_act(self.norm1, input_tensor, self.act_fn)
+        resample = self.upsample if self.upsample is not None else self.downsample
+        if resample is not None:
+            input_tensor = resample(input_tensor)
+            hidden_states = resample(hidden_states)
+        hidden_states = self.conv1(hidden_states)
+
+        modulation = {}
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("ResnetBlock2D built with temb_channels needs a temb (B, temb_channels); got None")
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)
+            if self.time_embedding_norm == "scale_shift":
+                modulation["scale"], modulation["shift"] = temb.chunk(2, dim=1)
+            else:
+                modulation["add"] = temb
+        hidden_states = norm_act(self.norm2, hidden_states, self.act_fn, **modulation)
+        hidden_states = self.conv2(self.dropout(hidden_states))
+
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden_states) / self.output_scale_factor
