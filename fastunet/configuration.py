@@ -85,6 +85,13 @@ class ConfigMixin:
                 f"{type(self).__name__}.__init__ is not decorated with register_to_config"
             ) from None
 
+    def _set_config_metadata(self, **entries: Any) -> None:
+        """Record private entries (``_name_or_path``, ...) next to the constructor arguments in ``config``."""
+        public = sorted(k for k in entries if not k.startswith("_"))
+        if public:
+            raise ValueError(f"config metadata names start with '_'; got {public}")
+        object.__setattr__(self, "_config", FrozenConfig({**self.config, **entries}))
+
     @classmethod
     def extract_init_kwargs(cls, config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
         """Keep the entries of ``config`` that ``cls(**kwargs)`` accepts; warn about the others.

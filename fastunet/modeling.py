@@ -54,16 +54,24 @@ class ModelMixin(nn.Module, ConfigMixin):
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True) -> None:
-        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` as diffusers does."""
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None) -> None:
+        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` as diffusers does.
+
+        ``safe_serialization=False`` writes a ``.bin`` pickle instead; ``variant="fp16"`` names the weights
+        ``diffusion_pytorch_model.fp16.safetensors``.
+        """
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, save_directory, safe_serialization=safe_serialization)
+        save_pretrained(self, save_directory, safe_serialization=safe_serialization, variant=variant)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, **kwargs):
-        """Load a model from a local directory written by diffusers or fastunet."""
+        """Load a model from a local directory written by diffusers or fastunet.
+
+        Keyword arguments: ``variant``, ``use_safetensors``, ``output_loading_info``, and config entries
+        that override ``config.json``; see :func:`fastunet.checkpoint.from_pretrained`.
+        """
         from .checkpoint import from_pretrained
 
         return from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder,
