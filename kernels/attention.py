@@ -1,16 +1,856 @@
-"""Scaled dot-product attention (placeholder: torch reference only; the Triton kernels land next)."""
+"""Scaled dot-product attention: ``softmax(q @ k^T * scale + bias) @ v`` in FlashAttention-2 style.
+
+Semantics are those of ``torch.nn.functional.scaled_dot_product_attention`` without dropout and
+without a causal mask:
+
+* ``q`` ``(B, H, N, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H, M, Dv)`` -> ``out`` ``(B, H, N, Dv)``;
+  fp32, fp16 or bf16, all three the same dtype. Any strides are accepted (e.g. a ``(B, N, H, D)``
+  tensor transposed to ``(B, H, N, D)``, or a slice of a fused qkv projection); nothing is copied.
+  ``out`` is allocated with the dimension order of ``q`` in memory, so such layouts round-trip.
+* ``attn_mask``: ``None``, bool (True keeps a score) or an additive float bias of any float dtype,
+  broadcastable to ``(B, H, N, M)``. Broadcast dimensions are read with stride 0, never expanded
+  in memory. The mask is a constant: no gradient flows into it.
+* ``scale`` defaults to ``1 / sqrt(D)``.
+* A query row whose keys are all masked (all False, or all ``-inf``) gives an output row of zeros
+  and zero gradients, as ``scaled_dot_product_attention`` does on CPU (its CUDA math backend gives
+  NaN instead). Its stored log-sum-exp is ``+inf``.
+
+Forward: each program owns ``BLOCK_M`` queries of one (batch, head) and streams the keys in
+``BLOCK_N`` tiles with an online softmax; scores live in log2 units (``log2(e)`` is folded into the
+scale, so the kernel uses ``exp2``). Only ``out`` and the fp32 log-sum-exp ``lse`` ``(B, H, N)``
+(natural log) are written; the ``N x M`` score matrix never exists in memory. Softmax statistics
+and every ``tl.dot`` accumulate in fp32. fp32 inputs use ``input_precision="ieee"`` so results
+match fp32 torch instead of TF32 (about 10x the error); fp16/bf16 use the tensor cores.
+
+Backward (recomputes the scores from ``q, k, v, out, lse``): ``delta = rowsum(dO * O)``, then one
+kernel parallel over key blocks for ``dK, dV`` and one parallel over query blocks for ``dQ``.
+Deterministic, no atomics.
+
+Short sequences (``N, M <= 32``, e.g. temporal attention over 8 to 32 frames with ``B*H`` in the
+tens of thousands) use a second pair of kernels: one ``16``/``32`` tile covers a whole sequence, so
+the softmax is a single pass, and each program loops over several (batch, head) sequences. Its
+backward computes ``dQ, dK, dV`` of a sequence in one go.
+
+Head dims ``1 .. 256`` on the Triton path (padded to a power-of-two ``BLOCK_D >= 16`` and masked);
+the torch reference takes any. Both paths register as ``torch.library`` custom ops
+(``fastunet::attention_fwd`` -> ``(out, lse)``, ``fastunet::attention_bwd`` -> ``(dq, dk, dv)``) so
+``torch.compile(fullgraph=True)`` traces through them; the backend is picked inside the op.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._backend import interpreter_enabled, record_launch, use_triton
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+#: Longest query and key length handled by the short-sequence kernels.
+SHORT_SEQ_MAX = 32
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``a @ b (+ acc)`` accumulated in fp32. ``DOT_PRECISION == "ieee-upcast"`` multiplies fp32 copies
+    of the operands instead: the launchers ask for it only under Triton's interpreter for bf16, whose
+    ``tl.dot`` multiplies the raw bits of bf16 values (it stores them as uint16). Products of bf16
+    values are exact in fp32, so the result is the tensor-core one up to summation order."""
+    if DOT_PRECISION == "ieee-upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attention_masked_scores(s, mask_ptrs, valid, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr):
+    """Apply the user mask to log2-unit scores ``s``; ``-inf`` where masked or ``valid`` is False."""
+    if HAS_MASK:
+        bias = tl.load(mask_ptrs, mask=valid, other=0)
+        if BOOL_MASK:
+            s = tl.where(bias != 0, s, float("-inf"))
+        else:
+            s = s + bias.to(tl.float32) * LOG2E
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, N, D)
+    K,  # (B, H, M, D)
+    V,  # (B, H, M, DV)
+    Mask,  # broadcast view (B, H, N, M): uint8 (bool) or float; unused without HAS_MASK
+    Out,  # (B, H, N, DV)
+    Lse,  # (B*H, N) fp32, natural log
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_heads, seqlen_q, seqlen_k,
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_dv[None, :] * stride_vd
+    m_base = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_km, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
+        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _attention_masked_scores(s, m_base + cols[None, :] * stride_mm, row_ok[:, None] & col_ok[None, :],
+                                     HAS_MASK, BOOL_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vm, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+                    other=0.0)
+        acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out,  # (B, H, N, DV)
+    DOut,  # (B, H, N, DV)
+    Delta,  # (B*H, N) fp32: rowsum(dO * O)
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    num_heads, seqlen_q,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                mask=ok, other=0.0)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (B, H, N, D)
+    K,  # (B, H, M, D)
+    V,  # (B, H, M, DV)
+    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    DOut,  # (B, H, N, DV)
+    Lse,  # (B*H, N) fp32
+    Delta,  # (B*H, N) fp32
+    DK,  # (B, H, M, D)
+    DV,  # (B, H, M, DV)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvm, stride_dvd,
+    num_heads, seqlen_q, seqlen_k,
+    sm_scale,  # softmax scale (natural units)
+    qk_scale,  # sm_scale * log2(e)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles (keys along dim 0) so that no register tile needs transposing.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < seqlen_k
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
+    do_base = DOut + b * stride_dob + h * stride_doh + offs_dv[None, :] * stride_dod
+    m_base = Mask + b * stride_mb + h * stride_mh + cols[:, None] * stride_mm
+    stat_base = bh.to(tl.int64) * seqlen_q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start_m in range(0, seqlen_q, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        q = tl.load(q_base + rows[:, None] * stride_qn, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+        s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
+        s_t = _attention_masked_scores(s_t, m_base + rows[None, :] * stride_mn, col_ok[:, None] & row_ok[None, :],
+                                       HAS_MASK, BOOL_MASK)
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+
+    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkm + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvm + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (B, H, N, D)
+    K,  # (B, H, M, D)
+    V,  # (B, H, M, DV)
+    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    DOut,  # (B, H, N, DV)
+    Lse,  # (B*H, N) fp32
+    Delta,  # (B*H, N) fp32
+    DQ,  # (B, H, N, D)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    num_heads, seqlen_q, seqlen_k,
+    sm_scale,  # softmax scale (natural units)
+    qk_scale,  # sm_scale * log2(e)
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h * stride_vh + offs_dv[None, :] * stride_vd
+    m_base = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_km, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vm, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _attention_masked_scores(s, m_base + cols[None, :] * stride_mm, row_ok[:, None] & col_ok[None, :],
+                                     HAS_MASK, BOOL_MASK)
+        p = tl.exp2(s - lse[:, None])
+        dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attention_short_fwd_kernel(
+    Q,  # (B, H, N, D), N <= BLOCK_M
+    K,  # (B, H, M, D), M <= BLOCK_N
+    V,  # (B, H, M, DV)
+    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    Out,  # (B, H, N, DV)
+    Lse,  # (B*H, N) fp32, natural log
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_heads, batch_heads, seqlen_q, seqlen_k,
+    qk_scale,  # softmax scale * log2(e)
+    seqs_per_program,  # (batch, head) sequences handled by one program
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    col_ok = cols < seqlen_k
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    v_mask = col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    valid = row_ok[:, None] & col_ok[None, :]
+    first = tl.program_id(0) * seqs_per_program
+    last = tl.minimum(first + seqs_per_program, batch_heads)
+    for bh in range(first, last):
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        stat_base = (b * num_heads + h) * seqlen_q
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                    mask=k_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+                    mask=v_mask, other=0.0)
+        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _attention_masked_scores(
+            s, Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn + cols[None, :] * stride_mm,
+            valid, HAS_MASK, BOOL_MASK)
+        # The whole row is in the tile: a plain (not online) softmax.
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        empty = l == 0.0
+        out = _attention_dot(p.to(v.dtype), v, None, DOT_PRECISION) / tl.where(empty, 1.0, l)[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=o_mask)
+        lse = tl.where(empty, float("inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * LN2)
+        tl.store(Lse + stat_base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_short_bwd_kernel(
+    Q,  # (B, H, N, D), N <= BLOCK_M
+    K,  # (B, H, M, D), M <= BLOCK_N
+    V,  # (B, H, M, DV)
+    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    Out,  # (B, H, N, DV)
+    DOut,  # (B, H, N, DV)
+    Lse,  # (B*H, N) fp32
+    DQ,  # (B, H, N, D)
+    DK,  # (B, H, M, D)
+    DV,  # (B, H, M, DV)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_km, stride_kd,
+    stride_vb, stride_vh, stride_vm, stride_vd,
+    stride_mb, stride_mh, stride_mn, stride_mm,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvm, stride_dvd,
+    num_heads, batch_heads, seqlen_q, seqlen_k,
+    sm_scale,  # softmax scale (natural units)
+    qk_scale,  # sm_scale * log2(e)
+    seqs_per_program,  # (batch, head) sequences handled by one program
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    col_ok = cols < seqlen_k
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    v_mask = col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    valid = row_ok[:, None] & col_ok[None, :]
+    first = tl.program_id(0) * seqs_per_program
+    last = tl.minimum(first + seqs_per_program, batch_heads)
+    for bh in range(first, last):
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        stat_base = (b * num_heads + h) * seqlen_q
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+                    mask=k_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+                    mask=v_mask, other=0.0)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                    mask=o_mask, other=0.0)
+        do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                     mask=o_mask, other=0.0)
+        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _attention_masked_scores(
+            s, Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn + cols[None, :] * stride_mm,
+            valid, HAS_MASK, BOOL_MASK)
+        p = tl.exp2(s - lse[:, None])
+        dv = _attention_dot(tl.trans(p.to(do.dtype)), do, None, DOT_PRECISION)
+        dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = _attention_dot(ds, k, None, DOT_PRECISION) * sm_scale
+        dk = _attention_dot(tl.trans(ds), q, None, DOT_PRECISION) * sm_scale
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkm + offs_d[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=k_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvm + offs_dv[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=v_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers and configs
+# --------------------------------------------------------------------------------------------------
+
+
+class AttentionConfig(NamedTuple):
+    """Tile sizes and launch settings of one attention kernel launch."""
+
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def _pad16(x: int) -> int:
+    """Power of two >= x and >= 16 (``tl.dot`` needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _clip(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int) -> AttentionConfig:
+    """Shrink the tiles of ``cfg`` to short sequences (bucketed to powers of two)."""
+    return cfg._replace(block_m=min(cfg.block_m, _pad16(seqlen_q)), block_n=min(cfg.block_n, _pad16(seqlen_k)))
+
+
+def attention_fwd_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+    """Config of ``_attention_fwd_kernel``; ``block_d`` is the padded max(D, Dv)."""
+    if dtype == torch.float32:  # ieee fp32 dots run on FMA units and keep operands in registers
+        cfg = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
+               128: (32, 32, 4, 2), 256: (32, 16, 4, 1)}[block_d]
+    else:
+        cfg = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+               128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}[block_d]
+    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+
+
+def attention_bwd_dkdv_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+    """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step)."""
+    if dtype == torch.float32:
+        cfg = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 32, 4, 2),
+               128: (16, 32, 4, 1), 256: (16, 16, 4, 1)}[block_d]
+    else:
+        cfg = {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (32, 128, 8, 2),
+               128: (32, 64, 4, 2), 256: (16, 64, 8, 1)}[block_d]
+    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+
+
+def attention_bwd_dq_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+    """Config of ``_attention_bwd_dq_kernel`` (block_m queries per program, block_n keys per step)."""
+    if dtype == torch.float32:
+        cfg = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2),
+               128: (32, 16, 4, 1), 256: (16, 16, 4, 1)}[block_d]
+    else:
+        cfg = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 2),
+               128: (64, 32, 4, 2), 256: (64, 16, 8, 1)}[block_d]
+    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+
+
+def attention_bwd_preprocess_config(block_dv: int) -> AttentionConfig:
+    """Config of ``_attention_bwd_preprocess_kernel`` (block_n unused)."""
+    return AttentionConfig(block_m=64 if block_dv <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
+
+
+def attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
+                           backward: bool = False) -> AttentionConfig:
+    """Config of the short-sequence kernels: one tile covers the whole sequence."""
+    block_m, block_n = _pad16(seqlen_q), _pad16(seqlen_k)
+    big = block_d * max(block_m, block_n) > (2048 if backward else 4096)
+    return AttentionConfig(block_m, block_n, num_warps=8 if big else 4, num_stages=2)
+
+
+def short_seqs_per_program(batch_heads: int) -> int:
+    """(batch, head) sequences per program of the short kernels: enough programs to fill a GPU
+    several times over, and no more, so each program amortises its set-up over many sequences."""
+    return max(1, min(32, triton.next_power_of_2(batch_heads) // 2048))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot``: exact fp32 for fp32 inputs (TF32 would add ~1e-3
+    relative error), tensor cores for fp16/bf16 (the value is then ignored), and the interpreter's
+    bf16 workaround described in ``_attention_dot``."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return "ieee-upcast"
+    return "tf32"
+
+
+def _block_d(d: int) -> int:
+    return _pad16(d)
+
+
+def _alloc_like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """Uninitialised tensor of ``shape`` whose first three dims lie in memory in the order of ``t``'s
+    (the last dim innermost), so a ``(B, N, H, D)`` layout seen as ``(B, H, N, D)`` round-trips."""
+    order = sorted(range(3), key=lambda i: -t.stride(i))
+    buf = torch.empty([shape[i] for i in order] + [shape[3]], dtype=dtype or t.dtype, device=t.device)
+    inverse = [order.index(i) for i in range(3)] + [3]
+    return buf.permute(inverse)
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, shape):
+    """(pointer tensor, four strides, HAS_MASK, BOOL_MASK) for a mask broadcast to ``shape``."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), False, False
+    view = attn_mask.expand(shape)  # stride 0 on broadcast dims, no copy
+    if view.dtype == torch.bool:
+        view = view.view(torch.uint8)
+    return view, view.stride(), True, attn_mask.dtype == torch.bool
+
+
+def _check_head_dims(d: int, dv: int) -> None:
+    if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernels take head dims up to {_MAX_HEAD_DIM}; got D={d}, Dv={dv} "
+                         "(use the 'torch' backend for larger heads)")
+
+
+def _attention_fwd(q, k, v, attn_mask, scale):
+    """Triton forward; returns ``(out, lse)``."""
+    batch, heads, seqlen_q, d = q.shape
+    seqlen_k, dv = k.shape[2], v.shape[3]
+    _check_head_dims(d, dv)
+    out = _alloc_like(q, (batch, heads, seqlen_q, dv))
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    mask, mask_strides, has_mask, bool_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
+    block_d, block_dv = _block_d(d), _block_d(dv)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_MASK=has_mask,
+                  BOOL_MASK=bool_mask, DOT_PRECISION=_dot_precision(q.dtype))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
+    if seqlen_q <= SHORT_SEQ_MAX and seqlen_k <= SHORT_SEQ_MAX:
+        cfg = attention_short_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+        per_program = short_seqs_per_program(batch * heads)
+        grid = (triton.cdiv(batch * heads, per_program),)
+        _attention_short_fwd_kernel[grid](
+            q, k, v, mask, out, lse, *strides, heads, batch * heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
+            per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **common)
+        record_launch("attention_short_fwd")
+        return out, lse
+    cfg = attention_fwd_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, mask, out, lse, *strides, heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    record_launch("attention_fwd")
+    return out, lse
+
+
+def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
+    """Triton backward; returns ``(dq, dk, dv)``."""
+    batch, heads, seqlen_q, d = q.shape
+    seqlen_k, dv_dim = k.shape[2], v.shape[3]
+    _check_head_dims(d, dv_dim)
+    dq, dk, dv = _alloc_like(q, q.shape), _alloc_like(k, k.shape), _alloc_like(v, v.shape)
+    if batch * heads == 0:
+        return dq, dk, dv
+    mask, mask_strides, has_mask, bool_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
+    block_d, block_dv = _block_d(d), _block_d(dv_dim)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_MASK=has_mask,
+                  BOOL_MASK=bool_mask, DOT_PRECISION=_dot_precision(q.dtype))
+    qk_scale = scale * math.log2(math.e)
+    if seqlen_q == 0 or seqlen_k == 0:  # no scores: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if seqlen_q <= SHORT_SEQ_MAX and seqlen_k <= SHORT_SEQ_MAX:
+        cfg = attention_short_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype, backward=True)
+        per_program = short_seqs_per_program(batch * heads)
+        grid = (triton.cdiv(batch * heads, per_program),)
+        _attention_short_bwd_kernel[grid](
+            q, k, v, mask, out, do, lse, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *do.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            heads, batch * heads, seqlen_q, seqlen_k, scale, qk_scale, per_program,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        record_launch("attention_short_bwd")
+        return dq, dk, dv
+
+    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    pre = attention_bwd_preprocess_config(block_dv)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), batch * heads)](
+        out, do, delta, *out.stride(), *do.stride(), heads, seqlen_q,
+        HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_DV=block_dv, num_warps=pre.num_warps,
+        num_stages=pre.num_stages)
+    record_launch("attention_bwd_preprocess")
+
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
+    cfg = attention_bwd_dkdv_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * heads)](
+        q, k, v, mask, do, lse, delta, dk, dv, *inputs, *dk.stride(), *dv.stride(),
+        heads, seqlen_q, seqlen_k, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    record_launch("attention_bwd_dkdv")
+
+    cfg = attention_bwd_dq_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](
+        q, k, v, mask, do, lse, delta, dq, *inputs, *dq.stride(),
+        heads, seqlen_q, seqlen_k, scale, qk_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    record_launch("attention_bwd_dq")
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _query_chunk(batch_heads: int, seqlen_k: int) -> int:
+    """Queries per chunk so one fp32 score chunk stays near 64 MiB."""
+    return max(1, (1 << 24) // max(1, batch_heads * seqlen_k))
+
+
+def _reference_scores(q, k, mask, scale):
+    """Scores ``q @ k^T * scale`` in fp32 (fp64 for fp64 inputs) with the mask applied (``-inf``
+    where a bool mask is False)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    if mask is None:
+        return s
+    if mask.dtype == torch.bool:
+        return s.masked_fill(~mask, float("-inf"))
+    return s + mask.to(dtype)
+
+
+def _reference_lse(s):
+    """Row log-sum-exp of scores, ``+inf`` for a row with every score ``-inf`` (so ``exp(s - lse)``
+    is 0 there rather than NaN)."""
+    lse = torch.logsumexp(s, -1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+def _attention_fwd_reference(q, k, v, attn_mask, scale):
+    """Plain-torch forward returning ``(out, lse)`` with the kernels' conventions (lse in fp32,
+    ``+inf`` and a zero output row where every key is masked). Uses PyTorch's fused CPU kernel where
+    it applies, else chunks over queries in fp32."""
+    batch, heads, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if (q.device.type == "cpu" and cpu_flash is not None and q.shape[-1] == v.shape[-1]
+            and seqlen_k > 0 and seqlen_q > 0 and batch * heads > 0):
+        bias, dead = None, None
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                bias = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+                dead = ~attn_mask.any(-1)
+            else:
+                bias = attn_mask.to(q.dtype)
+                dead = (bias == float("-inf")).all(-1)
+            bias = bias.expand(batch, heads, seqlen_q, seqlen_k)
+        out, lse = cpu_flash(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        expected = _alloc_like(q, out.shape)
+        if out.stride() != expected.stride():  # keep the layout the fake kernel promises
+            out = expected.copy_(out)
+        if dead is not None:
+            lse = lse.masked_fill(dead.expand(batch, heads, seqlen_q), float("inf"))
+        return out, lse.float()
+
+    out = _alloc_like(q, (batch, heads, seqlen_q, v.shape[-1]))
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    mask = None if attn_mask is None else attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
+    chunk = _query_chunk(batch * heads, seqlen_k)
+    for i in range(0, seqlen_q, chunk):
+        rows = slice(i, i + chunk)
+        s = _reference_scores(q[:, :, rows], k, None if mask is None else mask[:, :, rows], scale)
+        row_lse = _reference_lse(s)
+        out[:, :, rows] = torch.matmul(torch.exp(s - row_lse[..., None]), v.float()).to(q.dtype)
+        lse[:, :, rows] = row_lse
+    return out, lse
+
+
+def _attention_bwd_reference(do, q, k, v, out, lse, attn_mask, scale):
+    """Plain-torch backward from ``(q, k, v, out, lse)``, chunked over queries, fp32 throughout."""
+    batch, heads, seqlen_q, _ = q.shape
+    seqlen_k = k.shape[2]
+    kf, vf = k.float(), v.float()
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    mask = None if attn_mask is None else attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
+    chunk = _query_chunk(batch * heads, seqlen_k)
+    for i in range(0, seqlen_q, chunk):
+        rows = slice(i, i + chunk)
+        q_c, do_c = q[:, :, rows].float(), do[:, :, rows].float()
+        p = torch.exp(_reference_scores(q_c, kf, None if mask is None else mask[:, :, rows], scale)
+                      - lse[:, :, rows, None])
+        delta = (do_c * out[:, :, rows].float()).sum(-1, keepdim=True)
+        ds = p * (torch.matmul(do_c, vf.transpose(-1, -2)) - delta) * scale
+        dv += torch.matmul(p.transpose(-1, -2), do_c)
+        dk += torch.matmul(ds.transpose(-1, -2), q_c)
+        dq[:, :, rows] = torch.matmul(ds, kf)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def attention_reference(q, k, v, attn_mask=None, scale=None):
-    """SDPA semantics: q ``(B, H, N, D)``, k/v ``(B, H, M, D)``, mask bool (True keeps) or additive."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    """Attention in plain torch, differentiable by autograd: q ``(B, H, N, D)``, k ``(B, H, M, D)``,
+    v ``(B, H, M, Dv)`` -> ``(B, H, N, Dv)``, computed in fp32 (fp64 for fp64 inputs) and materialising
+    the ``N x M`` scores; same mask and fully-masked-row rules as :func:`attention`."""
+    _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES + (torch.float64,))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = _reference_scores(q, k, attn_mask, scale)
+    p = torch.exp(s - _reference_lse(s)[..., None])
+    return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
 
 
-def attention(q, k, v, attn_mask=None, scale=None):
-    """Attention with ``scaled_dot_product_attention`` semantics (no dropout, no causal mask)."""
-    return attention_reference(q, k, v, attn_mask, scale)
+# --------------------------------------------------------------------------------------------------
+# Custom ops, autograd and the public function
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastunet::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, H, N, Dv), lse (B, H, N) fp32)``; Triton or torch reference per ``use_triton``."""
+    if use_triton(q, k, v, attn_mask):
+        return _attention_fwd(q, k, v, attn_mask, scale)
+    return _attention_fwd_reference(q, k, v, attn_mask, scale)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, attn_mask, scale):
+    batch, heads, seqlen_q, _ = q.shape
+    out = _alloc_like(q, (batch, heads, seqlen_q, v.shape[-1]))
+    return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastunet::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the saved ``(q, k, v, out, lse)``."""
+    if use_triton(q, k, v, attn_mask):
+        return _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, scale)
+    return _attention_bwd_reference(grad_out, q, k, v, out, lse, attn_mask, scale)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale):
+    return _alloc_like(q, q.shape), _alloc_like(k, k.shape), _alloc_like(v, v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, attn_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, seq, head_dim); got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in dtypes:
+        raise TypeError(f"attention takes dtypes {dtypes}; got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError("q, k and v must share (B, H); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share the head dim D; got q {q.shape[3]} (shape {tuple(q.shape)}) "
+                         f"and k {k.shape[3]} (shape {tuple(k.shape)})")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must share the key length M; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None; got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask must be bool or floating point; got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on the device of q ({q.device}); got {attn_mask.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"attn_mask of shape {shape} does not broadcast to (B, H, N, M) = {target}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale + mask) @ v`` with ``scaled_dot_product_attention`` semantics
+    (no dropout, no causal mask).
+
+    q ``(B, H, N, D)``, k ``(B, H, M, D)``, v ``(B, H, M, Dv)``, all fp32/fp16/bf16 of one dtype and
+    any strides; ``attn_mask`` bool (True keeps) or additive float, broadcastable to ``(B, H, N, M)``
+    and never differentiated; ``scale`` defaults to ``1/sqrt(D)``. Returns ``(B, H, N, Dv)``.
+    Rows whose keys are all masked come out as zeros. Differentiable in q, k, v.
+    """
+    _check_inputs(q, k, v, attn_mask, scale)
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attention does not differentiate attn_mask; pass attn_mask.detach()")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return attention_fwd(q, k, v, attn_mask, scale)[0]
