@@ -1,0 +1,291 @@
+"""``UNet2DModel``: diffusers' unconditional (optionally class-conditional) 2-D UNet on fastunet's kernels.
+
+    emb = time_embedding(time_proj(t)) [+ class_embedding(labels)]
+    h   = conv_in(x);  down blocks (keeping skip connections);  mid block;  up blocks (consuming them)
+    out = conv_out(silu(conv_norm_out(h)))  [+ NCSN++ skip image]  [/ t for the Fourier embedding]
+
+Same constructor arguments, config, forward signature and state-dict keys as diffusers' ``UNet2DModel``,
+so its checkpoints load strict and it drops into diffusers' pipelines (``DDPMPipeline``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from ..attention_processor import AttentionMixin
+from ..configuration import register_to_config
+from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
+from ..layers.resnet import check_groups, norm_act
+from ..modeling import ModelMixin
+from .unet_2d_blocks import SKIP_CHANNELS, DownBlock, UNetMidBlock2D, UpBlock, get_down_block, get_up_block
+
+_TIME_EMBEDDINGS = ("positional", "fourier", "learned")
+_CLASS_EMBEDDINGS = (None, "timestep", "identity")
+
+
+@dataclass
+class UNet2DOutput:
+    """Output of :class:`UNet2DModel`: ``sample`` is ``(B, out_channels, H, W)``.
+
+    Like diffusers' outputs it also reads as ``output[0]``, ``output["sample"]`` and ``output.to_tuple()``.
+    """
+
+    sample: torch.Tensor
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(fields(self))
+
+
+class UNet2DModel(ModelMixin, AttentionMixin):
+    """2-D UNet ``(sample (B, in_channels, H, W), timestep[, class_labels]) -> (B, out_channels, H, W)``.
+
+    The arguments are diffusers' ``UNet2DModel``'s: ``time_embedding_type`` "positional" (sinusoidal),
+    "fourier" (Gaussian Fourier features of log-sigma; the output is divided by the timestep) or
+    "learned" (an ``nn.Embedding`` of ``num_train_timesteps`` rows); ``class_embed_type`` None (an
+    ``nn.Embedding`` when ``num_class_embeds`` is set), "timestep" or "identity"; block types from
+    :mod:`fastunet.models.unet_2d_blocks`; ``norm_num_groups=None`` lets the skip blocks pick their own
+    groups. H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int | None = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+    ):
+        super().__init__()
+        self._validate_config(in_channels, out_channels, time_embedding_type, down_block_types, mid_block_type,
+                              up_block_types, block_out_channels, layers_per_block, resnet_time_scale_shift,
+                              class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups)
+        self.sample_size = sample_size
+        block_out_channels = tuple(block_out_channels)
+        base = block_out_channels[0]
+        time_embed_dim = time_embedding_dim or base * 4
+
+        self.conv_in = nn.Conv2d(in_channels, base, kernel_size=3, padding=(1, 1))
+
+        if time_embedding_type == "fourier":
+            self.time_proj = GaussianFourierProjection(embedding_size=base, scale=16)
+            timestep_input_dim = 2 * base
+        elif time_embedding_type == "positional":
+            self.time_proj = Timesteps(base, flip_sin_to_cos, freq_shift)
+            timestep_input_dim = base
+        else:
+            self.time_proj = nn.Embedding(num_train_timesteps, base)
+            timestep_input_dim = base
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+
+        if class_embed_type is None and num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
+        elif class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
+        elif class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+        else:
+            self.class_embedding = None
+
+        self.down_blocks = nn.ModuleList([])
+        output_channel = base
+        for i, down_block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                down_block_type, num_layers=layers_per_block, in_channels=input_channel,
+                out_channels=output_channel, temb_channels=time_embed_dim,
+                add_downsample=i < len(block_out_channels) - 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
+                downsample_padding=downsample_padding, resnet_time_scale_shift=resnet_time_scale_shift,
+                downsample_type=downsample_type, dropout=dropout))
+
+        self.mid_block = None
+        if mid_block_type is not None:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=block_out_channels[-1], temb_channels=time_embed_dim, dropout=dropout,
+                resnet_eps=norm_eps, resnet_act_fn=act_fn, output_scale_factor=mid_block_scale_factor,
+                resnet_time_scale_shift=resnet_time_scale_shift,
+                attention_head_dim=attention_head_dim if attention_head_dim is not None else block_out_channels[-1],
+                resnet_groups=norm_num_groups, attn_groups=attn_norm_num_groups, add_attention=add_attention)
+
+        self.up_blocks = nn.ModuleList([])
+        reversed_channels = block_out_channels[::-1]
+        output_channel = reversed_channels[0]
+        for i, up_block_type in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, len(block_out_channels) - 1)]
+            self.up_blocks.append(get_up_block(
+                up_block_type, num_layers=layers_per_block + 1, in_channels=input_channel,
+                out_channels=output_channel, prev_output_channel=prev_output_channel, temb_channels=time_embed_dim,
+                add_upsample=i < len(block_out_channels) - 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                resnet_groups=norm_num_groups,
+                attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
+                resnet_time_scale_shift=resnet_time_scale_shift, upsample_type=upsample_type, dropout=dropout))
+
+        groups_out = norm_num_groups if norm_num_groups is not None else min(base // 4, 32)
+        check_groups(base, groups_out, "UNet2DModel conv_norm_out")
+        self.conv_norm_out = nn.GroupNorm(num_channels=base, num_groups=groups_out, eps=norm_eps)
+        # the SiLU after conv_norm_out runs fused inside group_norm_act; kept as a module for diffusers' layout
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(base, out_channels, kernel_size=3, padding=1)
+
+    @staticmethod
+    def _validate_config(in_channels, out_channels, time_embedding_type, down_block_types, mid_block_type,
+                         up_block_types, block_out_channels, layers_per_block, resnet_time_scale_shift,
+                         class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups) -> None:
+        if len(down_block_types) != len(up_block_types):
+            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
+                             f"{len(down_block_types)} ({list(down_block_types)}) and {len(up_block_types)} "
+                             f"({list(up_block_types)})")
+        if len(block_out_channels) != len(down_block_types):
+            raise ValueError(f"block_out_channels must have one entry per down block ({len(down_block_types)}); "
+                             f"got {len(block_out_channels)}: {list(block_out_channels)}")
+        if len(block_out_channels) == 0:
+            raise ValueError("block_out_channels must not be empty")
+        if not isinstance(layers_per_block, int) or layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be a positive int; got {layers_per_block!r}")
+        if time_embedding_type not in _TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding_type must be one of {_TIME_EMBEDDINGS}; got {time_embedding_type!r}")
+        if time_embedding_type == "learned" and not (isinstance(num_train_timesteps, int) and num_train_timesteps > 0):
+            raise ValueError(f"time_embedding_type='learned' needs num_train_timesteps (a positive int); "
+                             f"got {num_train_timesteps!r}")
+        if class_embed_type not in _CLASS_EMBEDDINGS:
+            raise ValueError(f"class_embed_type must be one of {_CLASS_EMBEDDINGS}; got {class_embed_type!r}")
+        if mid_block_type not in ("UNetMidBlock2D", None):
+            raise ValueError(f"mid_block_type must be 'UNetMidBlock2D' or None; got {mid_block_type!r}")
+        if resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift'; "
+                             f"got {resnet_time_scale_shift!r}")
+        uses_skip = [t for t in (*down_block_types, *up_block_types) if "Skip" in str(t)]
+        if uses_skip and (in_channels != SKIP_CHANNELS or out_channels != SKIP_CHANNELS):
+            raise ValueError(f"skip blocks {uses_skip} carry a {SKIP_CHANNELS}-channel image: in_channels and "
+                             f"out_channels must be {SKIP_CHANNELS}; got {in_channels} and {out_channels}")
+        if norm_num_groups is None:
+            plain = [t for t in (*down_block_types, *up_block_types) if "Skip" not in str(t)]
+            if plain:
+                raise ValueError(f"norm_num_groups=None is only supported by skip blocks; got {plain}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """How much the down blocks shrink H and W: the sample's sides must be multiples of it."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor; got {type(sample).__name__}")
+        expected = self.config.in_channels
+        if sample.dim() != 4 or sample.shape[1] != expected:
+            raise ValueError(f"sample must be (B, {expected}, H, W); got shape {tuple(sample.shape)}")
+        factor = self.downsample_factor
+        if sample.shape[-2] % factor or sample.shape[-1] % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor} (2 ** (number of blocks - 1)); "
+                             f"got {tuple(sample.shape[-2:])}")
+
+    def _class_embedding(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if self.class_embedding is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but the model has no class embedding (set class_embed_type "
+                                 "or num_class_embeds)")
+            return None
+        if class_labels is None:
+            raise ValueError(f"class_labels are required: the model has a class embedding "
+                             f"(class_embed_type={self.config.class_embed_type!r}, "
+                             f"num_class_embeds={self.config.num_class_embeds!r})")
+        if not isinstance(class_labels, torch.Tensor) or class_labels.dim() == 0 or class_labels.shape[0] != batch:
+            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
+            raise ValueError(f"class_labels must be a tensor with one entry per sample (batch {batch}); got {shape}")
+        if self.config.class_embed_type == "timestep":
+            class_labels = self.time_proj(class_labels)
+        return self.class_embedding(class_labels).to(dtype=self.dtype)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                class_labels: torch.Tensor | None = None, return_dict: bool = True) -> UNet2DOutput | tuple:
+        """Denoise ``sample`` ``(B, in_channels, H, W)`` at ``timestep`` (a number, a 0-d tensor, or a
+        ``(B,)``/``(1,)`` tensor; Python numbers become int64 as in diffusers). ``class_labels``: ``(B,)``
+        class ids (``num_class_embeds``), ``(B,)`` timesteps ("timestep") or ``(B, time_embed_dim)``
+        ("identity"). Returns :class:`UNet2DOutput`, or ``(sample,)`` with ``return_dict=False``."""
+        self._check_sample(sample)
+        batch = sample.shape[0]
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        timesteps = timesteps_to_tensor(timestep, batch, sample.device, scalar_dtype=torch.int64)
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+        class_emb = self._class_embedding(class_labels, batch)
+        if class_emb is not None:
+            emb = emb + class_emb
+
+        skip_sample = sample
+        sample = self.conv_in(sample)
+        res_samples = (sample,)
+        for block in self.down_blocks:
+            if isinstance(block, DownBlock) and block.skip:
+                sample, block_res, skip_sample = block(sample, emb, skip_sample)
+            else:
+                sample, block_res = block(sample, emb)
+            res_samples += block_res
+
+        if self.mid_block is not None:
+            sample = self.mid_block(sample, emb)
+
+        skip_sample = None
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_res, res_samples = res_samples[-count:], res_samples[:-count]
+            if isinstance(block, UpBlock) and block.skip:
+                sample, skip_sample = block(sample, block_res, emb, skip_sample=skip_sample)
+            else:
+                sample = block(sample, block_res, emb)
+
+        sample = self.conv_out(norm_act(self.conv_norm_out, sample, "silu"))
+        if skip_sample is not None:
+            sample = sample + skip_sample
+        if self.config.time_embedding_type == "fourier":
+            sample = sample / timesteps.reshape(batch, 1, 1, 1)
+
+        if not return_dict:
+            return (sample,)
+        return UNet2DOutput(sample=sample)
+
+
+__all__ = ["UNet2DModel", "UNet2DOutput"]
