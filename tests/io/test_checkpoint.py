@@ -445,3 +445,151 @@ def test_save_errors(tmp_path):
     with pytest.raises(TypeError, match="config entry 'act_fn' holds a torch.dtype"):
         bad.save_pretrained(tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------- against diffusers' own I/O
+#
+# Each case names a fastunet model class by module, a small config it shares with diffusers' class of the
+# same name, and inputs for both forwards. Cases whose fastunet module is not written yet are skipped.
+
+DIFFUSERS_CASES = {
+    "UNet2DModel": dict(
+        module="fastunet.models.unet_2d",
+        config=dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4),
+        inputs=lambda: dict(sample=torch.randn(2, 3, 8, 8), timestep=torch.tensor([3, 500])),
+    ),
+    "UNet2DConditionModel": dict(
+        module="fastunet.models.unet_2d_condition",
+        config=dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                    cross_attention_dim=8, attention_head_dim=2,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        inputs=lambda: dict(sample=torch.randn(2, 4, 8, 8), timestep=torch.tensor([3, 500]),
+                            encoder_hidden_states=torch.randn(2, 5, 8)),
+    ),
+    # Dance-diffusion layout: SelfAttention1d's own query/key/value/proj_attn must not be renamed.
+    "UNet1DModel": dict(
+        module="fastunet.models.unet_1d",
+        config=dict(sample_size=64, extra_in_channels=64),
+        inputs=lambda: dict(sample=torch.randn(2, 2, 64), timestep=torch.tensor([3, 500])),
+    ),
+}
+
+
+def model_pair(name: str):
+    """(fastunet class, diffusers class, case) for ``name``; skips when fastunet's module is not there."""
+    import importlib
+
+    diffusers = pytest.importorskip("diffusers")
+    case = DIFFUSERS_CASES[name]
+    try:
+        module = importlib.import_module(case["module"])
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("fastunet."):
+            raise
+        pytest.skip(f"{case['module']} cannot be imported yet: {error}")
+    return getattr(module, name), getattr(diffusers, name), case
+
+
+def perturbed_unet(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+    return model
+
+
+class DiffusersLog:
+    """Collects what diffusers logs at WARNING and above."""
+
+    def __enter__(self):
+        import logging
+
+        self.records = []
+        collect = self.records.append
+        self.handler = type("Collect", (logging.Handler,), {"emit": lambda self, record: collect(record)})(
+            logging.WARNING)
+        logging.getLogger("diffusers").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("diffusers").removeHandler(self.handler)
+
+    def messages(self) -> list[str]:
+        # diffusers warns when accelerate is absent; that says nothing about the checkpoint.
+        return [r.getMessage() for r in self.records if "accelerate" not in r.getMessage()]
+
+
+def outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_diffusers_save_fastunet_load(tmp_path, name, safe_serialization):
+    ours, theirs, case = model_pair(name)
+    reference = perturbed_unet(theirs(**case["config"])).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=safe_serialization)
+    loaded = ours.from_pretrained(tmp_path)
+    assert public(loaded.config) == public(reference.config)
+    assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
+    inputs = case["inputs"]()
+    torch.testing.assert_close(outputs(loaded, inputs), outputs(reference, inputs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_fastunet_save_diffusers_load(tmp_path, name):
+    ours, theirs, case = model_pair(name)
+    model = perturbed_unet(ours(**case["config"])).eval()
+    model.save_pretrained(tmp_path)
+    with DiffusersLog() as log:
+        loaded = theirs.from_pretrained(tmp_path)
+    assert log.messages() == []  # no unexpected config keys, no missing or unused weights
+    assert public(loaded.config) == public(model.config)
+    assert_state_dicts_bitwise_equal(model.state_dict(), loaded.state_dict())
+    inputs = case["inputs"]()
+    torch.testing.assert_close(outputs(loaded, inputs), outputs(model, inputs), rtol=1e-4, atol=1e-4)
+
+    # The log capture does see diffusers' complaint about a config key it does not know.
+    entries = json.loads((tmp_path / "config.json").read_text())
+    entries["not_a_diffusers_option"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(entries))
+    with DiffusersLog() as log:
+        theirs.from_pretrained(tmp_path)
+    assert any("not_a_diffusers_option" in message for message in log.messages())
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_diffusers_variant_and_shards(tmp_path, name):
+    ours, theirs, case = model_pair(name)
+    reference = perturbed_unet(theirs(**case["config"])).to(torch.float16)
+    reference.save_pretrained(tmp_path / "fp16", variant="fp16")
+    loaded = ours.from_pretrained(tmp_path / "fp16", variant="fp16", torch_dtype=torch.float16)
+    assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
+
+    reference = perturbed_unet(theirs(**case["config"]))
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = ours.from_pretrained(tmp_path / "sharded")
+    assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
+def test_diffusers_old_attention_names(tmp_path, name):
+    ours, theirs, case = model_pair(name)
+    reference = perturbed_unet(theirs(**case["config"]))
+    flagged = [path for path, module in reference.named_modules()
+               if getattr(module, "_from_deprecated_attn_block", False)]
+    reference.save_pretrained(tmp_path)
+    old = old_attention_names(reference.state_dict(), flagged)
+    if flagged:
+        assert any(".query.weight" in key for key in old)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded = ours.from_pretrained(tmp_path)
+    assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
