@@ -548,6 +548,8 @@ def test_fastunet_save_diffusers_load(tmp_path, name):
     ours, theirs, case = model_pair(name)
     model = perturbed_unet(ours(**case["config"])).eval()
     model.save_pretrained(tmp_path)
+    theirs(**case["config"]).save_pretrained(tmp_path / "theirs")
+    assert (tmp_path / "config.json").read_text() == (tmp_path / "theirs" / "config.json").read_text()
     with DiffusersLog() as log:
         loaded = theirs.from_pretrained(tmp_path)
     assert log.messages() == []  # no unexpected config keys, no missing or unused weights
