@@ -518,6 +518,7 @@ class AttnProcessor2_0(_AttnProcessorBase):
         heads = attn.heads
         head_dim = query.shape[-1] // heads
         if attention_mask is not None:
+            _check_mask_queries(attention_mask, query.shape[1])
             attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
             attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])
             if attention_mask.dtype != torch.bool:
@@ -529,11 +530,19 @@ class AttnProcessor2_0(_AttnProcessorBase):
         return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
 
 
-def _batched_mask(attn, attention_mask, key_length, batch, dtype):
-    """The mask as ``(B*H, N'|1, M)`` additive scores, as ``get_attention_scores`` takes it."""
+def _check_mask_queries(mask: torch.Tensor, queries: int) -> None:
+    if mask.ndim == 3 and mask.shape[1] not in (1, queries):
+        raise ValueError(
+            f"attention_mask must have 1 or {queries} (the number of queries) rows; got shape {tuple(mask.shape)}"
+        )
+
+
+def _batched_mask(attn, attention_mask, queries, keys, batch, dtype):
+    """The mask as ``(B*H, N|1, M)`` additive scores, as ``get_attention_scores`` takes it."""
     if attention_mask is None:
         return None
-    mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
+    _check_mask_queries(attention_mask, queries)
+    mask = attn.prepare_attention_mask(attention_mask, keys, batch)
     if mask.ndim == 2:
         mask = mask.unsqueeze(1)
     return _additive(mask, dtype)
@@ -543,7 +552,7 @@ class AttnProcessor(_AttnProcessorBase):
     """Explicit attention scores (``attn.get_attention_scores``: baddbmm, softmax) times values."""
 
     def attend(self, attn, query, key, value, attention_mask, batch):
-        mask = _batched_mask(attn, attention_mask, key.shape[1], batch, query.dtype)
+        mask = _batched_mask(attn, attention_mask, query.shape[1], key.shape[1], batch, query.dtype)
         q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(q, k, mask)
         return attn.batch_to_head_dim(torch.bmm(probs, v))
@@ -561,7 +570,7 @@ class SlicedAttnProcessor(_AttnProcessorBase):
         self.slice_size = slice_size
 
     def attend(self, attn, query, key, value, attention_mask, batch):
-        mask = _batched_mask(attn, attention_mask, key.shape[1], batch, query.dtype)
+        mask = _batched_mask(attn, attention_mask, query.shape[1], key.shape[1], batch, query.dtype)
         q, k, v = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
         out = torch.empty_like(q)
         for start in range(0, q.shape[0], self.slice_size):
@@ -574,39 +583,41 @@ class SlicedAttnProcessor(_AttnProcessorBase):
 # -- model-level API -----------------------------------------------------------------------------------
 
 
+def _attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention layers of ``model`` by path, in diffusers' order (depth first, parents first)."""
+    layers = {}
+
+    def visit(path: str, module: nn.Module) -> None:
+        if hasattr(module, "get_processor"):
+            layers[path] = module
+        for name, child in module.named_children():
+            visit(f"{path}.{name}", child)
+
+    for name, child in model.named_children():
+        visit(name, child)
+    return layers
+
+
 class AttentionMixin:
     """diffusers' attention-processor API for models (mix into a ``ModelMixin`` subclass).
 
     Attention layers are the sub-modules with ``get_processor``/``set_processor``; their processors are
-    keyed ``"<module path>.processor"``.
+    keyed ``"<module path>.processor"``.  The methods use nothing else of the model, so they also work
+    called on a diffusers model: ``AttentionMixin.set_attention_slice(diffusers_unet, "auto")``.
     """
 
     #: The processors in force before ``fuse_qkv_projections``, restored by ``unfuse_qkv_projections``.
     _original_attn_processors: dict[str, AttentionProcessor] | None = None
 
-    def _attention_layers(self) -> dict[str, nn.Module]:
-        """Attention layers by path, in diffusers' order (depth-first, parent before children)."""
-        layers = {}
-
-        def visit(path: str, module: nn.Module) -> None:
-            if hasattr(module, "get_processor"):
-                layers[path] = module
-            for name, child in module.named_children():
-                visit(f"{path}.{name}", child)
-
-        for name, child in self.named_children():
-            visit(name, child)
-        return layers
-
     @property
     def attn_processors(self) -> dict[str, AttentionProcessor]:
         """``{"<module path>.processor": processor}`` for every attention layer."""
-        return {f"{path}.processor": m.get_processor() for path, m in self._attention_layers().items()}
+        return {f"{path}.processor": m.get_processor() for path, m in _attention_layers(self).items()}
 
     def set_attn_processor(self, processor: AttentionProcessor | dict[str, AttentionProcessor]) -> None:
         """Set one processor on every attention layer, or a dict with exactly the keys of
         :attr:`attn_processors`, one per layer."""
-        layers = self._attention_layers()
+        layers = _attention_layers(self)
         if isinstance(processor, dict):
             count = len(layers)
             if len(processor) != count:
@@ -690,7 +701,7 @@ class AttentionMixin:
         for proc in processors.values():
             if "Added" in type(proc).__name__:
                 raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
-        layers = self._attention_layers()
+        layers = _attention_layers(self)
         for module in layers.values():
             if getattr(module, "added_kv_proj_dim", None) is not None:
                 raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
@@ -702,7 +713,7 @@ class AttentionMixin:
 
     def unfuse_qkv_projections(self) -> None:
         """Undo :meth:`fuse_qkv_projections`: separate projections and the processors from before."""
-        for module in self._attention_layers().values():
+        for module in _attention_layers(self).values():
             if hasattr(module, "unfuse_projections"):
                 module.unfuse_projections()
         if self._original_attn_processors is not None:
