@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.bin"
@@ -219,7 +220,8 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
     state_dict = _read_weight_files(weight_files)
 
     try:
-        model = cls(**init_kwargs)
+        with _SkipRandomInit():
+            model = cls(**init_kwargs)
     except (TypeError, ValueError) as error:
         error.add_note(f"while building {cls.__name__} from {config_file}")
         raise
@@ -231,6 +233,23 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Within this mode (on this thread only), random weight initialisation is skipped, leaving the freshly
+    allocated values as they are: every one is overwritten by the strict load that follows. Drawing them
+    costs more than reading the checkpoint, and would advance the caller's random stream."""
+
+    _SKIPPED = frozenset({
+        torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_, nn.init.trunc_normal_,
+        nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_,
+        nn.init.orthogonal_, nn.init.sparse_,
+    })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def _split_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:

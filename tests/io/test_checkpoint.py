@@ -221,6 +221,30 @@ def test_subfolder_overrides_and_loading_info(tmp_path):
         TinyModel.from_pretrained(tmp_path, subfolder="unet", revision="main")
 
 
+class LayersOnly(ModelMixin):
+    @register_to_config
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.conv = nn.Conv2d(dim, dim, 3)
+        self.embedding = nn.Embedding(4, dim)
+        self.norm = nn.GroupNorm(4, dim)
+        self.register_buffer("positions", torch.arange(dim) * 0.5, persistent=False)
+        nn.init.trunc_normal_(self.embedding.weight, std=0.02)
+
+
+def test_loading_draws_no_random_numbers(tmp_path):
+    model = perturbed(LayersOnly())
+    model.save_pretrained(tmp_path)
+    state = torch.random.get_rng_state()
+    loaded = LayersOnly.from_pretrained(tmp_path)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert_state_dicts_bitwise_equal(model.state_dict(), loaded.state_dict())
+    assert torch.equal(loaded.positions, torch.arange(16) * 0.5)
+    LayersOnly()  # construction outside from_pretrained draws its initial weights as usual
+    assert not torch.equal(state, torch.random.get_rng_state())
+
+
 def test_torch_dtype(saved):
     model, directory = saved
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
