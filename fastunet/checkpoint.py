@@ -237,8 +237,10 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
 
 class _SkipRandomInit(TorchFunctionMode):
     """Within this mode (on this thread only), random weight initialisation is skipped, leaving the freshly
-    allocated values as they are: every one is overwritten by the strict load that follows. Drawing them
-    costs more than reading the checkpoint, and would advance the caller's random stream."""
+    allocated values as they are: the strict load that follows overwrites every parameter and persistent
+    buffer. Drawing them costs more than reading the checkpoint, and would advance the caller's random
+    stream. (A non-persistent buffer drawn at random in ``__init__`` would stay uninitialised; no UNet
+    has one: theirs are computed, like positional tables.)"""
 
     _SKIPPED = frozenset({
         torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_, nn.init.trunc_normal_,
