@@ -1,0 +1,193 @@
+"""``UNet1DModel``: diffusers' 1-D UNet (Dance Diffusion audio models, Diffuser planning and value
+functions) with the same config, forward signature, outputs and state-dict keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from fastunet.attention_processor import AttentionMixin
+from fastunet.configuration import register_to_config
+from fastunet.layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
+from fastunet.layers.utils import maybe_checkpoint
+from fastunet.modeling import ModelMixin
+
+from .unet_1d_blocks import (
+    DownBlock1DNoSkip,
+    OutValueFunctionBlock,
+    get_down_block,
+    get_mid_block,
+    get_out_block,
+    get_up_block,
+)
+
+
+@dataclass
+class UNet1DOutput:
+    """Output of :class:`UNet1DModel`: ``sample`` is ``(B, out_channels, L)``, or ``(B, 1)`` for a value
+    function. Also readable as ``output[0]``, ``output["sample"]`` and ``output.to_tuple()``."""
+
+    sample: torch.Tensor
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+class UNet1DModel(ModelMixin, AttentionMixin):
+    """A 1-D UNet: ``(sample (B, in_channels, L), timestep) -> (B, out_channels, L)`` (or ``(B, 1)`` with
+    ``out_block_type="ValueFunction"``).
+
+    The arguments are diffusers' ``UNet1DModel``'s. The time embedding is Gaussian Fourier features
+    (``"fourier"``, ``time_embedding_dim`` wide, default ``2 * block_out_channels[0]``) or sinusoidal
+    (``"positional"``, ``block_out_channels[0]`` wide); ``use_timestep_embedding`` adds an MLP to
+    ``block_out_channels[0]`` channels. Without the MLP, ``DownBlock1DNoSkip`` concatenates the embedding to
+    the sample along channels, so for it ``extra_in_channels`` must equal the embedding width.
+
+    The audio blocks' ``SelfAttention1d`` layers run through attention processors: ``attn_processors``,
+    ``set_attn_processor``, ``set_attention_slice`` and ``fuse_qkv_projections`` work as on the 2-D UNets.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 65536,
+        sample_rate: int | None = None,
+        in_channels: int = 2,
+        out_channels: int = 2,
+        extra_in_channels: int = 0,
+        time_embedding_type: str = "fourier",
+        time_embedding_dim: int | None = None,
+        flip_sin_to_cos: bool = True,
+        use_timestep_embedding: bool = False,
+        freq_shift: float = 0.0,
+        down_block_types: tuple[str, ...] = ("DownBlock1DNoSkip", "DownBlock1D", "AttnDownBlock1D"),
+        up_block_types: tuple[str, ...] = ("AttnUpBlock1D", "UpBlock1D", "UpBlock1DNoSkip"),
+        mid_block_type: str = "UNetMidBlock1D",
+        out_block_type: str | None = None,
+        block_out_channels: tuple[int, ...] = (32, 32, 64),
+        act_fn: str | None = None,
+        norm_num_groups: int = 8,
+        layers_per_block: int = 1,
+        downsample_each_block: bool = False,
+    ):
+        super().__init__()
+        for name, types in (("down_block_types", down_block_types), ("up_block_types", up_block_types)):
+            if len(types) > len(block_out_channels):
+                raise ValueError(f"{name} has {len(types)} entries but block_out_channels only "
+                                 f"{len(block_out_channels)}: {tuple(block_out_channels)}")
+        self.sample_size = sample_size
+        self.gradient_checkpointing = False
+        base = block_out_channels[0]
+
+        if time_embedding_type == "fourier":
+            width = time_embedding_dim or 2 * base
+            if width % 2:
+                raise ValueError(f"the fourier time embedding needs an even time_embedding_dim; got {width}")
+            self.time_proj = GaussianFourierProjection(width // 2, set_W_to_weight=False, log=False,
+                                                       flip_sin_to_cos=flip_sin_to_cos)
+        elif time_embedding_type == "positional":
+            width = base
+            self.time_proj = Timesteps(base, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift)
+        else:
+            raise ValueError(f"time_embedding_type must be 'fourier' or 'positional'; got {time_embedding_type!r}")
+        if use_timestep_embedding:
+            self.time_mlp = TimestepEmbedding(width, 4 * base, act_fn=act_fn, out_dim=base)
+            width = base
+        else:
+            self.time_mlp = None
+        self.temb_channels = width  # channels of the embedding the blocks receive
+
+        self.down_blocks = nn.ModuleList()
+        channels = in_channels
+        for i, block_type in enumerate(down_block_types):
+            block_in, channels = channels + (extra_in_channels if i == 0 else 0), block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                block_type, num_layers=layers_per_block, in_channels=block_in, out_channels=channels,
+                temb_channels=base, add_downsample=i != len(block_out_channels) - 1 or downsample_each_block))
+
+        top = block_out_channels[-1]
+        self.mid_block = get_mid_block(mid_block_type, num_layers=layers_per_block, in_channels=top,
+                                       mid_channels=top, out_channels=top, embed_dim=base,
+                                       add_downsample=downsample_each_block)
+
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(block_out_channels))
+        channels = reversed_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            last = i == len(up_block_types) - 1
+            block_in = channels
+            channels = (out_channels if out_block_type is None else base) if last else reversed_channels[i + 1]
+            self.up_blocks.append(get_up_block(
+                block_type, num_layers=layers_per_block, in_channels=block_in, out_channels=channels,
+                temb_channels=base, add_upsample=i != len(block_out_channels) - 1))
+
+        self.out_block = get_out_block(
+            out_block_type=out_block_type,
+            num_groups_out=norm_num_groups if norm_num_groups is not None else min(base // 4, 32),
+            embed_dim=base, out_channels=out_channels, act_fn=act_fn, fc_dim=top // 4)
+
+        # every halving of the length before the deepest point: the skips only line up again when the
+        # length divides 2**halvings; a value function instead needs the length reduced to 1
+        self._halvings = sum(block.halvings for block in self.down_blocks) + self.mid_block.halvings
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor; got {type(sample).__name__}")
+        if sample.dim() != 3:
+            raise ValueError(f"sample must be (batch, channels, length); got shape {tuple(sample.shape)}")
+        cfg = self.config
+        built_for = cfg.in_channels + cfg.extra_in_channels
+        if isinstance(self.down_blocks[0], DownBlock1DNoSkip):
+            expected = built_for - self.temb_channels
+            if sample.shape[1] != expected:
+                raise ValueError(
+                    f"sample has {sample.shape[1]} channels, but the first block (DownBlock1DNoSkip) was built for "
+                    f"in_channels + extra_in_channels = {cfg.in_channels} + {cfg.extra_in_channels} = {built_for} "
+                    f"inputs and appends the {self.temb_channels}-channel time embedding itself, so the sample "
+                    f"needs {expected} channels (extra_in_channels must equal the time-embedding width "
+                    f"{self.temb_channels} for an in_channels={cfg.in_channels} sample)")
+        elif sample.shape[1] != built_for:
+            raise ValueError(f"sample has {sample.shape[1]} channels; expected in_channels + extra_in_channels = "
+                             f"{cfg.in_channels} + {cfg.extra_in_channels} = {built_for}")
+        length, factor = sample.shape[2], 2 ** self._halvings
+        if isinstance(self.out_block, OutValueFunctionBlock):
+            if length > factor:
+                raise ValueError(f"the value function halves the length {self._halvings} times and needs it reduced "
+                                 f"to 1, so the sample length must be at most {factor}; got {length}")
+        elif len(self.up_blocks) and length % factor:
+            raise ValueError(f"sample length {length} is not divisible by {factor}, the model's downsampling factor "
+                             f"(2 ** {self._halvings}); pad or crop it to a multiple of {factor}")
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                return_dict: bool = True) -> UNet1DOutput | tuple:
+        """Denoise ``sample`` ``(B, in_channels, L)`` at ``timestep`` (a number, or a 0-d, ``(1,)`` or ``(B,)``
+        tensor; Python numbers are truncated to integers, as in diffusers).
+
+        Returns ``UNet1DOutput(sample=...)``, or ``(sample,)`` with ``return_dict=False``.
+        """
+        self._check_sample(sample)
+        timesteps = timesteps_to_tensor(timestep, sample.shape[0], sample.device, scalar_dtype=torch.long)
+        temb = self.time_proj(timesteps)
+        temb = self.time_mlp(temb.to(sample.dtype)) if self.time_mlp is not None else temb.to(sample.dtype)
+
+        def run(block, *args):
+            return maybe_checkpoint(self.gradient_checkpointing, block, *args)
+
+        skips = []
+        for block in self.down_blocks:
+            sample, block_skips = run(block, sample, temb)
+            skips.extend(block_skips)
+        sample = run(self.mid_block, sample, temb)
+        for block in self.up_blocks:
+            sample = run(block, sample, (skips.pop(),), temb)
+        if self.out_block is not None:
+            sample = self.out_block(sample, temb)
+
+        return UNet1DOutput(sample=sample) if return_dict else (sample,)
