@@ -490,8 +490,8 @@ class _AttnProcessorBase:
 
 class TritonAttnProcessor(_AttnProcessorBase):
     """fastunet's default processor: ``fastunet.kernels.attention`` on ``(B, H, N, D)`` strided views of
-    the projections (no copies), the mask broadcast over heads instead of repeated, and the group norm
-    through ``fastunet.kernels.group_norm_act``."""
+    the projections (no copies), the mask (bool, or an additive bias in any float dtype) broadcast over
+    heads instead of repeated, and the group norm through ``fastunet.kernels.group_norm_act``."""
 
     def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
@@ -505,8 +505,6 @@ class TritonAttnProcessor(_AttnProcessorBase):
         mask = None
         if attention_mask is not None:
             mask = _check_mask(attention_mask, batch, heads, q.shape[2], k.shape[2])
-            if mask.dtype != torch.bool:
-                mask = mask.to(q.dtype)
         out = attention_kernel(q, k, v, attn_mask=mask, scale=attn.scale)
         return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
 
