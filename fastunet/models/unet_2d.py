@@ -98,7 +98,8 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         super().__init__()
         self._validate_config(in_channels, out_channels, time_embedding_type, down_block_types, mid_block_type,
                               up_block_types, block_out_channels, layers_per_block, resnet_time_scale_shift,
-                              class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups)
+                              class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups,
+                              downsample_type, upsample_type)
         self.sample_size = sample_size
         block_out_channels = tuple(block_out_channels)
         base = block_out_channels[0]
@@ -172,7 +173,8 @@ class UNet2DModel(ModelMixin, AttentionMixin):
     @staticmethod
     def _validate_config(in_channels, out_channels, time_embedding_type, down_block_types, mid_block_type,
                          up_block_types, block_out_channels, layers_per_block, resnet_time_scale_shift,
-                         class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups) -> None:
+                         class_embed_type, num_class_embeds, num_train_timesteps, norm_num_groups,
+                         downsample_type, upsample_type) -> None:
         if len(down_block_types) != len(up_block_types):
             raise ValueError(f"down_block_types and up_block_types must have the same length; got "
                              f"{len(down_block_types)} ({list(down_block_types)}) and {len(up_block_types)} "
@@ -196,6 +198,9 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         if resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift'; "
                              f"got {resnet_time_scale_shift!r}")
+        for name, value in (("downsample_type", downsample_type), ("upsample_type", upsample_type)):
+            if value not in ("conv", "resnet"):
+                raise ValueError(f"{name} must be 'conv' or 'resnet'; got {value!r}")
         uses_skip = [t for t in (*down_block_types, *up_block_types) if "Skip" in str(t)]
         if uses_skip and (in_channels != SKIP_CHANNELS or out_channels != SKIP_CHANNELS):
             raise ValueError(f"skip blocks {uses_skip} carry a {SKIP_CHANNELS}-channel image: in_channels and "
@@ -250,6 +255,9 @@ class UNet2DModel(ModelMixin, AttentionMixin):
             sample = 2 * sample - 1.0
 
         timesteps = timesteps_to_tensor(timestep, batch, sample.device, scalar_dtype=torch.int64)
+        if self.config.time_embedding_type == "learned" and timesteps.is_floating_point():
+            raise TypeError(f"time_embedding_type='learned' looks timesteps up in a table: they must be integers; "
+                            f"got {timesteps.dtype}")
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
         class_emb = self._class_embedding(class_labels, batch)
         if class_emb is not None:

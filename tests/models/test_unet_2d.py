@@ -375,6 +375,10 @@ def test_forward_rejects_bad_inputs():
     with pytest.raises(ValueError, match="batch 2"):
         conditional(torch.randn(2, 3, 16, 16), 1, class_labels=torch.tensor([0, 1, 2]))
 
+    learned = UNet2DModel(**dict(SMALL, time_embedding_type="learned", num_train_timesteps=10))
+    with pytest.raises(TypeError, match="integers"):
+        learned(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 1.5]))
+
     deep = UNet2DModel(**dict(SMALL, block_out_channels=(32, 32, 64),
                               down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3))
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -395,7 +399,8 @@ def test_forward_rejects_bad_inputs():
     (dict(in_channels=4, down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"),
           up_block_types=("SkipUpBlock2D", "SkipUpBlock2D")), "in_channels and out_channels must be 3"),
     (dict(attention_head_dim=128), "attention_head_dim"),
-    (dict(downsample_type="pool", down_block_types=("AttnDownBlock2D", "AttnDownBlock2D")), "downsample_type"),
+    (dict(downsample_type="pool"), "downsample_type"),
+    (dict(upsample_type="pixel_shuffle"), "upsample_type"),
 ])
 def test_constructor_rejects_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
