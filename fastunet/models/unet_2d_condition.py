@@ -1,0 +1,521 @@
+"""``UNet2DConditionModel``: the text-conditioned UNet of Stable Diffusion 1.x / 2.x / XL, LCM and
+their fine-tunes, with diffusers' constructor arguments, forward signature, outputs and state-dict
+names, on fastunet's fused kernels.
+
+Data flow of ``forward(sample (B, in_channels, H, W), timestep, encoder_hidden_states (B, M, D))``::
+
+    emb = time_embedding(time_proj(t), timestep_cond) [+ class_embedding(class_labels)]
+          [+ add_embedding(text_embeds ++ add_time_proj(time_ids))] [-> time_embed_act]
+    h = conv_in(sample)                                  skips = [h]
+    for block in down_blocks:  h, s = block(h, emb, context)   skips += s   (+ T2I-Adapter residuals)
+    skips += ControlNet down residuals;  h = mid_block(h, emb, context) (+ ControlNet mid residual)
+    for block in up_blocks:    h = block(h, pop(skips), emb, context)       (FreeU on stages 0, 1)
+    out = conv_out(act(GroupNorm(h)))                    # one group_norm_act call
+
+The blocks come from the registry in :mod:`fastunet.models.unet_2d_condition_blocks`; every
+GroupNorm+activation runs as one ``group_norm_act`` call and attention through the default
+``TritonAttnProcessor``. Options diffusers has but no SD-family UNet uses (``dual_cross_attention``,
+GLIGEN ``attention_type``, Kandinsky's image embeddings, ``addition_embed_type="text"``) raise
+``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..attention_processor import AttentionMixin
+from ..configuration import register_to_config
+from ..layers.activations import get_activation
+from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
+from ..layers.freeu import FreeUConfig, apply_freeu
+from ..layers.resnet import norm_act
+from ..layers.transformer_2d import mask_to_bias
+from ..modeling import ModelMixin
+from .unet_2d_blocks import UpBlock2D
+from .unet_2d_condition_blocks import CrossAttnUpBlock2D, get_down_block, get_mid_block, get_up_block
+
+
+@dataclass
+class UNet2DConditionOutput:
+    """``sample``: ``(B, out_channels, H, W)``. Indexing (``out[0]``) works as on diffusers' outputs."""
+
+    sample: torch.Tensor
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
+
+def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:
+    """A scalar repeated ``count`` times, or a sequence of exactly ``count`` entries, as a list."""
+    if value is None or isinstance(value, scalar_types):
+        return [value] * count
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be a single value or a sequence of {count} (one per block); got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"{name} must have one entry per down block ({count}); got {len(value)}: {list(value)}")
+    return list(value)
+
+
+def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.Tensor,
+                res_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU on one (backbone, skip) pair of an up block."""
+    scaled, filtered = apply_freeu(resolution_idx, hidden_states, res_hidden_states, config)
+    if res_hidden_states is hidden_states:
+        # Without a mid block the first skip is the backbone tensor itself. diffusers scales the
+        # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
+        filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
+    return scaled, filtered
+
+
+def _not_implemented(name: str, value, supported) -> None:
+    if value not in supported:
+        raise NotImplementedError(
+            f"UNet2DConditionModel: {name}={value!r} is not supported by fastunet (supported: "
+            f"{', '.join(repr(s) for s in supported)})")
+
+
+class UNet2DConditionModel(ModelMixin, AttentionMixin):
+    """Conditional 2-D UNet ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` (see the module
+    docstring). Constructor arguments are diffusers'; as in diffusers, ``attention_head_dim`` is the
+    number of heads of the cross-attention blocks (each head has ``channels // heads`` features);
+    ``num_attention_heads``, which diffusers refuses, overrides it here when given.
+
+    Feature switches are methods: ``enable_freeu``/``disable_freeu``, ``enable_forward_chunking``/
+    ``disable_forward_chunking``, ``set_attention_slice``, ``set_attn_processor``,
+    ``fuse_qkv_projections``, ``enable_gradient_checkpointing``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: Sequence[str] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                           "DownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        up_block_types: Sequence[str] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                         "CrossAttnUpBlock2D"),
+        only_cross_attention: bool | Sequence[bool] = False,
+        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
+        layers_per_block: int | Sequence[int] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int | Sequence[int] = 1280,
+        transformer_layers_per_block: int | Sequence[int] | Sequence[Sequence[int]] = 1,
+        reverse_transformer_layers_per_block: Sequence[Sequence[int]] | None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        attention_head_dim: int | Sequence[int] = 8,
+        num_attention_heads: int | Sequence[int] | None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str | None = None,
+        timestep_post_act: str | None = None,
+        time_cond_proj_dim: int | None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: int | None = None,
+        attention_type: str = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: bool | None = None,
+        cross_attention_norm: str | None = None,
+        addition_embed_type_num_heads: int = 64,
+    ):
+        super().__init__()
+        self.sample_size = sample_size
+        num_blocks = len(down_block_types)
+        if len(up_block_types) != num_blocks:
+            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
+                             f"{len(down_block_types)} and {len(up_block_types)}")
+        if len(block_out_channels) != num_blocks:
+            raise ValueError(f"block_out_channels must have one entry per down block ({num_blocks}); got "
+                             f"{len(block_out_channels)}: {list(block_out_channels)}")
+        if dual_cross_attention:
+            raise NotImplementedError("UNet2DConditionModel: dual_cross_attention=True (DualTransformer2DModel, "
+                                      "Versatile Diffusion) is not supported by fastunet")
+        _not_implemented("attention_type", attention_type, ("default",))
+        _not_implemented("addition_embed_type", addition_embed_type, (None, "text_time"))
+        if norm_num_groups is None:
+            raise ValueError("norm_num_groups=None is not supported: the UNet's ResnetBlock2D, Transformer2DModel "
+                             "and conv_norm_out need GroupNorm groups (diffusers fails on it too); got None")
+
+        # diffusers' naming quirk: attention_head_dim holds the number of heads unless num_attention_heads is set
+        heads = _per_block(num_attention_heads if num_attention_heads is not None else attention_head_dim,
+                           num_blocks, "num_attention_heads" if num_attention_heads is not None
+                           else "attention_head_dim")
+        head_dims = _per_block(attention_head_dim, num_blocks, "attention_head_dim")
+        cross_dims = _per_block(cross_attention_dim, num_blocks, "cross_attention_dim")
+        only_cross = _per_block(only_cross_attention, num_blocks, "only_cross_attention", (bool,))
+        layers = _per_block(layers_per_block, num_blocks, "layers_per_block")
+        transformer_layers = _per_block(transformer_layers_per_block, num_blocks, "transformer_layers_per_block")
+        if reverse_transformer_layers_per_block is None:
+            if any(not isinstance(n, int) for n in transformer_layers):
+                raise ValueError("transformer_layers_per_block with per-layer lists needs "
+                                 "reverse_transformer_layers_per_block for the up blocks; got None")
+            reverse_transformer_layers = list(reversed(transformer_layers))
+        else:
+            reverse_transformer_layers = _per_block(reverse_transformer_layers_per_block, num_blocks,
+                                                    "reverse_transformer_layers_per_block")
+        if isinstance(only_cross_attention, bool) and mid_block_only_cross_attention is None:
+            mid_block_only_cross_attention = only_cross_attention
+        mid_block_only_cross_attention = bool(mid_block_only_cross_attention)
+
+        # input
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel,
+                                 padding=(conv_in_kernel - 1) // 2)
+
+        # time, class and added embeddings
+        if time_embedding_type == "fourier":
+            time_embed_dim = time_embedding_dim or block_out_channels[0] * 2
+            if time_embed_dim % 2 != 0:
+                raise ValueError(f"time_embedding_type='fourier' needs an even time_embed_dim; got {time_embed_dim}")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, set_W_to_weight=False, log=False,
+                                                       flip_sin_to_cos=flip_sin_to_cos)
+            timestep_input_dim = time_embed_dim
+        elif time_embedding_type == "positional":
+            time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
+            self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+            timestep_input_dim = block_out_channels[0]
+        else:
+            raise ValueError(f"time_embedding_type must be 'positional' or 'fourier'; got {time_embedding_type!r}")
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn,
+                                                post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
+
+        if encoder_hid_dim_type is None and encoder_hid_dim is not None:
+            encoder_hid_dim_type = "text_proj"  # diffusers' default when only encoder_hid_dim is given
+        if encoder_hid_dim_type is not None and encoder_hid_dim is None:
+            raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r} needs encoder_hid_dim; got None")
+        _not_implemented("encoder_hid_dim_type", encoder_hid_dim_type, (None, "text_proj"))
+        self._encoder_hid_dim_type = encoder_hid_dim_type
+        self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
+                                 if encoder_hid_dim_type == "text_proj" else None)
+
+        self.class_embedding = self._make_class_embedding(class_embed_type, num_class_embeds, act_fn,
+                                                          projection_class_embeddings_input_dim, time_embed_dim,
+                                                          timestep_input_dim)
+        if addition_embed_type == "text_time":
+            if addition_time_embed_dim is None or projection_class_embeddings_input_dim is None:
+                raise ValueError(
+                    "addition_embed_type='text_time' needs addition_time_embed_dim and "
+                    f"projection_class_embeddings_input_dim; got {addition_time_embed_dim!r} and "
+                    f"{projection_class_embeddings_input_dim!r}")
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+        self.time_embed_act = get_activation(time_embedding_act_fn)
+        blocks_temb_dim = 2 * time_embed_dim if class_embeddings_concat else time_embed_dim
+
+        common = dict(temb_channels=blocks_temb_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, dual_cross_attention=dual_cross_attention,
+                      use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                      resnet_time_scale_shift=resnet_time_scale_shift, attention_type=attention_type,
+                      resnet_skip_time_act=resnet_skip_time_act, cross_attention_norm=cross_attention_norm,
+                      dropout=dropout)
+
+        # down (down_blocks and up_blocks are registered before mid_block, as in diffusers: the order of
+        # attn_processors and of set_attention_slice's per-layer list follows it)
+        self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        output_channel = block_out_channels[0]
+        for i, block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                block_type, num_layers=layers[i], transformer_layers_per_block=transformer_layers[i],
+                in_channels=input_channel, out_channels=output_channel, add_downsample=i < num_blocks - 1,
+                cross_attention_dim=cross_dims[i], num_attention_heads=heads[i],
+                downsample_padding=downsample_padding, only_cross_attention=only_cross[i],
+                resnet_out_scale_factor=resnet_out_scale_factor,
+                attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel, **common))
+
+        # mid
+        self.mid_block = get_mid_block(
+            mid_block_type, in_channels=block_out_channels[-1], output_scale_factor=mid_block_scale_factor,
+            transformer_layers_per_block=transformer_layers[-1], num_attention_heads=heads[-1],
+            cross_attention_dim=cross_dims[-1], mid_block_only_cross_attention=mid_block_only_cross_attention,
+            attention_head_dim=head_dims[-1], **common)
+
+        # up
+        self.num_upsamplers = 0
+        reversed_channels = list(reversed(block_out_channels))
+        output_channel = reversed_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            is_final = i == num_blocks - 1
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, num_blocks - 1)]
+            self.num_upsamplers += 0 if is_final else 1
+            self.up_blocks.append(get_up_block(
+                block_type, num_layers=layers[num_blocks - 1 - i] + 1,
+                transformer_layers_per_block=reverse_transformer_layers[i], in_channels=input_channel,
+                out_channels=output_channel, prev_output_channel=prev_output_channel, add_upsample=not is_final,
+                resolution_idx=i, cross_attention_dim=cross_dims[num_blocks - 1 - i],
+                num_attention_heads=heads[num_blocks - 1 - i], only_cross_attention=only_cross[num_blocks - 1 - i],
+                resnet_out_scale_factor=resnet_out_scale_factor,
+                # diffusers indexes attention_head_dim here without reversing it; kept for identical blocks
+                attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel, **common))
+
+        # out
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_act = get_activation(act_fn)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel,
+                                  padding=(conv_out_kernel - 1) // 2)
+
+        self._context_dim = encoder_hid_dim if self.encoder_hid_proj is not None else None
+        self._attention_context_dims = sorted({
+            dim for block, dim in [*zip(self.down_blocks, cross_dims), (self.mid_block, cross_dims[-1]),
+                                   *zip(self.up_blocks, reversed(cross_dims))]
+            if block is not None and getattr(block, "has_cross_attention", False)})
+        self._freeu: FreeUConfig | None = None
+
+    @staticmethod
+    def _make_class_embedding(class_embed_type, num_class_embeds, act_fn, projection_dim, time_embed_dim,
+                              timestep_input_dim) -> nn.Module | None:
+        if class_embed_type is None:
+            return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
+        if class_embed_type == "timestep":
+            return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
+        if class_embed_type == "identity":
+            return nn.Identity()
+        if class_embed_type in ("projection", "simple_projection"):
+            if projection_dim is None:
+                raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim;"
+                                 " got None")
+            if class_embed_type == "projection":
+                return TimestepEmbedding(projection_dim, time_embed_dim)
+            return nn.Linear(projection_dim, time_embed_dim)
+        raise ValueError(f"class_embed_type must be None, 'timestep', 'identity', 'projection' or "
+                         f"'simple_projection'; got {class_embed_type!r}")
+
+    # -- feature switches --------------------------------------------------------------------------
+
+    @property
+    def freeu(self) -> FreeUConfig | None:
+        """The FreeU scales in force, or ``None``."""
+        return self._freeu
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (https://huggingface.co/papers/2309.11497) on up stages 0 and 1: backbone features
+        scaled by ``b1``/``b2`` (first half of the channels), skip features' low frequencies by ``s1``/``s2``.
+        As in diffusers, FreeU only acts when all four values are non-zero."""
+        self._set_freeu(FreeUConfig(s1=s1, s2=s2, b1=b1, b2=b2))
+
+    def disable_freeu(self) -> None:
+        """Turn FreeU off."""
+        self._set_freeu(None)
+
+    def _set_freeu(self, config: FreeUConfig | None) -> None:
+        self._freeu = config
+        active = config is not None and all((config.s1, config.s2, config.b1, config.b2))
+        for block in self.up_blocks:
+            # diffusers applies FreeU in these two block types only, on resolution_idx 0 and 1
+            if isinstance(block, (UpBlock2D, CrossAttnUpBlock2D)):
+                block.set_freeu(functools.partial(_freeu_step, block.resolution_idx, config) if active else None)
+
+    def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
+        """Run every transformer feed-forward on slices of ``chunk_size`` (default 1) along ``dim``
+        (0: batch, 1: tokens); same result, lower peak memory."""
+        if dim not in (0, 1):
+            raise ValueError(f"dim must be 0 (batch) or 1 (tokens); got {dim!r}")
+        self._set_chunk_feed_forward(chunk_size or 1, dim)
+
+    def disable_forward_chunking(self) -> None:
+        self._set_chunk_feed_forward(None, 0)
+
+    def _set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_chunk_feed_forward"):
+                module.set_chunk_feed_forward(chunk_size, dim)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: Sequence[torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple:
+        """Predict noise (or v, or x0) for ``sample`` ``(B, in_channels, H, W)`` at ``timestep`` (int,
+        float, 0-d or ``(B,)``/``(1,)`` tensor) given ``encoder_hidden_states`` ``(B, M, D)``.
+
+        ``attention_mask`` / ``encoder_attention_mask``: ``(B, M)`` keep-masks (1 keep, 0 discard) for
+        ``attn1`` / ``attn2``, turned into ``-10000`` biases. ``added_cond_kwargs``: ``text_embeds`` and
+        ``time_ids`` for SDXL's ``text_time``. ``down_block_additional_residuals`` (one per skip) and
+        ``mid_block_additional_residual``: ControlNet outputs; ``down_intrablock_additional_residuals``:
+        T2I-Adapter features added inside the down blocks. Returns ``UNet2DConditionOutput`` or ``(sample,)``.
+        """
+        self._check_inputs(sample, encoder_hidden_states, attention_mask, encoder_attention_mask)
+        cross_attention_kwargs = self._prepare_cross_attention_kwargs(cross_attention_kwargs)
+        forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
+        attention_mask = mask_to_bias(attention_mask, sample.dtype)
+        encoder_attention_mask = mask_to_bias(encoder_attention_mask, sample.dtype)
+
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # 1. embeddings
+        emb = self._time_embedding(sample, timestep, timestep_cond)
+        class_emb = self._class_embedding(sample, class_labels)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self._text_time_embedding(emb, added_cond_kwargs)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        if self.encoder_hid_proj is not None:
+            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+        context = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                       cross_attention_kwargs=cross_attention_kwargs,
+                       encoder_attention_mask=encoder_attention_mask)
+
+        # 2. down (T2I-Adapter residuals inside, ControlNet residuals on the skips)
+        is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
+        adapter = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
+        if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
+            warnings.warn("passing T2I-Adapter residuals as down_block_additional_residuals is deprecated (as in "
+                          "diffusers); use down_intrablock_additional_residuals", FutureWarning, stacklevel=2)
+            adapter = list(down_block_additional_residuals)
+
+        sample = self.conv_in(sample)
+        skips: tuple[torch.Tensor, ...] = (sample,)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
+                sample, res_samples = block(sample, emb, **context, **extra)
+            else:
+                sample, res_samples = block(sample, emb)
+                if adapter:
+                    # diffusers adds in place, so the block's last skip (the same tensor) gets it too
+                    sample = sample + adapter.pop(0)
+                    res_samples = (*res_samples[:-1], sample)
+            skips += tuple(res_samples)
+
+        if is_controlnet:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals must have one tensor per skip connection "
+                                 f"({len(skips)}); got {len(down_block_additional_residuals)}")
+            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+
+        # 3. mid
+        if self.mid_block is not None:
+            if getattr(self.mid_block, "has_cross_attention", False):
+                sample = self.mid_block(sample, emb, **context)
+            else:
+                sample = self.mid_block(sample, emb)
+            if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL
+                sample = sample + adapter.pop(0)
+        if is_controlnet:
+            sample = sample + mid_block_additional_residual
+
+        # 4. up
+        for i, block in enumerate(self.up_blocks):
+            count = len(block.resnets)
+            skips, res_samples = skips[:-count], skips[-count:]
+            upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < len(self.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                sample = block(sample, res_samples, emb, upsample_size=upsample_size, **context)
+            else:
+                sample = block(sample, res_samples, emb, upsample_size)
+
+        # 5. out
+        sample = self.conv_out(norm_act(self.conv_norm_out, sample, self.config.act_fn))
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    # -- forward helpers ---------------------------------------------------------------------------
+
+    def _check_inputs(self, sample, encoder_hidden_states, attention_mask, encoder_attention_mask) -> None:
+        in_channels = self.config.in_channels
+        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != in_channels:
+            shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
+            raise ValueError(f"sample must be a (B, {in_channels}, H, W) tensor; got {shape}")
+        batch = sample.shape[0]
+        if encoder_hidden_states is None:
+            if self._attention_context_dims:
+                raise ValueError("encoder_hidden_states (B, M, D) is required: this UNet has cross-attention blocks")
+        else:
+            expected = self._context_dim
+            if expected is None and len(self._attention_context_dims) == 1:
+                expected = self._attention_context_dims[0]
+            if (encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch
+                    or (expected is not None and encoder_hidden_states.shape[-1] != expected)):
+                dim = expected if expected is not None else "D"
+                raise ValueError(f"encoder_hidden_states must be ({batch}, M, {dim}) for a batch of {batch} samples;"
+                                 f" got {tuple(encoder_hidden_states.shape)}")
+        for name, mask in (("attention_mask", attention_mask), ("encoder_attention_mask", encoder_attention_mask)):
+            if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch):
+                raise ValueError(f"{name} must be a ({batch}, tokens) keep-mask (1 keep, 0 discard); "
+                                 f"got shape {tuple(mask.shape)}")
+
+    @staticmethod
+    def _prepare_cross_attention_kwargs(cross_attention_kwargs):
+        if cross_attention_kwargs is None:
+            return None
+        kwargs = dict(cross_attention_kwargs)
+        if kwargs.pop("gligen", None) is not None:
+            raise NotImplementedError("GLIGEN (cross_attention_kwargs['gligen']) is not supported by fastunet")
+        scale = kwargs.pop("scale", 1.0)
+        if scale != 1.0:
+            warnings.warn("cross_attention_kwargs['scale'] is a LoRA scale; fastunet has no LoRA layers, so it is "
+                          "ignored", UserWarning, stacklevel=3)
+        return kwargs
+
+    def _time_embedding(self, sample, timestep, timestep_cond) -> torch.Tensor:
+        if timestep_cond is not None and self.time_embedding.cond_proj is None:
+            raise ValueError("timestep_cond was given but the model has no time_cond_proj_dim (cond_proj)")
+        timesteps = timesteps_to_tensor(timestep, sample.shape[0], sample.device)
+        t_emb = self.time_proj(timesteps).to(sample.dtype)
+        return self.time_embedding(t_emb, timestep_cond)
+
+    def _class_embedding(self, sample, class_labels) -> torch.Tensor | None:
+        if self.class_embedding is None:
+            return None
+        if class_labels is None:
+            raise ValueError(f"class_labels are required: the model has a class embedding "
+                             f"(class_embed_type={self.config.class_embed_type!r}, "
+                             f"num_class_embeds={self.config.num_class_embeds!r})")
+        if self.config.class_embed_type == "timestep":
+            class_labels = self.time_proj(class_labels).to(sample.dtype)
+        return self.class_embedding(class_labels).to(sample.dtype)
+
+    def _text_time_embedding(self, emb, added_cond_kwargs) -> torch.Tensor:
+        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
+        if missing:
+            raise ValueError(f"addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and "
+                             f"'time_ids'; missing {missing}")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
