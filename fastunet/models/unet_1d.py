@@ -27,7 +27,8 @@ from .unet_1d_blocks import (
 @dataclass
 class UNet1DOutput:
     """Output of :class:`UNet1DModel`: ``sample`` is ``(B, out_channels, L)``, or ``(B, 1)`` for a value
-    function. Also readable as ``output[0]``, ``output["sample"]`` and ``output.to_tuple()``."""
+    function. Like diffusers' outputs (and ``UNet2DOutput``) it also reads as ``output[0]``,
+    ``output["sample"]`` and ``output.to_tuple()``, and unpacks as ``(sample,) = output``."""
 
     sample: torch.Tensor
 
@@ -38,6 +39,12 @@ class UNet1DOutput:
         if isinstance(key, str):
             return getattr(self, key)
         return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(fields(self))
 
 
 class UNet1DModel(ModelMixin, AttentionMixin):
@@ -143,19 +150,19 @@ class UNet1DModel(ModelMixin, AttentionMixin):
         if sample.dim() != 3:
             raise ValueError(f"sample must be (batch, channels, length); got shape {tuple(sample.shape)}")
         cfg = self.config
-        built_for = cfg.in_channels + cfg.extra_in_channels
         if isinstance(self.down_blocks[0], DownBlock1DNoSkip):
-            expected = built_for - self.temb_channels
-            if sample.shape[1] != expected:
+            if cfg.extra_in_channels != self.temb_channels:
                 raise ValueError(
-                    f"sample has {sample.shape[1]} channels, but the first block (DownBlock1DNoSkip) was built for "
-                    f"in_channels + extra_in_channels = {cfg.in_channels} + {cfg.extra_in_channels} = {built_for} "
-                    f"inputs and appends the {self.temb_channels}-channel time embedding itself, so the sample "
-                    f"needs {expected} channels (extra_in_channels must equal the time-embedding width "
-                    f"{self.temb_channels} for an in_channels={cfg.in_channels} sample)")
-        elif sample.shape[1] != built_for:
-            raise ValueError(f"sample has {sample.shape[1]} channels; expected in_channels + extra_in_channels = "
-                             f"{cfg.in_channels} + {cfg.extra_in_channels} = {built_for}")
+                    f"the first block (DownBlock1DNoSkip) appends the {self.temb_channels}-channel time embedding to "
+                    f"the sample, so extra_in_channels must be {self.temb_channels}; got {cfg.extra_in_channels} "
+                    f"(with the fourier embedding, time_embedding_dim={cfg.extra_in_channels} makes them agree, as "
+                    "Dance Diffusion checkpoints need)")
+            expected, what = cfg.in_channels, f"in_channels = {cfg.in_channels}"
+        else:
+            expected = cfg.in_channels + cfg.extra_in_channels
+            what = f"in_channels + extra_in_channels = {cfg.in_channels} + {cfg.extra_in_channels} = {expected}"
+        if sample.shape[1] != expected:
+            raise ValueError(f"sample has {sample.shape[1]} channels; expected {what}")
         length, factor = sample.shape[2], 2 ** self._halvings
         if isinstance(self.out_block, OutValueFunctionBlock):
             if length > factor:

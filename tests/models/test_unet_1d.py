@@ -161,7 +161,9 @@ def test_output_forms():
         (tup,) = ours(sample, timestep, return_dict=False)
     assert isinstance(out, UNet1DOutput)
     assert torch.equal(out.sample, tup) and out[0] is out.sample and out["sample"] is out.sample
-    assert out.to_tuple() == (out.sample,)
+    assert out.to_tuple() == (out.sample,) and len(out) == 1
+    (unpacked,) = out
+    assert unpacked is out.sample
 
 
 @pytest.mark.parametrize("case", ["dance", "value"])
@@ -280,13 +282,13 @@ def test_too_short_for_reflect_padding():
 @pytest.mark.parametrize("channels", [1, 3, 18])
 def test_channel_mismatch_dance(channels):
     # 18 = in_channels + extra_in_channels: the time embedding supplies the 16 extra channels itself
-    with pytest.raises(ValueError, match=rf"sample has {channels} channels.*needs 2 channels"):
+    with pytest.raises(ValueError, match=rf"sample has {channels} channels; expected in_channels = 2$"):
         UNet1DModel(**DANCE)(torch.randn(1, channels, 64), torch.rand(1))
 
 
 def test_extra_in_channels_not_matching_the_embedding():
     model = UNet1DModel(**dict(DANCE, extra_in_channels=8))
-    with pytest.raises(ValueError, match=r"extra_in_channels must equal the time-embedding width 16"):
+    with pytest.raises(ValueError, match=r"appends the 16-channel time embedding.*extra_in_channels must be 16; got 8"):
         model(torch.randn(1, 2, 64), torch.rand(1))
 
 
