@@ -8,6 +8,8 @@ from diffusers.models import downsampling as d_down
 from diffusers.models import upsampling as d_up
 from diffusers.models.resnet import ResnetBlock2D as DResnetBlock2D
 
+import fastunet
+from fastunet.kernels import launch_counts
 from fastunet.layers.resampling import (
     Downsample2D,
     FirDownsample2D,
@@ -197,3 +199,24 @@ def test_resampling_validates_channels():
         Downsample2D(16, use_conv=False, out_channels=8)
     with pytest.raises(ValueError, match="norm_type"):
         Upsample2D(16, norm_type="batch")
+
+
+@pytest.mark.parametrize("time_embedding_norm", ["default", "scale_shift"])
+def test_resnet_block_triton_backend_matches_torch(time_embedding_norm):
+    block = ResnetBlock2D(in_channels=16, out_channels=24, temb_channels=8, groups=4, groups_out=8,
+                          time_embedding_norm=time_embedding_norm)
+    perturb_(block)
+    x, temb = torch.randn(2, 16, 6, 5), torch.randn(2, 8)
+    results = []
+    for backend in ("torch", "triton"):
+        launch_counts.clear()
+        with fastunet.use_backend(backend):
+            xs = [x.clone().requires_grad_(True), temb.clone().requires_grad_(True)]
+            block.zero_grad(set_to_none=True)
+            out = block(*xs)
+            (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append([out.detach(), *(t.grad for t in xs), *(p.grad for p in block.parameters())])
+        if backend == "triton":
+            assert launch_counts["group_norm_act_fwd"] >= 2, dict(launch_counts)
+    for got, expected in zip(results[1], results[0]):
+        assert rel(got, expected) < 1e-4
