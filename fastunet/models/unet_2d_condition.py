@@ -213,7 +213,6 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
         if encoder_hid_dim_type is not None and encoder_hid_dim is None:
             raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r} needs encoder_hid_dim; got None")
         _not_implemented("encoder_hid_dim_type", encoder_hid_dim_type, (None, "text_proj"))
-        self._encoder_hid_dim_type = encoder_hid_dim_type
         self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
                                  if encoder_hid_dim_type == "text_proj" else None)
 
