@@ -234,15 +234,22 @@ class BasicTransformerBlock(nn.Module):
 
 @dataclass
 class Transformer2DModelOutput:
-    """``sample``: ``(B, C, H, W)``. Indexing (``out[0]``) works as on diffusers' outputs."""
+    """``sample``: ``(B, C, H, W)``. Like diffusers' outputs it also reads as ``out[0]``,
+    ``out["sample"]`` and ``out.to_tuple()``."""
 
     sample: torch.Tensor
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
 
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(fields(self))
 
 
 class Transformer2DModel(ModelMixin):
@@ -269,7 +276,8 @@ class Transformer2DModel(ModelMixin):
         _unsupported("patch_size", patch_size, None)
         _unsupported("caption_channels", caption_channels, None)
         if out_channels is not None and out_channels != in_channels:
-            raise ValueError(f"out_channels must equal in_channels ({in_channels}) for the residual; got {out_channels}")
+            raise ValueError(f"out_channels must equal in_channels ({in_channels}) for the residual; "
+                             f"got {out_channels}")
         if in_channels % norm_num_groups != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by norm_num_groups ({norm_num_groups})")
         self.in_channels = in_channels

@@ -43,15 +43,22 @@ from .unet_2d_condition_blocks import CrossAttnUpBlock2D, get_down_block, get_mi
 
 @dataclass
 class UNet2DConditionOutput:
-    """``sample``: ``(B, out_channels, H, W)``. Indexing (``out[0]``) works as on diffusers' outputs."""
+    """``sample``: ``(B, out_channels, H, W)``. Like diffusers' outputs it also reads as ``out[0]``,
+    ``out["sample"]`` and ``out.to_tuple()``."""
 
     sample: torch.Tensor
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))
 
-    def __getitem__(self, index):
-        return self.to_tuple()[index]
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(fields(self))
 
 
 def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:

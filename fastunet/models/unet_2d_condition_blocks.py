@@ -211,7 +211,9 @@ unet_2d_blocks.register_up_block("CrossAttnUpBlock2D", _build_cross_attn_up)
 
 
 def _check_supported(block_type) -> None:
-    name = block_type[len("UNetRes"):] if isinstance(block_type, str) and block_type.startswith("UNetRes") else block_type
+    name = block_type
+    if isinstance(name, str) and name.startswith("UNetRes"):
+        name = name[len("UNetRes"):]
     if name in _UNSUPPORTED_TYPES:
         raise NotImplementedError(f"block type {block_type!r} is not supported by fastunet")
 

@@ -558,4 +558,8 @@ def test_nested_transformer_layers_with_reverse():
     inputs = make_inputs("sd21", cfg)
     with torch.no_grad():
         assert rel(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
-    assert isinstance(ours(**inputs), UNet2DConditionOutput)
+    with torch.no_grad():
+        out = ours(**inputs)
+    assert isinstance(out, UNet2DConditionOutput) and out["sample"] is out[0] is out.sample
+    (sample,) = out
+    assert sample is out.sample and len(out) == 1
