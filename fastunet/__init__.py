@@ -1,7 +1,50 @@
-"""fastunet: drop-in, faster re-implementations of diffusers' UNets on hand-written Triton kernels."""
+"""fastunet: drop-in, faster re-implementations of diffusers' UNets on hand-written Triton kernels.
 
+    import fastunet
+    unet = fastunet.UNet2DConditionModel.from_pretrained("path/to/sd15", subfolder="unet")
+    fastunet.set_backend("auto")          # Triton on CUDA tensors, torch reference elsewhere
+    diffusers_unet.set_attn_processor(fastunet.TritonAttnProcessor())   # works on diffusers models too
+"""
+
+from .attention_processor import (
+    Attention,
+    AttentionMixin,
+    AttnProcessor,
+    AttnProcessor2_0,
+    SlicedAttnProcessor,
+    SpatialNorm,
+    TritonAttnProcessor,
+)
+from .checkpoint import load_diffusers_state_dict
 from .kernels import get_backend, set_backend, use_backend
+from .models import (
+    UNet1DModel,
+    UNet1DOutput,
+    UNet2DConditionModel,
+    UNet2DConditionOutput,
+    UNet2DModel,
+    UNet2DOutput,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = [
+    "Attention",
+    "AttentionMixin",
+    "AttnProcessor",
+    "AttnProcessor2_0",
+    "SlicedAttnProcessor",
+    "SpatialNorm",
+    "TritonAttnProcessor",
+    "UNet1DModel",
+    "UNet1DOutput",
+    "UNet2DConditionModel",
+    "UNet2DConditionOutput",
+    "UNet2DModel",
+    "UNet2DOutput",
+    "__version__",
+    "get_backend",
+    "load_diffusers_state_dict",
+    "set_backend",
+    "use_backend",
+]

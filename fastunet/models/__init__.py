@@ -1,1 +1,22 @@
-"""The fastunet UNet models."""
+"""The fastunet UNet models, under diffusers' class names."""
+
+from .unet_1d import UNet1DModel, UNet1DOutput
+from .unet_2d import UNet2DModel, UNet2DOutput
+from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from .unet_2d_condition_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn
+
+__all__ = [
+    "CrossAttnDownBlock2D",
+    "CrossAttnUpBlock2D",
+    "UNet1DModel",
+    "UNet1DOutput",
+    "UNet2DConditionModel",
+    "UNet2DConditionOutput",
+    "UNet2DModel",
+    "UNet2DOutput",
+    "UNetMidBlock2D",
+    "UNetMidBlock2DCrossAttn",
+    "get_down_block",
+    "get_up_block",
+]

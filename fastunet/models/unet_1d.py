@@ -3,7 +3,7 @@ functions) with the same config, forward signature, outputs and state-dict keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from fastunet.configuration import register_to_config
 from fastunet.layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
 from fastunet.layers.utils import maybe_checkpoint
 from fastunet.modeling import ModelMixin
+from fastunet.outputs import ModelOutput
 
 from .unet_1d_blocks import (
     DownBlock1DNoSkip,
@@ -25,26 +26,12 @@ from .unet_1d_blocks import (
 
 
 @dataclass
-class UNet1DOutput:
+class UNet1DOutput(ModelOutput):
     """Output of :class:`UNet1DModel`: ``sample`` is ``(B, out_channels, L)``, or ``(B, 1)`` for a value
     function. Like diffusers' outputs (and ``UNet2DOutput``) it also reads as ``output[0]``,
     ``output["sample"]`` and ``output.to_tuple()``, and unpacks as ``(sample,) = output``."""
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(fields(self))
 
 
 class UNet1DModel(ModelMixin, AttentionMixin):

@@ -10,7 +10,7 @@ so its checkpoints load strict and it drops into diffusers' pipelines (``DDPMPip
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from ..configuration import register_to_config
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
 from ..layers.resnet import check_groups, norm_act
 from ..modeling import ModelMixin
+from ..outputs import ModelOutput
 from .unet_2d_blocks import SKIP_CHANNELS, DownBlock, UNetMidBlock2D, UpBlock, get_down_block, get_up_block
 
 _TIME_EMBEDDINGS = ("positional", "fourier", "learned")
@@ -27,27 +28,13 @@ _CLASS_EMBEDDINGS = (None, "timestep", "identity")
 
 
 @dataclass
-class UNet2DOutput:
+class UNet2DOutput(ModelOutput):
     """Output of :class:`UNet2DModel`: ``sample`` is ``(B, out_channels, H, W)``.
 
     Like diffusers' outputs it also reads as ``output[0]``, ``output["sample"]`` and ``output.to_tuple()``.
     """
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(fields(self))
 
 
 class UNet2DModel(ModelMixin, AttentionMixin):

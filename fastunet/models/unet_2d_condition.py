@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -37,57 +37,17 @@ from ..layers.freeu import FreeUConfig, apply_freeu
 from ..layers.resnet import norm_act
 from ..layers.transformer_2d import mask_to_bias
 from ..modeling import ModelMixin
+from ..outputs import ModelOutput
 from .unet_2d_blocks import UpBlock2D
 from .unet_2d_condition_blocks import CrossAttnUpBlock2D, get_down_block, get_mid_block, get_up_block
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     """``sample``: ``(B, out_channels, H, W)``. Like diffusers' outputs it also reads as ``out[0]``,
     ``out["sample"]`` and ``out.to_tuple()``."""
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(fields(self))
-
-
-def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:
-    """A scalar repeated ``count`` times, or a sequence of exactly ``count`` entries, as a list."""
-    if value is None or isinstance(value, scalar_types):
-        return [value] * count
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise TypeError(f"{name} must be a single value or a sequence of {count} (one per block); got {value!r}")
-    if len(value) != count:
-        raise ValueError(f"{name} must have one entry per down block ({count}); got {len(value)}: {list(value)}")
-    return list(value)
-
-
-def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.Tensor,
-                res_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FreeU on one (backbone, skip) pair of an up block."""
-    scaled, filtered = apply_freeu(resolution_idx, hidden_states, res_hidden_states, config)
-    if res_hidden_states is hidden_states:
-        # Without a mid block the first skip is the backbone tensor itself. diffusers scales the
-        # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
-        filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
-    return scaled, filtered
-
-
-def _not_implemented(name: str, value, supported) -> None:
-    if value not in supported:
-        raise NotImplementedError(
-            f"UNet2DConditionModel: {name}={value!r} is not supported by fastunet (supported: "
-            f"{', '.join(repr(s) for s in supported)})")
 
 
 class UNet2DConditionModel(ModelMixin, AttentionMixin):

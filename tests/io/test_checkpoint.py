@@ -474,7 +474,7 @@ def test_save_errors(tmp_path):
 # ----------------------------------------------------------------------- against diffusers' own I/O
 #
 # Each case names a fastunet model class by module, a small config it shares with diffusers' class of the
-# same name, and inputs for both forwards. Cases whose fastunet module is not written yet are skipped.
+# same name, and inputs for both forwards.
 
 DIFFUSERS_CASES = {
     "UNet2DModel": dict(
@@ -503,18 +503,13 @@ DIFFUSERS_CASES = {
 
 
 def model_pair(name: str):
-    """(fastunet class, diffusers class, case) for ``name``; skips when fastunet's module is not there."""
+    """(fastunet class, diffusers class, case) for ``name``."""
     import importlib
 
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     case = DIFFUSERS_CASES[name]
-    try:
-        module = importlib.import_module(case["module"])
-    except ModuleNotFoundError as error:
-        if not (error.name or "").startswith("fastunet."):
-            raise
-        pytest.skip(f"{case['module']} cannot be imported yet: {error}")
-    return getattr(module, name), getattr(diffusers, name), case
+    return getattr(importlib.import_module(case["module"]), name), getattr(diffusers, name), case
 
 
 def perturbed_unet(model: nn.Module) -> nn.Module:
