@@ -20,7 +20,7 @@ diffusers flavours (vector-quantised or patched inputs, AdaLayerNorm, GLIGEN) ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from .. import kernels
 from ..attention_processor import Attention
 from ..configuration import register_to_config
 from ..modeling import ModelMixin
+from ..outputs import ModelOutput
 from .utils import maybe_checkpoint
 
 
@@ -233,23 +234,11 @@ class BasicTransformerBlock(nn.Module):
 
 
 @dataclass
-class Transformer2DModelOutput:
+class Transformer2DModelOutput(ModelOutput):
     """``sample``: ``(B, C, H, W)``. Like diffusers' outputs it also reads as ``out[0]``,
     ``out["sample"]`` and ``out.to_tuple()``."""
 
     sample: torch.Tensor
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self))
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(fields(self))
 
 
 class Transformer2DModel(ModelMixin):
