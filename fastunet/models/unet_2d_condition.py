@@ -50,6 +50,35 @@ class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor
 
 
+def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:
+    """A scalar repeated ``count`` times, or a sequence of exactly ``count`` entries, as a list."""
+    if value is None or isinstance(value, scalar_types):
+        return [value] * count
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be a single value or a sequence of {count} (one per block); got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"{name} must have one entry per down block ({count}); got {len(value)}: {list(value)}")
+    return list(value)
+
+
+def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.Tensor,
+                res_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU on one (backbone, skip) pair of an up block."""
+    scaled, filtered = apply_freeu(resolution_idx, hidden_states, res_hidden_states, config)
+    if res_hidden_states is hidden_states:
+        # Without a mid block the first skip is the backbone tensor itself. diffusers scales the
+        # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
+        filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
+    return scaled, filtered
+
+
+def _not_implemented(name: str, value, supported) -> None:
+    if value not in supported:
+        raise NotImplementedError(
+            f"UNet2DConditionModel: {name}={value!r} is not supported by fastunet (supported: "
+            f"{', '.join(repr(s) for s in supported)})")
+
+
 class UNet2DConditionModel(ModelMixin, AttentionMixin):
     """Conditional 2-D UNet ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` (see the module
     docstring). Constructor arguments are diffusers'; as in diffusers, ``attention_head_dim`` is the
