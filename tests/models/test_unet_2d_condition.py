@@ -422,8 +422,7 @@ def test_other_class_embeddings(class_embed_type):
 
 def test_ddim_classifier_free_guidance_loop():
     """A 3-step DDIM sampling loop with classifier-free guidance (random text embeddings) through both
-    UNets gives the same latents. (transformers is not a test dependency, so no text encoder: the loop
-    is what StableDiffusionPipeline does around the UNet.)"""
+    UNets gives the same latents (the full StableDiffusionPipeline is in test_sd_pipeline.py)."""
     torch.manual_seed(11)
     cfg = CONFIGS["sd15"]
     ours, theirs = UNet2DConditionModel(**cfg), DiffusersUNet(**cfg)
