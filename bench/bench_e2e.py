@@ -1,0 +1,140 @@
+"""End-to-end UNet benchmarks: forward (inference) and forward+backward (a training step's gradients).
+
+Providers:
+  fastunet          fastunet's model, backend "auto" (Triton kernels on CUDA, torch reference on CPU)
+  fastunet-torch    fastunet's model, backend "torch" (shows what the kernels buy on a GPU)
+  diffusers         diffusers' own model with its default attention processor
+  torch.compile     torch.compile of fastunet's model (backend "auto"; the custom ops stay whole)
+  diffusers+compile torch.compile of diffusers' model
+All providers run the same weights. Besides time, each run records the bytes autograd saves for
+backward (``saved_mib``, measured with saved-tensor hooks, device independent) and on CUDA the peak
+allocated memory (``peak_mib``).
+
+On a CPU the shapes are small so the whole file finishes in a few minutes; on a GPU they are
+SD-1.5-sized (64x64 latents, fp16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import diffusers
+import pytest
+import torch
+
+import fastunet
+
+CUDA = torch.cuda.is_available()
+DTYPE = torch.float16 if CUDA else torch.float32
+COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+
+if CUDA:
+    CONFIGS = {
+        "UNet2DModel-ddpm256": dict(
+            cls="UNet2DModel", batch=8, size=64,
+            config=dict(sample_size=64, block_out_channels=(128, 128, 256, 256, 512, 512),
+                        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)),
+        "UNet2DConditionModel-sd15": dict(
+            cls="UNet2DConditionModel", batch=2, size=64, tokens=77,
+            config=dict(sample_size=64, cross_attention_dim=768)),
+    }
+else:
+    CONFIGS = {
+        "UNet2DModel-ddpm-tiny": dict(
+            cls="UNet2DModel", batch=2, size=32,
+            config=dict(sample_size=32, block_out_channels=(32, 64, 64), norm_num_groups=8,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))),
+        "UNet2DConditionModel-sd-tiny": dict(
+            cls="UNet2DConditionModel", batch=2, size=16, tokens=77,
+            config=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64,
+                        norm_num_groups=8, attention_head_dim=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
+    }
+
+PROVIDERS = ["fastunet", "fastunet-torch", "diffusers", "torch.compile", "diffusers+compile"]
+
+
+def _inputs(spec: dict, device) -> dict:
+    cfg = spec["config"]
+    channels = cfg.get("in_channels", 3 if spec["cls"] == "UNet2DModel" else 4)
+    inputs = dict(sample=torch.randn(spec["batch"], channels, spec["size"], spec["size"], device=device, dtype=DTYPE),
+                  timestep=torch.randint(0, 1000, (spec["batch"],), device=device))
+    if spec["cls"] == "UNet2DConditionModel":
+        inputs["encoder_hidden_states"] = torch.randn(spec["batch"], spec["tokens"], cfg["cross_attention_dim"],
+                                                      device=device, dtype=DTYPE)
+    return inputs
+
+
+def setup(provider: str, name: str, mode: str, device):
+    """A zero-argument callable running one forward ("fwd") or forward+backward ("fwd_bwd")."""
+    spec = CONFIGS[name]
+    reference = getattr(diffusers, spec["cls"])(**spec["config"])
+    if provider.startswith("diffusers"):
+        model = reference
+    else:
+        model = getattr(fastunet, spec["cls"])(**spec["config"])
+        model.load_state_dict(reference.state_dict(), strict=True)
+    model = model.to(device=device, dtype=DTYPE)
+    if provider.endswith("compile"):
+        model = torch.compile(model)
+    backend = "torch" if provider == "fastunet-torch" else "auto"
+    inputs = _inputs(spec, device)
+
+    def step():
+        with fastunet.use_backend(backend):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return model(**inputs).sample
+            model.zero_grad(set_to_none=True)
+            out = model(**inputs).sample
+            out.float().square().mean().backward()
+            return out
+
+    return step
+
+
+def _saved_bytes(fn) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_unet(benchmark, provider, name, mode, device):
+    if provider.endswith("compile") and not COMPILE:
+        pytest.skip("torch.compile providers run on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
+    torch.manual_seed(0)
+    step = setup(provider, name, mode, device)
+    step()  # warm-up: compilation, autotuning, allocator
+    _sync()
+    if mode == "fwd_bwd":
+        benchmark.extra_info["saved_mib"] = _saved_bytes(step) / 2**20
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        _sync()
+        benchmark.extra_info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    benchmark.group = f"{name} {mode}"
+
+    def timed():
+        step()
+        _sync()
+
+    benchmark.pedantic(timed, rounds=5 if not CUDA else 20, warmup_rounds=1)

@@ -1,0 +1,60 @@
+"""Shared set-up of the benchmarks: environment, device, and a Markdown/CSV report of every run.
+
+Run with ``.venv/bin/python -m pytest bench/ --benchmark-enable`` (benchmarks are disabled in the test
+run). Each benchmark may put ``extra_info`` entries (``gbps``, ``tflops``, ``peak_mib``, ...); they become
+columns of ``bench/results/<module>.md`` and ``.csv``.
+"""
+
+import os
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import csv  # noqa: E402
+import pathlib  # noqa: E402
+from collections import defaultdict  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """CUDA when present, else CPU (where the Triton kernels cannot run, only the torch paths)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def pytest_sessionfinish(session):
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is None or bench_session.disabled or not bench_session.benchmarks:
+        return
+    by_module = defaultdict(list)
+    for bench in bench_session.benchmarks:
+        module = bench.fullname.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        by_module[module].append(bench)
+    RESULTS.mkdir(exist_ok=True)
+    for module, benches in by_module.items():
+        extra_keys = sorted({k for b in benches for k in b.extra_info})
+        header = ["group", "name", "median_ms", "min_ms", "rounds", *extra_keys]
+        rows = []
+        for b in sorted(benches, key=lambda b: (b.group or "", b.name)):
+            rows.append([b.group or "", b.name, f"{b.stats.median * 1e3:.3f}", f"{b.stats.min * 1e3:.3f}",
+                         str(b.stats.rounds), *[_fmt(b.extra_info.get(k, "")) for k in extra_keys]])
+        with open(RESULTS / f"{module}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        lines = [f"# {module}", "", f"Device: {device_name()}", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        (RESULTS / f"{module}.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
