@@ -1,33 +1,794 @@
-"""Fused GroupNorm + activation (placeholder: torch reference only; the Triton kernels land next)."""
+"""Fused GroupNorm + modulation + activation: ``y = act(GroupNorm(x + add) * (1 + scale) + shift)``.
+
+Math, per sample ``b`` and group ``g`` of ``Cg = C / G`` channels, ``N = Cg * L`` elements
+(``L`` is the product of the spatial dims)::
+
+    h     = x + add[b, c]                          (add: time-embedding projection, optional)
+    mean  = sum(h) / N,   var = sum((h - mean)^2) / N,   rstd = 1 / sqrt(var + eps)
+    u     = (h - mean) * rstd * gain[b, c] + offset[b, c]
+    gain  = weight[c] * (1 + scale[b, c]),   offset = bias[c] * (1 + scale[b, c]) + shift[b, c]
+    y     = act(u),   act in {silu, gelu (exact, erf), mish, identity}
+
+Layouts and dtypes: ``x`` is ``(B, C, *spatial)`` with 1 to 3 spatial dims, fp32/fp16/bf16, read as
+a contiguous ``(B, C, L)`` view (a non-contiguous ``x`` is copied once). ``weight``/``bias`` are
+``(C,)``; ``add``/``scale``/``shift`` are ``(B, C)``; strided views of them (``emb.chunk(2, dim=1)``)
+are copied, being small, since strided loads cost the kernels many registers. Each optional tensor
+is in ``x``'s dtype or fp32. Statistics and all arithmetic are fp32; ``y`` is in ``x``'s dtype and
+contiguous.
+
+Kernels. A group is the contiguous ``(Cg, L)`` block of ``(B, C, L)``; programs walk it in
+``(BLOCK_C, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up to
+``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial ranges):
+
+* forward: ``_stats`` writes each program's (count, mean, M2), the per-tile moments merged with
+  Chan's parallel formula; ``_fwd`` merges a group's partials (Chan again, one vector reduction),
+  then normalises, modulates, activates and stores ``y``; its first program stores ``mean``/``rstd``.
+* backward: ``_bwd_reduce`` recomputes ``u`` from ``x`` and writes per-(b, c, spatial range) sums of
+  ``du``, ``du * xhat`` and ``xhat``, plus per-program group sums of ``gain * du`` and
+  ``gain * du * xhat``; ``_bwd_dx`` merges them, writes ``dx`` and, from one program per channel, the
+  per-(b, c) gradients of add/scale/shift and per-sample rows of dweight/dbias, which torch sums
+  over the batch.
+
+Every reduction is in a fixed order: no atomics, bitwise reproducible runs. Autograd saves ``x``,
+``mean``/``rstd`` ((B, G) fp32) and the small vectors only; backward recomputes everything else.
+Both passes are ``torch.library`` custom ops (``fastunet::group_norm_act_fwd``/``_bwd``) with fake
+implementations, so ``torch.compile(fullgraph=True)`` traces them without a graph break. Not supported:
+double backward, and autocast (inputs are taken in the dtypes they come in).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-_ACTIVATIONS = {
-    None: lambda t: t,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "mish": F.mish,
-}
+from ._backend import HAS_TRITON, record_launch, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where triton is missing
+    from types import SimpleNamespace
+
+    def _no_jit(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+    triton = SimpleNamespace(jit=_no_jit, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=None)
+
+_ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Elements per tile, the tile widths along L a config may use, and the split limits. The partial
+# buffers of one group are merged with one vector load of _MAX_SPLIT (resp. _MAX_SPLIT_L) lanes.
+_TILE = 1024
+_BLOCK_L_CHOICES = (64, 256, 1024)
+_NUM_WARPS = 4
+_MAX_SPLIT = 64
+_MAX_SPLIT_L = 16
+# A launch aims for this many programs per SM on CUDA, and for _CPU_PROGRAMS under Triton's CPU
+# interpreter (which runs programs one after another, each with a large fixed cost).
+_PROGRAMS_PER_SM = 8
+_CPU_PROGRAMS = 8
+
+_SPLIT_ARGS = ["n_bg", "G", "Cg", "cb_per_prog", "lt_per_prog", "split_l", "n_split"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Addressing: a scalar pointer to the current tile's corner (int64 arithmetic, safe at any size)
+# plus one int32 offset tile (c * L + l + l0). Loop bounds and tile offsets stay int32, and the
+# offset is added to the tile before the pointer: int64 induction variables, or adding l0 to the
+# pointer, each made ptxas keep a 64-bit address per element live (2.5x the registers). The activation, its derivative
+# and the per-channel coefficients are written out in each kernel rather than called as
+# @triton.jit helpers: Triton's CPU interpreter, which runs these kernels in the tests, re-patches
+# triton.language on every device-function call (milliseconds each).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _group_norm_act_stats_kernel(
+    X,     # (B, C, L) contiguous input
+    ADD,   # (B, C) per-channel addend, read when HAS_ADD
+    PART,  # (3, B*G, n_split) fp32 out: count, mean, M2 of each program's elements
+    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
+    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
+    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
+    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lanes = tl.arange(0, BLOCK_C)
+    l_lanes = tl.arange(0, BLOCK_L)
+    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    # Welford per lane; the lanes are merged with Chan's formula at the end
+    count = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    mean = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    m2 = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cmask = (c_lanes < (c_hi - c0))[:, None]
+        if HAS_ADD:
+            addv = tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=c_lanes < (c_hi - c0),
+                           other=0.0).to(tl.float32)[:, None]
+        x_row = X + (pid_bg * Cg + c0) * L
+        for l0 in range(l_lo, l_hi, BLOCK_L):
+            mask = cmask & (l_lanes < (l_hi - l0))[None, :]
+            tile_offs = l0 + tile
+            h = tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                h += addv
+            count += mask.to(tl.float32)
+            delta = h - mean
+            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+            m2 += tl.where(mask, delta * (h - mean), 0.0)
+    total = tl.sum(count)
+    prog_mean = tl.sum(count * mean) / total
+    dev = mean - prog_mean
+    prog_m2 = tl.sum(m2 + count * dev * dev)
+    out = PART + pid_bg * n_split + pid_s
+    tl.store(out, total)
+    tl.store(out + n_bg * n_split, prog_mean)
+    tl.store(out + 2 * n_bg * n_split, prog_m2)
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _group_norm_act_fwd_kernel(
+    X,      # (B, C, L) contiguous input
+    ADD,    # (B, C) addend, read when HAS_ADD
+    W,      # (C,) weight, read when HAS_WEIGHT
+    BIAS,   # (C,) bias, read when HAS_BIAS
+    SCALE,  # (B, C) scale, read when HAS_SCALE
+    SHIFT,  # (B, C) shift, read when HAS_SHIFT
+    Y,      # (B, C, L) contiguous output, x's dtype
+    PART,   # (3, B*G, n_split) fp32 partial count/mean/M2 from the stats kernel
+    MEAN,   # (B*G,) fp32 out: group mean
+    RSTD,   # (B*G,) fp32 out: 1 / sqrt(var + eps)
+    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split, eps,
+    HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+):
+    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    ch_base = (pid_bg % G) * Cg
+
+    # merge the group's partial moments (Chan, all at once)
+    offs = tl.arange(0, BLOCK_SPLIT)
+    smask = offs < n_split
+    part = PART + pid_bg * n_split + offs
+    p_count = tl.load(part, mask=smask, other=0.0)
+    p_mean = tl.load(part + n_bg * n_split, mask=smask, other=0.0)
+    p_m2 = tl.load(part + 2 * n_bg * n_split, mask=smask, other=0.0)
+    total = tl.sum(p_count)
+    mean = tl.sum(p_count * p_mean) / total
+    dev = p_mean - mean
+    var = tl.maximum(tl.sum(p_m2 + p_count * dev * dev) / total, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if pid_s == 0:
+        tl.store(MEAN + pid_bg, mean)
+        tl.store(RSTD + pid_bg, rstd)
+
+    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
+    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
+    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
+    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lanes = tl.arange(0, BLOCK_C)
+    l_lanes = tl.arange(0, BLOCK_L)
+    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cmask = c_lanes < (c_hi - c0)
+        ch = ch_base + c0
+        # u = (x - (mean - add)) * gain + offset, gain = w (1 + scale) rstd, offset = bias (1 + scale) + shift
+        gain = tl.full([BLOCK_C], 1.0, tl.float32)
+        offset = tl.full([BLOCK_C], 0.0, tl.float32)
+        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+        if HAS_WEIGHT:
+            gain = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            offset = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s1p = 1.0 + tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            gain *= s1p
+            offset *= s1p
+        if HAS_SHIFT:
+            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        gain = (gain * rstd)[:, None]
+        offset = offset[:, None]
+        centre = centre[:, None]
+        cmask = cmask[:, None]
+        x_row = X + (pid_bg * Cg + c0) * L
+        y_row = Y + (pid_bg * Cg + c0) * L
+        for l0 in range(l_lo, l_hi, BLOCK_L):
+            mask = cmask & (l_lanes < (l_hi - l0))[None, :]
+            tile_offs = l0 + tile
+            u = (tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre) * gain + offset
+            if ACTIVATION == "silu":
+                u = u / (1.0 + tl.exp(-u))
+            elif ACTIVATION == "gelu":
+                u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+            elif ACTIVATION == "mish":
+                # tanh(softplus(u)) = n / (n + 2) with n = e^u (e^u + 2); it is 1 in fp32 beyond u = 20
+                e = tl.exp(tl.minimum(u, 20.0))
+                n = e * (e + 2.0)
+                u = u * (n / (n + 2.0))
+            tl.store(y_row + tile_offs, u.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _group_norm_act_bwd_reduce_kernel(
+    X,      # (B, C, L) contiguous input
+    ADD,    # (B, C) addend, read when HAS_ADD
+    DY,     # (B, C, L) contiguous gradient of y
+    W,      # (C,) weight, read when HAS_WEIGHT
+    BIAS,   # (C,) bias, read when HAS_BIAS
+    SCALE,  # (B, C) scale, read when HAS_SCALE
+    SHIFT,  # (B, C) shift, read when HAS_SHIFT
+    MEAN,   # (B*G,) fp32 group mean
+    RSTD,   # (B*G,) fp32 group 1 / sqrt(var + eps)
+    GPART,  # (2, B*G, n_split) fp32 out: per-program sums of gain*du and gain*du*xhat
+    CPART,  # (2 or 3, B*C, split_l) fp32 out: per-channel, per-spatial-range sums of du, du*xhat, xhat
+    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
+    HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    ch_base = (pid_bg % G) * Cg
+    mean = tl.load(MEAN + pid_bg)
+    rstd = tl.load(RSTD + pid_bg)
+    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
+    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
+    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
+    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lanes = tl.arange(0, BLOCK_C)
+    l_lanes = tl.arange(0, BLOCK_L)
+    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    cpart_lanes = c_lanes * split_l
+    cpart_stride = n_bg * Cg * split_l
+    g_du = tl.full([], 0.0, tl.float32)
+    g_du_xhat = tl.full([], 0.0, tl.float32)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cmask = c_lanes < (c_hi - c0)
+        ch = ch_base + c0
+        gain = tl.full([BLOCK_C], 1.0, tl.float32)
+        offset = tl.full([BLOCK_C], 0.0, tl.float32)
+        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+        if HAS_WEIGHT:
+            gain = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            offset = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s1p = 1.0 + tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            gain *= s1p
+            offset *= s1p
+        if HAS_SHIFT:
+            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        gain_r = (gain * rstd)[:, None]
+        offset2 = offset[:, None]
+        centre = centre[:, None]
+        cmask2 = cmask[:, None]
+        x_row = X + (pid_bg * Cg + c0) * L
+        dy_row = DY + (pid_bg * Cg + c0) * L
+        acc_du = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+        acc_du_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+        acc_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+        for l0 in range(l_lo, l_hi, BLOCK_L):
+            mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
+            tile_offs = l0 + tile
+            xc = tl.where(mask, tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre, 0.0)
+            du = tl.load(dy_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
+            u = xc * gain_r + offset2
+            if ACTIVATION == "silu":
+                sig = 1.0 / (1.0 + tl.exp(-u))
+                du *= sig * (1.0 + u * (1.0 - sig))
+            elif ACTIVATION == "gelu":
+                du *= 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+            elif ACTIVATION == "mish":
+                # mish'(u) = t + u sigmoid(u) (1 - t^2), t = n / (n + 2), n = e^u (e^u + 2); with
+                # sigmoid(u) = e / (1 + e) and n + 1 = (e + 1)^2 it is (n d + 4 u e (e + 1)) / d^2,
+                # d = n + 2. u is clamped at 20 where the second term no longer counts in fp32.
+                uc = tl.minimum(u, 20.0)
+                e = tl.exp(uc)
+                n = e * (e + 2.0)
+                d = n + 2.0
+                du *= (n * d + 4.0 * uc * e * (e + 1.0)) / (d * d)
+            acc_du += du
+            acc_du_xc += du * xc
+            if HAS_ADD:
+                acc_xc += xc
+        s_du = tl.sum(acc_du, axis=1)
+        s_du_xhat = tl.sum(acc_du_xc, axis=1) * rstd
+        out = CPART + (pid_bg * Cg + c0) * split_l + pid_s % split_l + cpart_lanes
+        tl.store(out, s_du, mask=cmask)
+        tl.store(out + cpart_stride, s_du_xhat, mask=cmask)
+        if HAS_ADD:
+            tl.store(out + 2 * cpart_stride, tl.sum(acc_xc, axis=1) * rstd, mask=cmask)
+        g_du += tl.sum(gain * s_du)
+        g_du_xhat += tl.sum(gain * s_du_xhat)
+    out = GPART + pid_bg * n_split + pid_s
+    tl.store(out, g_du)
+    tl.store(out + n_bg * n_split, g_du_xhat)
+
+
+@triton.jit(do_not_specialize=_SPLIT_ARGS)
+def _group_norm_act_bwd_dx_kernel(
+    X,        # (B, C, L) contiguous input
+    ADD,      # (B, C) addend, read when HAS_ADD
+    DY,       # (B, C, L) contiguous gradient of y
+    W,        # (C,) weight, read when HAS_WEIGHT
+    BIAS,     # (C,) bias, read when HAS_BIAS
+    SCALE,    # (B, C) scale, read when HAS_SCALE
+    SHIFT,    # (B, C) shift, read when HAS_SHIFT
+    MEAN,     # (B*G,) fp32 group mean
+    RSTD,     # (B*G,) fp32 group 1 / sqrt(var + eps)
+    GPART,    # (2, B*G, n_split) fp32 per-program group sums from the reduce kernel
+    CPART,    # (2 or 3, B*C, split_l) fp32 per-channel partial sums from the reduce kernel
+    DX,       # (B, C, L) contiguous out: gradient of x, x's dtype
+    DADD,     # (B, C) fp32 out when HAS_ADD: gradient of add
+    DSCALE,   # (B, C) fp32 out when HAS_SCALE: gradient of scale
+    DSHIFT,   # (B, C) fp32 out when HAS_SHIFT: gradient of shift
+    DWEIGHT,  # (B, C) fp32 out when HAS_WEIGHT: per-sample gradient of weight
+    DBIAS,    # (B, C) fp32 out when HAS_BIAS: per-sample gradient of bias
+    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
+    HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_SPLIT_L: tl.constexpr,
+):
+    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    ch_base = (pid_bg % G) * Cg
+    mean = tl.load(MEAN + pid_bg)
+    rstd = tl.load(RSTD + pid_bg)
+    n_elem = (Cg * L).to(tl.float32)
+
+    # c1 = mean over the group of gain*du, c2 = mean of gain*du*xhat
+    offs = tl.arange(0, BLOCK_SPLIT)
+    smask = offs < n_split
+    gpart = GPART + pid_bg * n_split + offs
+    c1 = tl.sum(tl.load(gpart, mask=smask, other=0.0)) / n_elem
+    c2 = tl.sum(tl.load(gpart + n_bg * n_split, mask=smask, other=0.0)) / n_elem
+    # dx = rstd (gain du - c1 - xhat c2) = du gain_r - xc q - r
+    q = rstd * rstd * c2
+    r = rstd * c1
+
+    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
+    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
+    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
+    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lanes = tl.arange(0, BLOCK_C)
+    l_lanes = tl.arange(0, BLOCK_L)
+    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    owner = pid_s % split_l == 0
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cmask = c_lanes < (c_hi - c0)
+        ch = ch_base + c0
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        bia = tl.full([BLOCK_C], 0.0, tl.float32)
+        s1p = tl.full([BLOCK_C], 1.0, tl.float32)
+        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+        if HAS_WEIGHT:
+            w = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bia = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s1p += tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        gain = w * s1p
+        offset = bia * s1p
+        if HAS_SHIFT:
+            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        if owner:
+            # this program owns channels c0 + c_lanes: merge their spatial partial sums, store small grads
+            j_lanes = tl.arange(0, BLOCK_SPLIT_L)
+            pmask = cmask[:, None] & (j_lanes < split_l)[None, :]
+            part = CPART + (pid_bg * Cg + c0) * split_l + ((c_lanes * split_l)[:, None] + j_lanes[None, :])
+            cpart_stride = n_bg * Cg * split_l
+            s_du = tl.sum(tl.load(part, mask=pmask, other=0.0), axis=1)
+            s_du_xhat = tl.sum(tl.load(part + cpart_stride, mask=pmask, other=0.0), axis=1)
+            out = pid_bg * Cg + c0 + c_lanes
+            if HAS_ADD:
+                s_xhat = tl.sum(tl.load(part + 2 * cpart_stride, mask=pmask, other=0.0), axis=1)
+                tl.store(DADD + out, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
+            if HAS_SCALE:
+                tl.store(DSCALE + out, w * s_du_xhat + bia * s_du, mask=cmask)
+            if HAS_SHIFT:
+                tl.store(DSHIFT + out, s_du, mask=cmask)
+            if HAS_WEIGHT:
+                tl.store(DWEIGHT + out, s1p * s_du_xhat, mask=cmask)
+            if HAS_BIAS:
+                tl.store(DBIAS + out, s1p * s_du, mask=cmask)
+        gain_r = (gain * rstd)[:, None]
+        offset = offset[:, None]
+        centre = centre[:, None]
+        cmask2 = cmask[:, None]
+        x_row = X + (pid_bg * Cg + c0) * L
+        dy_row = DY + (pid_bg * Cg + c0) * L
+        dx_row = DX + (pid_bg * Cg + c0) * L
+        for l0 in range(l_lo, l_hi, BLOCK_L):
+            mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
+            tile_offs = l0 + tile
+            xc = tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre
+            du = tl.load(dy_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
+            u = xc * gain_r + offset
+            if ACTIVATION == "silu":
+                sig = 1.0 / (1.0 + tl.exp(-u))
+                du *= sig * (1.0 + u * (1.0 - sig))
+            elif ACTIVATION == "gelu":
+                du *= 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+            elif ACTIVATION == "mish":
+                uc = tl.minimum(u, 20.0)
+                e = tl.exp(uc)
+                n = e * (e + 2.0)
+                d = n + 2.0
+                du *= (n * d + 4.0 * uc * e * (e + 1.0)) / (d * d)
+            tl.store(dx_row + tile_offs, (du * gain_r - xc * q - r).to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _group_norm_act_config(Cg: int, L: int) -> dict:
+    """Tile shape and warps for a group of ``Cg`` channels by ``L`` positions.
+
+    Tiles hold ``_TILE`` elements; the width along L is one of four, the one that wastes the fewest
+    masked lanes on this group (ties to the wider one), so only four configs exist.
+    """
+
+    def used_fraction(block_l: int) -> float:
+        block_c = _TILE // block_l
+        return round((Cg / (_cdiv(Cg, block_c) * block_c)) * (L / (_cdiv(L, block_l) * block_l)), 2)
+
+    block_l = max(_BLOCK_L_CHOICES, key=lambda bl: (used_fraction(bl), bl))
+    return {"BLOCK_C": _TILE // block_l, "BLOCK_L": block_l, "num_warps": _NUM_WARPS}
+
+
+def _group_norm_act_configs() -> list[dict]:
+    """Every config ``_group_norm_act_config`` can return (for the GPU compile test)."""
+    return [{"BLOCK_C": _TILE // bl, "BLOCK_L": bl, "num_warps": _NUM_WARPS} for bl in _BLOCK_L_CHOICES]
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _CPU_PROGRAMS
+
+
+def _group_norm_act_split(n_bg: int, Cg: int, L: int, block_c: int, block_l: int, device: torch.device) -> dict:
+    """How many programs share one group (enough to fill the device when ``n_bg = B * G`` is small):
+    channel-block ranges times spatial ranges, none of them empty."""
+    n_cb, n_lt = _cdiv(Cg, block_c), _cdiv(L, block_l)
+    want = max(1, min(_MAX_SPLIT, n_cb * n_lt, _cdiv(_target_programs(device), n_bg)))
+    split_l = min(n_lt, want, _MAX_SPLIT_L)
+    split_c = min(n_cb, _cdiv(want, split_l), _MAX_SPLIT // split_l)
+    lt_per_prog = _cdiv(n_lt, split_l)
+    cb_per_prog = _cdiv(n_cb, split_c)
+    split_l = _cdiv(n_lt, lt_per_prog)
+    split_c = _cdiv(n_cb, cb_per_prog)
+    return {"cb_per_prog": cb_per_prog, "lt_per_prog": lt_per_prog, "split_l": split_l,
+            "n_split": split_c * split_l}
+
+
+def _contiguous_or_dummy(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """``t`` made contiguous (a no-op unless it is a strided view, e.g. ``emb.chunk(2, 1)``), or a
+    placeholder pointer for an absent input whose HAS_* flag is off."""
+    return t.contiguous() if t is not None else dummy
+
+
+def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, activation, y=None):
+    """Triton forward. Returns ``(y, mean, rstd)``; ``y`` may be given as a preallocated contiguous
+    buffer of ``x``'s shape and dtype (every element is overwritten)."""
+    B, C = x.shape[:2]
+    L = x.numel() // (B * C)
+    G = num_groups
+    Cg = C // G
+    dev = x.device
+    xc = x.contiguous()
+    if y is None:
+        y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    mean = torch.empty((B, G), dtype=torch.float32, device=dev)
+    rstd = torch.empty((B, G), dtype=torch.float32, device=dev)
+    cfg = _group_norm_act_config(Cg, L)
+    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], dev)
+    part = torch.empty((3, B * G, split["n_split"]), dtype=torch.float32, device=dev)
+    grid = (B * G, split["n_split"])
+    dims = (B * G, G, Cg, L, split["cb_per_prog"], split["lt_per_prog"], split["split_l"], split["n_split"])
+    add_c = _contiguous_or_dummy(add, xc)
+    _group_norm_act_stats_kernel[grid](
+        xc, add_c, part, *dims,
+        HAS_ADD=add is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
+    record_launch("group_norm_act_stats")
+    _group_norm_act_fwd_kernel[grid](
+        xc, add_c, *(_contiguous_or_dummy(t, xc) for t in (weight, bias, scale, shift)), y, part, mean, rstd,
+        *dims, eps,
+        HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], BLOCK_SPLIT=_MAX_SPLIT, num_warps=cfg["num_warps"])
+    record_launch("group_norm_act_fwd")
+    return y, mean, rstd
+
+
+def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, dx=None):
+    """Triton backward. Returns ``(dx, dweight, dbias, dadd, dscale, dshift)``, ``None`` for absent
+    inputs; ``dx`` may be given as a preallocated contiguous buffer."""
+    B, C = x.shape[:2]
+    L = x.numel() // (B * C)
+    G = num_groups
+    Cg = C // G
+    dev = x.device
+    xc = x.contiguous()
+    if dx is None:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    cfg = _group_norm_act_config(Cg, L)
+    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], dev)
+    gpart = torch.empty((2, B * G, split["n_split"]), dtype=torch.float32, device=dev)
+    cpart = torch.empty((3 if add is not None else 2, B * C, split["split_l"]), dtype=torch.float32, device=dev)
+
+    def small_grad(t):
+        return torch.empty((B, C), dtype=torch.float32, device=dev) if t is not None else gpart
+
+    grid = (B * G, split["n_split"])
+    dims = (B * G, G, Cg, L, split["cb_per_prog"], split["lt_per_prog"], split["split_l"], split["n_split"])
+    ins = (_contiguous_or_dummy(add, xc), dy.contiguous(),
+           *(_contiguous_or_dummy(t, xc) for t in (weight, bias, scale, shift)), mean, rstd, gpart, cpart)
+    flags = dict(HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
+                 BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
+    _group_norm_act_bwd_reduce_kernel[grid](xc, *ins, *dims, **flags)
+    record_launch("group_norm_act_bwd_reduce")
+    dadd, dscale, dshift, dweight_rows, dbias_rows = (small_grad(t) for t in (add, scale, shift, weight, bias))
+    _group_norm_act_bwd_dx_kernel[grid](xc, *ins, dx, dadd, dscale, dshift, dweight_rows, dbias_rows, *dims,
+                                        **flags, BLOCK_SPLIT=_MAX_SPLIT, BLOCK_SPLIT_L=_MAX_SPLIT_L)
+    record_launch("group_norm_act_bwd_dx")
+    return (
+        dx,
+        dweight_rows.sum(0).to(weight.dtype) if weight is not None else None,
+        dbias_rows.sum(0).to(bias.dtype) if bias is not None else None,
+        dadd.to(add.dtype) if add is not None else None,
+        dscale.to(scale.dtype) if scale is not None else None,
+        dshift.to(shift.dtype) if shift is not None else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch reference, and the torch forward/backward used where Triton does not run
+# ----------------------------------------------------------------------------------------------
+
+_TORCH_ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "mish": F.mish}
 
 
 def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu",
                              add=None, scale=None, shift=None):
-    """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in plain torch."""
-    extra = (1,) * (x.dim() - 2)
-    if add is not None:
-        x = x + add.view(*add.shape, *extra)
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    """``act(GroupNorm(x + add) * (1 + scale) + shift)`` spelled with ``F.group_norm``; differentiable
+    by autograd, computed in the inputs' (promoted) dtype. The oracle of the tests."""
+    if activation not in _TORCH_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATION_NAMES}; got {activation!r}")
+
+    def per_channel(t):
+        return t.reshape(*t.shape, *([1] * (x.dim() - 2)))
+
+    h = x + per_channel(add) if add is not None else x
+    z = F.group_norm(h, num_groups, weight, bias, eps)
     if scale is not None:
-        y = y * (1 + scale.view(*scale.shape, *extra))
+        z = z * (1 + per_channel(scale))
     if shift is not None:
-        y = y + shift.view(*shift.shape, *extra)
-    return _ACTIVATIONS[activation](y)
+        z = z + per_channel(shift)
+    return _TORCH_ACTIVATIONS[activation](z)
+
+
+def _act_grad_torch(u: torch.Tensor, activation: str | None) -> torch.Tensor | None:
+    """d act / du in torch (``None`` for the identity)."""
+    if activation == "silu":
+        sig = torch.sigmoid(u)
+        return sig * (1 + u * (1 - sig))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(u * 0.7071067811865476)) + u * torch.exp(-0.5 * u * u) * 0.3989422804014327
+    if activation == "mish":
+        t = torch.tanh(F.softplus(u))
+        return t + u * torch.sigmoid(u) * (1 - t * t)
+    return None
+
+
+def _channel_coefs_torch(weight, bias, scale, shift, B, C, device):
+    """fp32 ``(w, bias, 1 + scale, gain, offset)``, each broadcastable to ``(B, C)``."""
+    w = weight.float() if weight is not None else torch.ones(C, device=device)
+    bia = bias.float() if bias is not None else torch.zeros(C, device=device)
+    s1p = 1 + scale.float() if scale is not None else torch.ones(B, C, device=device)
+    offset = bia * s1p + (shift.float() if shift is not None else 0)
+    return w, bia, s1p, w * s1p, offset
+
+
+def _centred_torch(x, add, mean, num_groups):
+    """fp32 ``x + add - mean`` as ``(B, G, Cg * L)``."""
+    B, C = x.shape[:2]
+    h = x.reshape(B, C, -1).float()
+    if add is not None:
+        h = h + add.float()[:, :, None]
+    return h.reshape(B, num_groups, -1) - mean[:, :, None]
+
+
+def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, activation):
+    """Torch forward with the kernels' outputs: ``(y, mean, rstd)``, statistics in fp32."""
+    B, C = x.shape[:2]
+    h = x.reshape(B, C, -1).float()
+    if add is not None:
+        h = h + add.float()[:, :, None]
+    var, mean = torch.var_mean(h.reshape(B, num_groups, -1), dim=-1, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
+    xhat = ((h.reshape(B, num_groups, -1) - mean[:, :, None]) * rstd[:, :, None]).reshape(B, C, -1)
+    u = xhat * gain[..., None] + offset[..., None]
+    y = _TORCH_ACTIVATIONS[activation](u)
+    return y.to(x.dtype).reshape(x.shape), mean, rstd
+
+
+def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+    """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``."""
+    B, C = x.shape[:2]
+    G = num_groups
+    w, bia, s1p, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
+    gain = gain.expand(B, C)
+    xhat = (_centred_torch(x, add, mean, G) * rstd[:, :, None]).reshape(B, C, -1)
+    du = dy.reshape(B, C, -1).float()
+    act_grad = _act_grad_torch(xhat * gain[..., None] + offset[..., None], activation)
+    if act_grad is not None:
+        du = du * act_grad
+    s_du = du.sum(-1)
+    s_du_xhat = (du * xhat).sum(-1)
+    n = xhat.shape[-1] * (C // G)
+    c1 = (gain * s_du).reshape(B, G, -1).sum(-1) / n
+    c2 = (gain * s_du_xhat).reshape(B, G, -1).sum(-1) / n
+    dh = gain[..., None] * du - (c1[:, :, None] + xhat.reshape(B, G, -1) * c2[:, :, None]).reshape(B, C, -1)
+    dh = dh * rstd.repeat_interleave(C // G, dim=1)[..., None]
+    return (
+        dh.to(x.dtype).reshape(x.shape),
+        (s1p * s_du_xhat).sum(0).to(weight.dtype) if weight is not None else None,
+        (s1p * s_du).sum(0).to(bias.dtype) if bias is not None else None,
+        dh.sum(-1).to(add.dtype) if add is not None else None,
+        (w * s_du_xhat + bia * s_du).to(scale.dtype) if scale is not None else None,
+        s_du.to(shift.dtype) if shift is not None else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops, autograd, public function
+# ----------------------------------------------------------------------------------------------
+
+_NO_ACTIVATION = "none"  # how activation=None travels through the op schema
+
+
+def _activation_of(name: str) -> str | None:
+    return None if name == _NO_ACTIVATION else name
+
+
+@torch.library.custom_op(
+    "fastunet::group_norm_act_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
+           "int num_groups, float eps, str activation) -> (Tensor, Tensor, Tensor)")
+def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, activation):
+    """``(y, mean, rstd)``: y like x (contiguous), mean/rstd ``(B, G)`` fp32."""
+    act = _activation_of(activation)
+    if x.numel() > 0 and use_triton(x, weight, bias, add, scale, shift):
+        return _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act)
+    return _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, act)
+
+
+@_group_norm_act_fwd_op.register_fake
+def _(x, weight, bias, add, scale, shift, num_groups, eps, activation):
+    stats = (x.shape[0], num_groups)
+    return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op(
+    "fastunet::group_norm_act_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
+           "Tensor mean, Tensor rstd, int num_groups, str activation) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+    """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor."""
+    act = _activation_of(activation)
+    if x.numel() > 0 and use_triton(x, dy, weight, bias, add, scale, shift):
+        grads = _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
+    else:
+        grads = _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_group_norm_act_bwd_op.register_fake
+def _(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+    return (x.new_empty(x.shape),) + tuple(
+        t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (weight, bias, add, scale, shift))
+
+
+def _group_norm_act_setup_context(ctx, inputs, output):
+    x, weight, bias, add, scale, shift, num_groups, _, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.activation = activation
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _group_norm_act_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
+    grads = torch.ops.fastunet.group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd,
+                                                  ctx.num_groups, ctx.activation)
+    present = (x, weight, bias, add, scale, shift)
+    grads = [g if t is not None else None for g, t in zip(grads, present)]
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("fastunet::group_norm_act_fwd", _group_norm_act_backward,
+                                setup_context=_group_norm_act_setup_context)
+
+
+def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"x must be (B, C, *spatial) with 1 to 3 spatial dims (3 to 5 dims); "
+                         f"got {x.dim()} dims, shape {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__}")
+    if num_groups <= 0 or C % num_groups != 0:
+        raise ValueError(f"num_groups must be positive and divide the {C} channels of x; got {num_groups}")
+    if any(s == 0 for s in x.shape[2:]):
+        raise ValueError(f"x must have non-empty spatial dims; got shape {tuple(x.shape)}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number; got {eps!r}")
+    if activation not in _ACTIVATION_NAMES:
+        raise ValueError(f"activation must be one of {_ACTIVATION_NAMES}; got {activation!r}")
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("add", add, (B, C)),
+                           ("scale", scale, (B, C)), ("shift", shift, (B, C))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None; got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} must be {x.dtype} (x's dtype) or torch.float32; got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
 
 
 def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu",
                    add=None, scale=None, shift=None):
-    """``act(GroupNorm(x + add) * (1 + scale) + shift)``; x is ``(B, C, *spatial)``."""
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, activation, add, scale, shift)
+    """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in one pass over memory (two for statistics).
+
+    Args:
+        x: ``(B, C, *spatial)``, 1 to 3 spatial dims, float32/float16/bfloat16.
+        num_groups: ``G``, dividing ``C``.
+        weight, bias: optional ``(C,)`` affine parameters of the GroupNorm.
+        eps: added to the variance.
+        activation: ``"silu"``, ``"gelu"`` (exact erf form), ``"mish"`` or ``None``.
+        add: optional ``(B, C)`` added to ``x`` before normalisation (time embedding).
+        scale, shift: optional ``(B, C)`` modulation ``* (1 + scale) + shift`` after the affine.
+
+    The optional tensors are in ``x``'s dtype or float32. Returns a contiguous tensor shaped and
+    typed like ``x``. Differentiable in every tensor argument; deterministic.
+    """
+    _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift)
+    y, _, _ = torch.ops.fastunet.group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, float(eps),
+                                                    activation if activation is not None else _NO_ACTIVATION)
+    return y
