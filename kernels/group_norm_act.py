@@ -446,8 +446,9 @@ def _cdiv(a: int, b: int) -> int:
 def _group_norm_act_config(Cg: int, L: int) -> dict:
     """Tile shape and warps for a group of ``Cg`` channels by ``L`` positions.
 
-    Tiles hold ``_TILE`` elements; the width along L is one of four, the one that wastes the fewest
-    masked lanes on this group (ties to the wider one), so only four configs exist.
+    Tiles hold ``_TILE`` elements (eight per thread); the width along L is one of
+    ``_BLOCK_L_CHOICES``, the one that wastes the fewest masked lanes on this group (ties to the wider
+    one), so there are only three configs and sizes a few elements apart share them.
     """
 
     def used_fraction(block_l: int) -> float:
@@ -470,11 +471,11 @@ def _target_programs(device: torch.device) -> int:
     return _CPU_PROGRAMS
 
 
-def _group_norm_act_split(n_bg: int, Cg: int, L: int, block_c: int, block_l: int, device: torch.device) -> dict:
-    """How many programs share one group (enough to fill the device when ``n_bg = B * G`` is small):
-    channel-block ranges times spatial ranges, none of them empty."""
+def _group_norm_act_split(n_bg: int, Cg: int, L: int, block_c: int, block_l: int, target_programs: int) -> dict:
+    """How many programs share one group, so that ``n_bg = B * G`` groups make about
+    ``target_programs`` programs: channel-block ranges times spatial ranges, none of them empty."""
     n_cb, n_lt = _cdiv(Cg, block_c), _cdiv(L, block_l)
-    want = max(1, min(_MAX_SPLIT, n_cb * n_lt, _cdiv(_target_programs(device), n_bg)))
+    want = max(1, min(_MAX_SPLIT, n_cb * n_lt, _cdiv(target_programs, n_bg)))
     split_l = min(n_lt, want, _MAX_SPLIT_L)
     split_c = min(n_cb, _cdiv(want, split_l), _MAX_SPLIT // split_l)
     lt_per_prog = _cdiv(n_lt, split_l)
@@ -505,7 +506,7 @@ def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act
     mean = torch.empty((B, G), dtype=torch.float32, device=dev)
     rstd = torch.empty((B, G), dtype=torch.float32, device=dev)
     cfg = _group_norm_act_config(Cg, L)
-    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], dev)
+    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev))
     part = torch.empty((3, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     grid = (B * G, split["n_split"])
     dims = (B * G, G, Cg, L, split["cb_per_prog"], split["lt_per_prog"], split["split_l"], split["n_split"])
@@ -536,7 +537,7 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
     if dx is None:
         dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
     cfg = _group_norm_act_config(Cg, L)
-    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], dev)
+    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev))
     gpart = torch.empty((2, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     cpart = torch.empty((3 if add is not None else 2, B * C, split["split_l"]), dtype=torch.float32, device=dev)
 
@@ -626,15 +627,12 @@ def _centred_torch(x, add, mean, num_groups):
 def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, activation):
     """Torch forward with the kernels' outputs: ``(y, mean, rstd)``, statistics in fp32."""
     B, C = x.shape[:2]
-    h = x.reshape(B, C, -1).float()
-    if add is not None:
-        h = h + add.float()[:, :, None]
-    var, mean = torch.var_mean(h.reshape(B, num_groups, -1), dim=-1, correction=0)
+    h = _centred_torch(x, add, torch.zeros(B, num_groups, device=x.device), num_groups)
+    var, mean = torch.var_mean(h, dim=-1, correction=0)
     rstd = torch.rsqrt(var + eps)
     _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
-    xhat = ((h.reshape(B, num_groups, -1) - mean[:, :, None]) * rstd[:, :, None]).reshape(B, C, -1)
-    u = xhat * gain[..., None] + offset[..., None]
-    y = _TORCH_ACTIVATIONS[activation](u)
+    xhat = ((h - mean[:, :, None]) * rstd[:, :, None]).reshape(B, C, -1)
+    y = _TORCH_ACTIVATIONS[activation](xhat * gain[..., None] + offset[..., None])
     return y.to(x.dtype).reshape(x.shape), mean, rstd
 
 
@@ -654,8 +652,9 @@ def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd
     n = xhat.shape[-1] * (C // G)
     c1 = (gain * s_du).reshape(B, G, -1).sum(-1) / n
     c2 = (gain * s_du_xhat).reshape(B, G, -1).sum(-1) / n
-    dh = gain[..., None] * du - (c1[:, :, None] + xhat.reshape(B, G, -1) * c2[:, :, None]).reshape(B, C, -1)
-    dh = dh * rstd.repeat_interleave(C // G, dim=1)[..., None]
+    # dh = rstd (gain du - c1 - xhat c2), c1 and c2 per group
+    dh = (gain[..., None] * du).reshape(B, G, -1) - c1[:, :, None] - xhat.reshape(B, G, -1) * c2[:, :, None]
+    dh = (dh * rstd[:, :, None]).reshape(B, C, -1)
     return (
         dh.to(x.dtype).reshape(x.shape),
         (s1p * s_du_xhat).sum(0).to(weight.dtype) if weight is not None else None,
@@ -684,7 +683,10 @@ def _activation_of(name: str) -> str | None:
 def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, activation):
     """``(y, mean, rstd)``: y like x (contiguous), mean/rstd ``(B, G)`` fp32."""
     act = _activation_of(activation)
-    if x.numel() > 0 and use_triton(x, weight, bias, add, scale, shift):
+    if x.numel() == 0:  # an empty batch
+        stats = x.new_empty((0, num_groups), dtype=torch.float32)
+        return x.new_empty(x.shape), stats, stats.clone()
+    if use_triton(x, weight, bias, add, scale, shift):
         return _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act)
     return _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, act)
 
@@ -704,7 +706,10 @@ def _(x, weight, bias, add, scale, shift, num_groups, eps, activation):
 def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
     """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor."""
     act = _activation_of(activation)
-    if x.numel() > 0 and use_triton(x, dy, weight, bias, add, scale, shift):
+    if x.numel() == 0:  # an empty batch
+        grads = (x.new_empty(x.shape), *(t.new_zeros(t.shape) if t is not None else None
+                                         for t in (weight, bias, add, scale, shift)))
+    elif use_triton(x, dy, weight, bias, add, scale, shift):
         grads = _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
     else:
         grads = _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
@@ -752,8 +757,8 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shif
         raise TypeError(f"num_groups must be an int; got {type(num_groups).__name__}")
     if num_groups <= 0 or C % num_groups != 0:
         raise ValueError(f"num_groups must be positive and divide the {C} channels of x; got {num_groups}")
-    if any(s == 0 for s in x.shape[2:]):
-        raise ValueError(f"x must have non-empty spatial dims; got shape {tuple(x.shape)}")
+    if C == 0 or any(s == 0 for s in x.shape[2:]):
+        raise ValueError(f"x must have channels and non-empty spatial dims; got shape {tuple(x.shape)}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative number; got {eps!r}")
     if activation not in _ACTIVATION_NAMES:
