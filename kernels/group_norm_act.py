@@ -593,21 +593,30 @@ def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, ac
     return _TORCH_ACTIVATIONS[activation](z)
 
 
-def _act_grad_torch(u: torch.Tensor, activation: str | None) -> torch.Tensor | None:
-    """d act / du in torch (``None`` for the identity)."""
+# On the CPU the torch path is bound by memory traffic and by first-touch page faults on fresh
+# buffers, so it runs on aten's fused kernels and works in place on buffers it owns.
+
+_TORCH_ACTIVATIONS_INPLACE = {
+    None: lambda u: u,
+    "silu": lambda u: F.silu(u, inplace=True),
+    "gelu": torch.ops.aten.gelu_,
+    "mish": lambda u: F.mish(u, inplace=True),
+}
+
+
+def _activation_grad_torch(dy, u, activation):
+    """dL/du from dL/dy and u, one fused aten kernel, written over ``u`` where aten allows."""
     if activation == "silu":
-        sig = torch.sigmoid(u)
-        return sig * (1 + u * (1 - sig))
+        return torch.ops.aten.silu_backward.grad_input(dy, u, grad_input=u)
     if activation == "gelu":
-        return 0.5 * (1 + torch.erf(u * 0.7071067811865476)) + u * torch.exp(-0.5 * u * u) * 0.3989422804014327
+        return torch.ops.aten.gelu_backward.grad_input(dy, u, approximate="none", grad_input=u)
     if activation == "mish":
-        t = torch.tanh(F.softplus(u))
-        return t + u * torch.sigmoid(u) * (1 - t * t)
-    return None
+        return torch.ops.aten.mish_backward(dy, u)
+    return dy.clone()
 
 
 def _channel_coefs_torch(weight, bias, scale, shift, B, C, device):
-    """fp32 ``(w, bias, 1 + scale, gain, offset)``, each broadcastable to ``(B, C)``."""
+    """fp32 ``(w, bias, 1 + scale, gain, offset)``; the last three ``(B, C)``, the first two ``(C,)``."""
     w = weight.float() if weight is not None else torch.ones(C, device=device)
     bia = bias.float() if bias is not None else torch.zeros(C, device=device)
     s1p = 1 + scale.float() if scale is not None else torch.ones(B, C, device=device)
@@ -615,46 +624,56 @@ def _channel_coefs_torch(weight, bias, scale, shift, B, C, device):
     return w, bia, s1p, w * s1p, offset
 
 
-def _centred_torch(x, add, mean, num_groups):
-    """fp32 ``x + add - mean`` as ``(B, G, Cg * L)``."""
+def _input_torch(x, add):
+    """fp32 ``x + add`` as ``(B, C, L)`` (x itself when it is already fp32 and there is no add)."""
     B, C = x.shape[:2]
-    h = x.reshape(B, C, -1).float()
-    if add is not None:
-        h = h + add.float()[:, :, None]
-    return h.reshape(B, num_groups, -1) - mean[:, :, None]
+    h = x.reshape(B, C, x.numel() // (B * C)).float()
+    return h + add.float()[:, :, None] if add is not None else h
 
 
 def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, activation):
-    """Torch forward with the kernels' outputs: ``(y, mean, rstd)``, statistics in fp32."""
+    """Torch forward with the kernels' outputs ``(y, mean, rstd)``, in fp32 on aten's fused GroupNorm."""
     B, C = x.shape[:2]
-    h = _centred_torch(x, add, torch.zeros(B, num_groups, device=x.device), num_groups)
-    var, mean = torch.var_mean(h, dim=-1, correction=0)
-    rstd = torch.rsqrt(var + eps)
-    _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
-    xhat = ((h - mean[:, :, None]) * rstd[:, :, None]).reshape(B, C, -1)
-    y = _TORCH_ACTIVATIONS[activation](xhat * gain[..., None] + offset[..., None])
+    h = _input_torch(x, add)
+    if scale is None and shift is None:
+        u, mean, rstd = torch.ops.aten.native_group_norm(
+            h, weight.float() if weight is not None else None, bias.float() if bias is not None else None,
+            B, C, h.shape[-1], num_groups, eps)
+    else:
+        u, mean, rstd = torch.ops.aten.native_group_norm(h, None, None, B, C, h.shape[-1], num_groups, eps)
+        _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
+        torch.addcmul(offset[..., None], u, gain[..., None], out=u)
+    y = _TORCH_ACTIVATIONS_INPLACE[activation](u)
     return y.to(x.dtype).reshape(x.shape), mean, rstd
 
 
 def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
-    """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``."""
+    """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``,
+    the same algebra as the kernels: dx = rstd (gain du - c1 - xhat c2)."""
     B, C = x.shape[:2]
-    G = num_groups
+    Cg = C // num_groups
     w, bia, s1p, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
-    gain = gain.expand(B, C)
-    xhat = (_centred_torch(x, add, mean, G) * rstd[:, :, None]).reshape(B, C, -1)
-    du = dy.reshape(B, C, -1).float()
-    act_grad = _act_grad_torch(xhat * gain[..., None] + offset[..., None], activation)
-    if act_grad is not None:
-        du = du * act_grad
+    rstd_c = rstd.repeat_interleave(Cg, dim=1)
+    mean_c = mean.repeat_interleave(Cg, dim=1)
+    h = _input_torch(x, add)
+    if h.data_ptr() != x.data_ptr():  # a buffer of our own: centre it in place
+        h.sub_(mean_c[..., None])
+        centre = torch.zeros_like(mean_c)
+    else:  # x itself: fold the centring into the per-channel coefficients, one buffer fewer
+        centre = mean_c
+    gain_r = gain * rstd_c
+    du = _activation_grad_torch(dy.reshape(h.shape).float(),
+                                torch.addcmul((offset - centre * gain_r)[..., None], h, gain_r[..., None]),
+                                activation)
     s_du = du.sum(-1)
-    s_du_xhat = (du * xhat).sum(-1)
-    n = xhat.shape[-1] * (C // G)
-    c1 = (gain * s_du).reshape(B, G, -1).sum(-1) / n
-    c2 = (gain * s_du_xhat).reshape(B, G, -1).sum(-1) / n
-    # dh = rstd (gain du - c1 - xhat c2), c1 and c2 per group
-    dh = (gain[..., None] * du).reshape(B, G, -1) - c1[:, :, None] - xhat.reshape(B, G, -1) * c2[:, :, None]
-    dh = (dh * rstd[:, :, None]).reshape(B, C, -1)
+    s_du_xhat = (torch.einsum("bcl,bcl->bc", du, h) - centre * s_du) * rstd_c
+    n = Cg * h.shape[-1]
+    c1 = (gain * s_du).reshape(B, num_groups, Cg).sum(-1) / n
+    c2 = (gain * s_du_xhat).reshape(B, num_groups, Cg).sum(-1) / n
+    # dx = du gain_r - rstd c1 - (h - centre) rstd^2 c2, in du's buffer
+    q = (rstd * rstd * c2).repeat_interleave(Cg, dim=1)
+    dh = du.mul_(gain_r[..., None]).sub_((rstd_c * c1.repeat_interleave(Cg, dim=1) - centre * q)[..., None])
+    dh.addcmul_(h, q[..., None], value=-1)
     return (
         dh.to(x.dtype).reshape(x.shape),
         (s1p * s_du_xhat).sum(0).to(weight.dtype) if weight is not None else None,

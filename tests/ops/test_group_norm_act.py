@@ -238,6 +238,20 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(p.grad, g)
 
 
+def test_torch_compile_inductor():
+    """The default torch.compile backend (inductor, C++ on the CPU) around the opaque custom ops."""
+    torch._dynamo.reset()
+    module = _ResnetNorm()
+    x, emb = torch.randn(2, 32, 6, 5, requires_grad=True), torch.randn(2, 16)
+    with use_backend("torch"):
+        eager = module(x, emb)
+        compiled = torch.compile(module, fullgraph=True)(x, emb)
+        (dx_eager,) = torch.autograd.grad(eager.square().sum(), x)
+        (dx_compiled,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(dx_compiled, dx_eager)
+
+
 def test_custom_op_registration():
     """Schema, fake tensors and autograd registration as torch.library checks them."""
     inputs, _ = make_inputs((2, 16, 5, 3), F32, add=True, scale=True, shift=True)

@@ -1,0 +1,120 @@
+"""GroupNorm + SiLU as Stable Diffusion's resnet blocks use it, forward and forward + backward.
+
+Variants:
+  plain       act(GroupNorm(x)) with the affine weight/bias (norm1/norm2 of a resnet block)
+  modulated   act(GroupNorm(x + add) * (1 + scale) + shift): the time embedding fused in
+
+Providers:
+  fastunet          fastunet.kernels.group_norm_act, backend "auto": the Triton kernels on CUDA, the
+                    torch path (hand-written backward) on CPU
+  fastunet-torch    the torch path (backend "torch")
+  fastunet-triton   the Triton kernels, forced (CUDA only; skipped on CPU)
+  torch             eager F.group_norm + F.silu (and the modulation ops)
+  torch.compile     torch.compile of the eager function (on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1)
+
+``gbps`` counts the least traffic the op needs: one read of x and one write of y forward; plus a
+read of x and dy and a write of dx backward (the (B, C) vectors are negligible). On a GPU it compares
+directly with the device's bandwidth. ``peak_mib`` (CUDA) is the peak memory allocated during a call
+beyond what was allocated before it. Run: ``.venv/bin/python -m pytest bench/bench_group_norm_act.py
+--benchmark-enable``; the table lands in ``bench/results/bench_group_norm_act.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastunet
+from fastunet.kernels import group_norm_act
+
+CUDA = torch.cuda.is_available()
+COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if CUDA else [torch.float32]
+PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "torch", "torch.compile"]
+GROUPS = 32
+
+
+def _eager(x, weight, bias, add, scale, shift):
+    """The unfused torch spelling of the op."""
+    if add is not None:
+        x = x + add[:, :, None, None]
+    y = F.group_norm(x, GROUPS, weight, bias, 1e-5)
+    if scale is not None:
+        y = y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(y)
+
+
+def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backward: bool, device):
+    """A zero-argument callable running ``provider`` once on fresh random inputs (forward, and
+    backward when ``backward``)."""
+    B, C = shape[:2]
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
+    weight = torch.randn(C, device=device, dtype=dtype, requires_grad=backward)
+    bias = torch.randn(C, device=device, dtype=dtype, requires_grad=backward)
+    vecs = [None, None, None]
+    if variant == "modulated":
+        vecs = [torch.randn(B, C, device=device, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    dy = torch.randn(shape, device=device, dtype=dtype)
+
+    if provider.startswith("fastunet"):
+        backend = {"fastunet": "auto", "fastunet-torch": "torch", "fastunet-triton": "triton"}[provider]
+
+        def fn(*args):
+            with fastunet.use_backend(backend):
+                return group_norm_act(args[0], GROUPS, *args[1:3], 1e-5, "silu", *args[3:])
+    else:
+        fn = torch.compile(_eager) if provider == "torch.compile" else _eager
+
+    leaves = [t for t in (x, weight, bias, *vecs) if t is not None]
+
+    def run():
+        y = fn(x, weight, bias, *vecs)
+        if backward:
+            for t in leaves:  # no gradient accumulation in the timing
+                t.grad = None
+            y.backward(dy)
+        return y
+
+    return run
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("variant", ["plain", "modulated"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_group_norm_act(benchmark, provider, shape, dtype, variant, backward, device):
+    if provider == "fastunet-triton" and not CUDA:
+        pytest.skip("the Triton kernels need a CUDA device outside the interpreter")
+    if provider == "torch.compile" and not COMPILE:
+        pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
+    torch.manual_seed(0)
+    run = setup(provider, shape, dtype, variant, backward, device)
+    run()  # warm-up: compilation, autotuning, allocator
+    _sync()
+    if CUDA:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        _sync()
+        benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    mode = "fwd+bwd" if backward else "fwd"
+    benchmark.group = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {variant} {mode}"
+
+    def timed():
+        run()
+        _sync()
+
+    benchmark.pedantic(timed, rounds=20 if CUDA else 5, warmup_rounds=2)
+    numel = torch.Size(shape).numel()
+    passes = 5 if backward else 2
+    benchmark.extra_info["gbps"] = passes * numel * dtype.itemsize / benchmark.stats.stats.median / 1e9
