@@ -75,14 +75,19 @@ def _attention_dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attention_masked_scores(s, mask_ptrs, valid, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr):
-    """Apply the user mask to log2-unit scores ``s``; ``-inf`` where masked or ``valid`` is False."""
+def _attention_tile_ptrs(base, rows, cols, stride_row, stride_col):
+    """Pointers ``(len(rows), len(cols))`` of a tile of one (batch, head) slice. The launchers hand
+    the kernels only tensors whose data pointer and strides are 16-byte aligned and whose innermost
+    stride is 1 (see ``_aligned``); saying so lets loads and stores vectorise even where Triton's
+    own specialisation cannot see it (a head stride of 40 elements, say)."""
+    return tl.multiple_of(base + rows[:, None] * stride_row + cols[None, :] * stride_col, [16, 16])
+
+
+@triton.jit
+def _attention_masked_scores(s, bias_ptrs, valid, HAS_MASK: tl.constexpr):
+    """Add the additive mask to log2-unit scores ``s``; ``-inf`` where ``valid`` is False."""
     if HAS_MASK:
-        bias = tl.load(mask_ptrs, mask=valid, other=0)
-        if BOOL_MASK:
-            s = tl.where(bias != 0, s, float("-inf"))
-        else:
-            s = s + bias.to(tl.float32) * LOG2E
+        s = s + tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32) * LOG2E
     return tl.where(valid, s, float("-inf"))
 
 
@@ -91,7 +96,7 @@ def _attention_fwd_kernel(
     Q,  # (B, H, N, D)
     K,  # (B, H, M, D)
     V,  # (B, H, M, DV)
-    Mask,  # broadcast view (B, H, N, M): uint8 (bool) or float; unused without HAS_MASK
+    Mask,  # additive bias, broadcast view (B, H, N, M), q's dtype or fp32; unused without HAS_MASK
     Out,  # (B, H, N, DV)
     Lse,  # (B*H, N) fp32, natural log
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -102,8 +107,8 @@ def _attention_fwd_kernel(
     num_heads, seqlen_q, seqlen_k,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -112,41 +117,40 @@ def _attention_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < seqlen_q
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_dv[None, :] * stride_vd
-    m_base = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_km, mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
                     other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, m_base + cols[None, :] * stride_mm, row_ok[:, None] & col_ok[None, :],
-                                     HAS_MASK, BOOL_MASK)
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm), row_ok[:, None] & col_ok[None, :],
+                                     HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vm, mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V),
+        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V),
                     other=0.0)
         acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V))
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
 
@@ -159,18 +163,18 @@ def _attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     num_heads, seqlen_q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM_V)
+    o = tl.load(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
                 mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+    do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
                  mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
@@ -198,8 +202,8 @@ def _attention_bwd_dkdv_kernel(
     sm_scale,  # softmax scale (natural units)
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys along dim 0) so that no register tile needs transposing.
     pid_n = tl.program_id(0)
@@ -209,41 +213,40 @@ def _attention_bwd_dkdv_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = cols < seqlen_k
     d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    dv_ok = offs_d < HEAD_DIM_V
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+    k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+    v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
                 mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :] * stride_qd
-    do_base = DOut + b * stride_dob + h * stride_doh + offs_dv[None, :] * stride_dod
-    m_base = Mask + b * stride_mb + h * stride_mh + cols[:, None] * stride_mm
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DOut + b * stride_dob + h * stride_doh
+    m_base = Mask + b * stride_mb + h * stride_mh
     stat_base = bh.to(tl.int64) * seqlen_q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, seqlen_q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
-        q = tl.load(q_base + rows[:, None] * stride_qn, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+        q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_qn, stride_qd), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_don, stride_dod), mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
         lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
         s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _attention_masked_scores(s_t, m_base + rows[None, :] * stride_mn, col_ok[:, None] & row_ok[None, :],
-                                       HAS_MASK, BOOL_MASK)
+        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mm, stride_mn), col_ok[:, None] & row_ok[None, :],
+                                       HAS_MASK)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
 
-    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkm + offs_d[None, :] * stride_dkd,
+    tl.store(_attention_tile_ptrs(DK + b * stride_dkb + h * stride_dkh, cols, offs_d, stride_dkm, stride_dkd),
              (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvm + offs_dv[None, :] * stride_dvd,
+    tl.store(_attention_tile_ptrs(DV + b * stride_dvb + h * stride_dvh, cols, offs_d, stride_dvm, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
@@ -267,8 +270,8 @@ def _attention_bwd_dq_kernel(
     sm_scale,  # softmax scale (natural units)
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -277,36 +280,35 @@ def _attention_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < seqlen_q
     d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    dv_ok = offs_d < HEAD_DIM_V
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+    do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + b * stride_vb + h * stride_vh + offs_dv[None, :] * stride_vd
-    m_base = Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_base = Mask + b * stride_mb + h * stride_mh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_km, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vm, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd), mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd), mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, m_base + cols[None, :] * stride_mm, row_ok[:, None] & col_ok[None, :],
-                                     HAS_MASK, BOOL_MASK)
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm), row_ok[:, None] & col_ok[None, :],
+                                     HAS_MASK)
         p = tl.exp2(s - lse[:, None])
         dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+    tl.store(_attention_tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, rows, offs_d, stride_dqn, stride_dqd),
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -327,19 +329,18 @@ def _attention_short_fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     seqs_per_program,  # (batch, head) sequences handled by one program
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < seqlen_q
     col_ok = cols < seqlen_k
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    v_mask = col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    v_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
     valid = row_ok[:, None] & col_ok[None, :]
     first = tl.program_id(0) * seqs_per_program
     last = tl.minimum(first + seqs_per_program, batch_heads)
@@ -347,16 +348,16 @@ def _attention_short_fwd_kernel(
         b = (bh // num_heads).to(tl.int64)
         h = (bh % num_heads).to(tl.int64)
         stat_base = (b * num_heads + h) * seqlen_q
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
                     mask=q_mask, other=0.0)
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+        k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
                     mask=k_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+        v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
                     mask=v_mask, other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         s = _attention_masked_scores(
-            s, Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn + cols[None, :] * stride_mm,
-            valid, HAS_MASK, BOOL_MASK)
+            s, _attention_tile_ptrs(Mask + b * stride_mb + h * stride_mh, rows, cols, stride_mn, stride_mm),
+            valid, HAS_MASK)
         # The whole row is in the tile: a plain (not online) softmax.
         m = tl.max(s, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -364,7 +365,7 @@ def _attention_short_fwd_kernel(
         l = tl.sum(p, 1)
         empty = l == 0.0
         out = _attention_dot(p.to(v.dtype), v, None, DOT_PRECISION) / tl.where(empty, 1.0, l)[:, None]
-        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+        tl.store(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
                  out.to(Out.dtype.element_ty), mask=o_mask)
         lse = tl.where(empty, float("inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * LN2)
         tl.store(Lse + stat_base + rows, lse, mask=row_ok)
@@ -396,19 +397,18 @@ def _attention_short_bwd_kernel(
     qk_scale,  # sm_scale * log2(e)
     seqs_per_program,  # (batch, head) sequences handled by one program
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < seqlen_q
     col_ok = cols < seqlen_k
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    v_mask = col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    v_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
     valid = row_ok[:, None] & col_ok[None, :]
     first = tl.program_id(0) * seqs_per_program
     last = tl.minimum(first + seqs_per_program, batch_heads)
@@ -416,33 +416,33 @@ def _attention_short_bwd_kernel(
         b = (bh // num_heads).to(tl.int64)
         h = (bh % num_heads).to(tl.int64)
         stat_base = (b * num_heads + h) * seqlen_q
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+        q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
                     mask=q_mask, other=0.0)
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_km + offs_d[None, :] * stride_kd,
+        k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
                     mask=k_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :] * stride_vd,
+        v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
                     mask=v_mask, other=0.0)
-        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_dv[None, :] * stride_od,
+        o = tl.load(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
                     mask=o_mask, other=0.0)
-        do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+        do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
                      mask=o_mask, other=0.0)
         lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         s = _attention_masked_scores(
-            s, Mask + b * stride_mb + h * stride_mh + rows[:, None] * stride_mn + cols[None, :] * stride_mm,
-            valid, HAS_MASK, BOOL_MASK)
+            s, _attention_tile_ptrs(Mask + b * stride_mb + h * stride_mh, rows, cols, stride_mn, stride_mm),
+            valid, HAS_MASK)
         p = tl.exp2(s - lse[:, None])
         dv = _attention_dot(tl.trans(p.to(do.dtype)), do, None, DOT_PRECISION)
         dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq = _attention_dot(ds, k, None, DOT_PRECISION) * sm_scale
         dk = _attention_dot(tl.trans(ds), q, None, DOT_PRECISION) * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+        tl.store(_attention_tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, rows, offs_d, stride_dqn, stride_dqd),
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
-        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkm + offs_d[None, :] * stride_dkd,
+        tl.store(_attention_tile_ptrs(DK + b * stride_dkb + h * stride_dkh, cols, offs_d, stride_dkm, stride_dkd),
                  dk.to(DK.dtype.element_ty), mask=k_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvm + offs_dv[None, :] * stride_dvd,
+        tl.store(_attention_tile_ptrs(DV + b * stride_dvb + h * stride_dvh, cols, offs_d, stride_dvm, stride_dvd),
                  dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
@@ -465,55 +465,66 @@ def _pad16(x: int) -> int:
     return max(16, triton.next_power_of_2(max(int(x), 1)))
 
 
-def _clip(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int) -> AttentionConfig:
-    """Shrink the tiles of ``cfg`` to short sequences (bucketed to powers of two)."""
-    return cfg._replace(block_m=min(cfg.block_m, _pad16(seqlen_q)), block_n=min(cfg.block_n, _pad16(seqlen_k)))
+def _block_d(d: int) -> int:
+    """Padded head dim: a power of two >= 64. Head dims up to 32 are rare and cheap; buckets for
+    them would only add compiled variants (see ``_FWD_CONFIGS``)."""
+    return max(64, triton.next_power_of_2(max(int(d), 1)))
 
 
-def attention_fwd_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+# (block_m, block_n, num_warps, num_stages) by padded head dim and precision; block_m counts queries,
+# block_n keys. Half precision runs on tensor cores. fp32 uses exact ("ieee") FMA dots, whose
+# operands take registers in proportion to the tile and the head dim, hence the small tiles. The
+# tiles do not shrink for short sequences: N, M <= 32 go to the short kernels, and one config per
+# (head dim, precision) keeps every compiled variant checkable (tests/ops/test_attention_compile.py
+# compiles each for sm_80 and sm_90: no spills, shared memory within limits).
+_FWD_CONFIGS = {"half": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+                "fp32": {64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)}}
+_DKDV_CONFIGS = {"half": {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
+                 "fp32": {64: (16, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 4, 2)}}
+_DQ_CONFIGS = {"half": {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
+               "fp32": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (16, 16, 8, 1)}}
+
+
+def _lookup(table, block_d: int, dtype: torch.dtype) -> AttentionConfig:
+    return AttentionConfig(*table["fp32" if dtype == torch.float32 else "half"][block_d])
+
+
+def attention_fwd_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
     """Config of ``_attention_fwd_kernel``; ``block_d`` is the padded max(D, Dv)."""
-    if dtype == torch.float32:  # ieee fp32 dots run on FMA units and keep operands in registers
-        cfg = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
-               128: (32, 32, 4, 2), 256: (32, 16, 4, 1)}[block_d]
-    else:
-        cfg = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-               128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}[block_d]
-    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+    return _lookup(_FWD_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_dkdv_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+def attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
     """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step)."""
-    if dtype == torch.float32:
-        cfg = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 32, 4, 2),
-               128: (16, 32, 4, 1), 256: (16, 16, 4, 1)}[block_d]
-    else:
-        cfg = {16: (64, 128, 8, 2), 32: (64, 128, 8, 2), 64: (32, 128, 8, 2),
-               128: (32, 64, 4, 2), 256: (16, 64, 8, 1)}[block_d]
-    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+    return _lookup(_DKDV_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_dq_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> AttentionConfig:
+def attention_bwd_dq_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
     """Config of ``_attention_bwd_dq_kernel`` (block_m queries per program, block_n keys per step)."""
-    if dtype == torch.float32:
-        cfg = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (32, 32, 4, 2),
-               128: (32, 16, 4, 1), 256: (16, 16, 4, 1)}[block_d]
-    else:
-        cfg = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 2),
-               128: (64, 32, 4, 2), 256: (64, 16, 8, 1)}[block_d]
-    return _clip(AttentionConfig(*cfg), seqlen_q, seqlen_k)
+    return _lookup(_DQ_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_preprocess_config(block_dv: int) -> AttentionConfig:
+def attention_bwd_preprocess_config(block_d: int) -> AttentionConfig:
     """Config of ``_attention_bwd_preprocess_kernel`` (block_n unused)."""
-    return AttentionConfig(block_m=64 if block_dv <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
+    return AttentionConfig(block_m=64 if block_d <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
 
 
 def attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
-                           backward: bool = False) -> AttentionConfig:
-    """Config of the short-sequence kernels: one tile covers the whole sequence."""
-    block_m, block_n = _pad16(seqlen_q), _pad16(seqlen_k)
-    big = block_d * max(block_m, block_n) > (2048 if backward else 4096)
-    return AttentionConfig(block_m, block_n, num_warps=8 if big else 4, num_stages=2)
+                           backward: bool = False) -> Optional[AttentionConfig]:
+    """Config of the short-sequence kernels, whose square 16 or 32 tile covers a whole sequence; None
+    where they do not apply: sequences longer than ``SHORT_SEQ_MAX``, and fp32 tiles whose FMA dots
+    would spill (there the main kernels run)."""
+    if seqlen_q > SHORT_SEQ_MAX or seqlen_k > SHORT_SEQ_MAX:
+        return None
+    block = _pad16(max(seqlen_q, seqlen_k))
+    tile = block_d * block
+    if dtype == torch.float32:
+        if tile > (2048 if backward else 4096):
+            return None
+        warps = 8 if (backward and block == 32) or (not backward and tile > 2048 and block == 32) else 4
+        return AttentionConfig(block, block, warps, 1)
+    warps = 4 if tile <= (1024 if backward else 4096) else 8
+    return AttentionConfig(block, block, warps, 1 if backward and block_d == 256 else 2)
 
 
 def short_seqs_per_program(batch_heads: int) -> int:
@@ -533,27 +544,55 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _block_d(d: int) -> int:
-    return _pad16(d)
-
-
 def _alloc_like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-    """Uninitialised tensor of ``shape`` whose first three dims lie in memory in the order of ``t``'s
-    (the last dim innermost), so a ``(B, N, H, D)`` layout seen as ``(B, H, N, D)`` round-trips."""
+    """Uninitialised 4-D tensor of ``shape`` whose first three dims lie in memory in the order of
+    ``t``'s (so a ``(B, N, H, D)`` layout seen as ``(B, H, N, D)`` round-trips), the last dim
+    innermost and padded to 16 bytes (a view of the first ``shape[3]`` columns is returned), so that
+    every stride is 16-byte aligned."""
+    dtype = dtype or t.dtype
     order = sorted(range(3), key=lambda i: -t.stride(i))
-    buf = torch.empty([shape[i] for i in order] + [shape[3]], dtype=dtype or t.dtype, device=t.device)
-    inverse = [order.index(i) for i in range(3)] + [3]
-    return buf.permute(inverse)
+    vec = max(1, 16 // dtype.itemsize)
+    width = -(-shape[3] // vec) * vec
+    buf = torch.empty([shape[i] for i in order] + [width], dtype=dtype, device=t.device)
+    return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    """Unit innermost stride, and the data pointer and every other stride (of dims longer than 1)
+    16-byte aligned: what ``_attention_tile_ptrs`` promises the compiler."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st * size % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when aligned (the usual case: head dims that are multiples of 8, in any layout,
+    including slices of a fused qkv projection), else an aligned copy: odd head dims, a stride-0
+    gradient, or a view at an odd offset."""
+    if _is_aligned(t):
+        return t
+    return _alloc_like(t, t.shape).copy_(t)
 
 
 def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, shape):
-    """(pointer tensor, four strides, HAS_MASK, BOOL_MASK) for a mask broadcast to ``shape``."""
+    """(additive bias tensor, its four strides, HAS_MASK) for a mask broadcast to ``shape``.
+
+    The kernels take one kind of mask, an additive bias in q's dtype or fp32 (which dominates the
+    compile-time resource checks): a bool mask becomes ``0 / -inf`` in q's dtype (exact), a float
+    mask of another dtype becomes fp32. The bias keeps the mask's own size, broadcast dims get
+    stride 0; it is copied (at its own size) only when converted or when its rows are not 16-byte
+    aligned (e.g. 77 keys). A mask broadcast along the keys is materialised along them (a mask
+    constant over the keys is a no-op or a fully masked row, so this is rare)."""
     if attn_mask is None:
-        return q, (0, 0, 0, 0), False, False
-    view = attn_mask.expand(shape)  # stride 0 on broadcast dims, no copy
-    if view.dtype == torch.bool:
-        view = view.view(torch.uint8)
-    return view, view.stride(), True, attn_mask.dtype == torch.bool
+        return q, (0, 0, 0, 0), False
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    elif mask.dtype not in (q.dtype, torch.float32):
+        mask = mask.float()
+    mask = _aligned(mask.expand(*mask.shape[:3], shape[3]))
+    view = mask.expand(shape)  # stride 0 on broadcast dims, no copy
+    return view, view.stride(), True
 
 
 def _check_head_dims(d: int, dv: int) -> None:
@@ -567,17 +606,18 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     batch, heads, seqlen_q, d = q.shape
     seqlen_k, dv = k.shape[2], v.shape[3]
     _check_head_dims(d, dv)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _alloc_like(q, (batch, heads, seqlen_q, dv))
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    mask, mask_strides, has_mask, bool_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
-    block_d, block_dv = _block_d(d), _block_d(dv)
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_MASK=has_mask,
-                  BOOL_MASK=bool_mask, DOT_PRECISION=_dot_precision(q.dtype))
+    mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
+    block_d = _block_d(max(d, dv))  # one padded width for q/k and v keeps the compiled variants few
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, HAS_MASK=has_mask,
+                  DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
-    if seqlen_q <= SHORT_SEQ_MAX and seqlen_k <= SHORT_SEQ_MAX:
-        cfg = attention_short_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    cfg = attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype)
+    if cfg is not None:
         per_program = short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_fwd_kernel[grid](
@@ -586,7 +626,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
             num_stages=cfg.num_stages, **common)
         record_launch("attention_short_fwd")
         return out, lse
-    cfg = attention_fwd_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    cfg = attention_fwd_config(block_d, q.dtype)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * heads)
     _attention_fwd_kernel[grid](
         q, k, v, mask, out, lse, *strides, heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
@@ -600,18 +640,19 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     batch, heads, seqlen_q, d = q.shape
     seqlen_k, dv_dim = k.shape[2], v.shape[3]
     _check_head_dims(d, dv_dim)
+    q, k, v, out, do = _aligned(q), _aligned(k), _aligned(v), _aligned(out), _aligned(do)
     dq, dk, dv = _alloc_like(q, q.shape), _alloc_like(k, k.shape), _alloc_like(v, v.shape)
     if batch * heads == 0:
         return dq, dk, dv
-    mask, mask_strides, has_mask, bool_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
-    block_d, block_dv = _block_d(d), _block_d(dv_dim)
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_MASK=has_mask,
-                  BOOL_MASK=bool_mask, DOT_PRECISION=_dot_precision(q.dtype))
+    mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
+    block_d = _block_d(max(d, dv_dim))
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, HAS_MASK=has_mask,
+                  DOT_PRECISION=_dot_precision(q.dtype))
     qk_scale = scale * math.log2(math.e)
     if seqlen_q == 0 or seqlen_k == 0:  # no scores: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if seqlen_q <= SHORT_SEQ_MAX and seqlen_k <= SHORT_SEQ_MAX:
-        cfg = attention_short_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype, backward=True)
+    cfg = attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, backward=True)
+    if cfg is not None:
         per_program = short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_bwd_kernel[grid](
@@ -624,22 +665,22 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
         return dq, dk, dv
 
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    pre = attention_bwd_preprocess_config(block_dv)
+    pre = attention_bwd_preprocess_config(block_d)
     _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), batch * heads)](
         out, do, delta, *out.stride(), *do.stride(), heads, seqlen_q,
-        HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_DV=block_dv, num_warps=pre.num_warps,
+        HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
         num_stages=pre.num_stages)
     record_launch("attention_bwd_preprocess")
 
     inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
-    cfg = attention_bwd_dkdv_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    cfg = attention_bwd_dkdv_config(block_d, q.dtype)
     _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * heads)](
         q, k, v, mask, do, lse, delta, dk, dv, *inputs, *dk.stride(), *dv.stride(),
         heads, seqlen_q, seqlen_k, scale, qk_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     record_launch("attention_bwd_dkdv")
 
-    cfg = attention_bwd_dq_config(max(block_d, block_dv), seqlen_q, seqlen_k, q.dtype)
+    cfg = attention_bwd_dq_config(block_d, q.dtype)
     _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](
         q, k, v, mask, do, lse, delta, dq, *inputs, *dq.stride(),
         heads, seqlen_q, seqlen_k, scale, qk_scale,
