@@ -20,9 +20,10 @@ Kernels. A group is the contiguous ``(Cg, L)`` block of ``(B, C, L)``; programs 
 ``(BLOCK_C, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up to
 ``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial ranges):
 
-* forward: ``_stats`` writes each program's (count, mean, M2), the per-tile moments merged with
-  Chan's parallel formula; ``_fwd`` merges a group's partials (Chan again, one vector reduction),
-  then normalises, modulates, activates and stores ``y``; its first program stores ``mean``/``rstd``.
+* forward: ``_stats`` writes each program's (count, mean, M2), from a Welford accumulator per lane
+  merged with Chan's parallel formula; ``_fwd`` merges a group's partials (Chan again, one vector
+  reduction), then normalises, modulates, activates and stores ``y``; its first program stores
+  ``mean``/``rstd``.
 * backward: ``_bwd_reduce`` recomputes ``u`` from ``x`` and writes per-(b, c, spatial range) sums of
   ``du``, ``du * xhat`` and ``xhat``, plus per-program group sums of ``gain * du`` and
   ``gain * du * xhat``; ``_bwd_dx`` merges them, writes ``dx`` and, from one program per channel, the
@@ -30,10 +31,15 @@ Kernels. A group is the contiguous ``(Cg, L)`` block of ``(B, C, L)``; programs 
   over the batch.
 
 Every reduction is in a fixed order: no atomics, bitwise reproducible runs. Autograd saves ``x``,
-``mean``/``rstd`` ((B, G) fp32) and the small vectors only; backward recomputes everything else.
+``add``, ``mean``/``rstd`` ((B, G) fp32) and the small vectors only, on every backend; backward
+recomputes ``x + add`` and everything after it. Without Triton (CPU tensors outside the interpreter)
+the same forward and backward run in torch: aten's fused GroupNorm and activation-gradient kernels
+plus the backward algebra of the kernels, not autograd through ``F.group_norm``.
+
 Both passes are ``torch.library`` custom ops (``fastunet::group_norm_act_fwd``/``_bwd``) with fake
-implementations, so ``torch.compile(fullgraph=True)`` traces them without a graph break. Not supported:
-double backward, and autocast (inputs are taken in the dtypes they come in).
+implementations and ``register_autograd`` (in place of a ``torch.autograd.Function``), so
+``torch.compile(fullgraph=True)`` traces them without a graph break. Not supported: double backward,
+and autocast (inputs are taken in the dtypes they come in).
 """
 
 from __future__ import annotations
@@ -499,6 +505,9 @@ def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act
     L = x.numel() // (B * C)
     G = num_groups
     Cg = C // G
+    if Cg * L >= 2**31:
+        raise ValueError(f"the Triton kernels index a group with int32: expected C / num_groups * L < 2**31; "
+                         f"got {Cg} * {L}")
     dev = x.device
     xc = x.contiguous()
     if y is None:
