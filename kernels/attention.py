@@ -4,12 +4,16 @@ Semantics are those of ``torch.nn.functional.scaled_dot_product_attention`` with
 without a causal mask:
 
 * ``q`` ``(B, H, N, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H, M, Dv)`` -> ``out`` ``(B, H, N, Dv)``;
-  fp32, fp16 or bf16, all three the same dtype. Any strides are accepted (e.g. a ``(B, N, H, D)``
-  tensor transposed to ``(B, H, N, D)``, or a slice of a fused qkv projection); nothing is copied.
-  ``out`` is allocated with the dimension order of ``q`` in memory, so such layouts round-trip.
-* ``attn_mask``: ``None``, bool (True keeps a score) or an additive float bias of any float dtype,
-  broadcastable to ``(B, H, N, M)``. Broadcast dimensions are read with stride 0, never expanded
-  in memory. The mask is a constant: no gradient flows into it.
+  fp32, fp16 or bf16, all three the same dtype. Any strides are accepted, e.g. a ``(B, N, H, D)``
+  tensor transposed to ``(B, H, N, D)`` or a slice of a fused qkv projection, and read in place
+  when the innermost stride is 1 and the pointer and other strides are 16-byte aligned (any head
+  dim that is a multiple of 8); otherwise the launcher first makes an aligned copy. ``out`` and the
+  gradients are allocated with the dimension order of their input, so such layouts round-trip.
+* ``attn_mask``: ``None``, bool (True keeps a score) or an additive float bias, broadcastable to
+  ``(B, H, N, M)``. The kernels take one kind, an additive bias in q's dtype or fp32: a bool mask
+  becomes ``0 / -inf`` in q's dtype, a float mask of another dtype becomes fp32 (copies at the
+  mask's own size). Broadcast dimensions are read with stride 0, never expanded in memory. The mask
+  is a constant: no gradient flows into it.
 * ``scale`` defaults to ``1 / sqrt(D)``.
 * A query row whose keys are all masked (all False, or all ``-inf``) gives an output row of zeros
   and zero gradients, as ``scaled_dot_product_attention`` does on CPU (its CUDA math backend gives
@@ -19,22 +23,27 @@ Forward: each program owns ``BLOCK_M`` queries of one (batch, head) and streams 
 ``BLOCK_N`` tiles with an online softmax; scores live in log2 units (``log2(e)`` is folded into the
 scale, so the kernel uses ``exp2``). Only ``out`` and the fp32 log-sum-exp ``lse`` ``(B, H, N)``
 (natural log) are written; the ``N x M`` score matrix never exists in memory. Softmax statistics
-and every ``tl.dot`` accumulate in fp32. fp32 inputs use ``input_precision="ieee"`` so results
-match fp32 torch instead of TF32 (about 10x the error); fp16/bf16 use the tensor cores.
+and every ``tl.dot`` accumulate in fp32. fp16/bf16 run on the tensor cores (P and dS rounded to the
+input dtype, as FlashAttention does); fp32 uses exact ``input_precision="ieee"`` FMA dots, so the
+results match fp32 torch (TF32 would add ~1e-3 relative error), with the small tiles that FMA
+operands allow.
 
 Backward (recomputes the scores from ``q, k, v, out, lse``): ``delta = rowsum(dO * O)``, then one
 kernel parallel over key blocks for ``dK, dV`` and one parallel over query blocks for ``dQ``.
 Deterministic, no atomics.
 
 Short sequences (``N, M <= 32``, e.g. temporal attention over 8 to 32 frames with ``B*H`` in the
-tens of thousands) use a second pair of kernels: one ``16``/``32`` tile covers a whole sequence, so
-the softmax is a single pass, and each program loops over several (batch, head) sequences. Its
-backward computes ``dQ, dK, dV`` of a sequence in one go.
+tens of thousands) use a second pair of kernels: one square ``16`` or ``32`` tile covers a whole
+sequence, so the softmax is a single pass, and each program loops over several (batch, head)
+sequences. Its backward computes ``dQ, dK, dV`` of a sequence in one go (fp32 with large heads
+takes the main kernels, see ``attention_short_config``).
 
-Head dims ``1 .. 256`` on the Triton path (padded to a power-of-two ``BLOCK_D >= 16`` and masked);
-the torch reference takes any. Both paths register as ``torch.library`` custom ops
-(``fastunet::attention_fwd`` -> ``(out, lse)``, ``fastunet::attention_bwd`` -> ``(dq, dk, dv)``) so
-``torch.compile(fullgraph=True)`` traces through them; the backend is picked inside the op.
+Head dims ``1 .. 256`` on the Triton path (padded to a power of two ``>= 64`` and masked); the torch
+reference takes any. Both paths register as ``torch.library`` custom ops (``fastunet::attention_fwd``
+-> ``(out, lse)``, ``fastunet::attention_bwd`` -> ``(dq, dk, dv)``) so ``torch.compile(fullgraph=True)``
+traces through them; the backend is picked inside the op with ``use_triton``. The reference path
+saves the same tensors; its forward is PyTorch's fused CPU kernel where it applies, and its
+backward a plain-torch recomputation chunked over queries.
 """
 
 from __future__ import annotations
@@ -43,7 +52,6 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -118,9 +126,11 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_d < HEAD_DIM_V
 
     q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     m_base = Mask + b * stride_mb + h * stride_mh
@@ -131,26 +141,26 @@ def _attention_fwd_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-                    other=0.0)
+        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd),
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm), row_ok[:, None] & col_ok[None, :],
-                                     HAS_MASK)
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm),
+                                     row_ok[:, None] & col_ok[None, :], HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V),
-                    other=0.0)
+        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd),
+                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V))
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
 
@@ -231,13 +241,15 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, seqlen_q, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
-        q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_qn, stride_qd), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_don, stride_dod), mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+        q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_qn, stride_qd),
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_don, stride_dod),
+                     mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
         lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
         s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mm, stride_mn), col_ok[:, None] & row_ok[None, :],
-                                       HAS_MASK)
+        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mm, stride_mn),
+                                       col_ok[:, None] & row_ok[None, :], HAS_MASK)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
@@ -298,11 +310,13 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd), mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd), mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd),
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd),
+                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm), row_ok[:, None] & col_ok[None, :],
-                                     HAS_MASK)
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm),
+                                     row_ok[:, None] & col_ok[None, :], HAS_MASK)
         p = tl.exp2(s - lse[:, None])
         dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -557,6 +571,11 @@ def _alloc_like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
 
 
+def _alloc_stats(q: torch.Tensor, shape) -> torch.Tensor:
+    """Uninitialised fp32 row statistics (lse, delta) ``(B, H, N)``, contiguous."""
+    return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+
 def _is_aligned(t: torch.Tensor) -> bool:
     """Unit innermost stride, and the data pointer and every other stride (of dims longer than 1)
     16-byte aligned: what ``_attention_tile_ptrs`` promises the compiler."""
@@ -608,7 +627,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     _check_head_dims(d, dv)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = _alloc_like(q, (batch, heads, seqlen_q, dv))
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = _alloc_stats(q, (batch, heads, seqlen_q))
     if out.numel() == 0:
         return out, lse
     mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
@@ -664,7 +683,7 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
         record_launch("attention_short_bwd")
         return dq, dk, dv
 
-    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = _alloc_stats(q, (batch, heads, seqlen_q))
     pre = attention_bwd_preprocess_config(block_d)
     _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), batch * heads)](
         out, do, delta, *out.stride(), *do.stride(), heads, seqlen_q,
@@ -742,10 +761,10 @@ def _attention_fwd_reference(q, k, v, attn_mask, scale):
             out = expected.copy_(out)
         if dead is not None:
             lse = lse.masked_fill(dead.expand(batch, heads, seqlen_q), float("inf"))
-        return out, lse.float()
+        return out, lse.float().contiguous()
 
     out = _alloc_like(q, (batch, heads, seqlen_q, v.shape[-1]))
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = _alloc_stats(q, (batch, heads, seqlen_q))
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
     chunk = _query_chunk(batch * heads, seqlen_k)
     for i in range(0, seqlen_q, chunk):

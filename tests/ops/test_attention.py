@@ -1,0 +1,318 @@
+"""fastunet.kernels.attention against float64 ``scaled_dot_product_attention``: forward and the
+gradients of q, k and v.
+
+The Triton kernels run on CPU tensors through Triton's interpreter (backend "triton"); backend
+"torch" is the reference path. Tolerance: our error is at most twice the error of PyTorch's own SDPA
+in the same dtype (vs the same float64 oracle), plus a floor of one unit in the last place at the
+reference's largest magnitude (our fp16/bf16 kernels round P and dS to the input dtype for the tensor
+cores, as FlashAttention does, where PyTorch's CPU kernel keeps them in fp32; and Triton's interpreter
+rounds fp32 -> bf16 toward zero).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastunet
+from fastunet.kernels import attention, attention_reference, launch_counts
+
+attn = sys.modules["fastunet.kernels.attention"]  # the package attribute `attention` is the function
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+MAIN = ("attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq")
+SHORT = ("attention_short_fwd", "attention_short_bwd")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an element a kernel forgets to write
+    shows up as an error."""
+    alloc_like, alloc_stats = attn._alloc_like, attn._alloc_stats
+    monkeypatch.setattr(attn, "_alloc_like", lambda *a, **kw: alloc_like(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(attn, "_alloc_stats", lambda *a, **kw: alloc_stats(*a, **kw).fill_(float("nan")))
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def sdpa(q, k, v, mask, scale, grad_out):
+    """Forward and (dq, dk, dv) of torch's SDPA on copies of the inputs, in their dtype."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out.backward(grad_out.to(q.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def run(backend, q, k, v, mask=None, scale=None, grad_out=None):
+    """Our forward and gradients on the given backend, and the kernel launches they made."""
+    before = Counter(launch_counts)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with fastunet.use_backend(backend):
+        out = attention(q, k, v, mask, scale)
+        out.backward(grad_out)
+    return [out.detach(), q.grad, k.grad, v.grad], launch_counts - before
+
+
+def check(q, k, v, mask=None, scale=None, backend="triton", expect=None):
+    """Compare our forward and gradients against float64 SDPA, with the tolerance of the module
+    docstring; ``expect`` names the kernels that must have run (default: by sequence length)."""
+    grad_out = randn(*q.shape[:3], v.shape[-1], dtype=q.dtype)
+    ours, launched = run(backend, q, k, v, mask, scale, grad_out)
+    if backend == "torch":
+        assert not launched, f"the torch path launched {dict(launched)}"
+    else:
+        if expect is None:
+            expect = SHORT if max(q.shape[2], k.shape[2]) <= attn.SHORT_SEQ_MAX else MAIN
+        missing = [name for name in expect if launched[name] == 0]
+        assert not missing, f"kernels that did not run: {missing}; launches: {dict(launched)}"
+    exact = sdpa(q.double(), k.double(), v.double(), None if mask is None else (
+        mask if mask.dtype == torch.bool else mask.double()), scale, grad_out.double())
+    theirs = sdpa(q, k, v, mask, scale, grad_out)
+    errors = {}
+    for name, a, ref, t in zip(("out", "dq", "dk", "dv"), ours, exact, theirs):
+        assert a.shape == ref.shape and a.dtype == q.dtype, (name, a.shape, a.dtype)
+        assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten or NaN)"
+        err = (a.double() - ref).abs().max().item()
+        torch_err = (t.double() - ref).abs().max().item()
+        tol = 2 * torch_err + ULP[q.dtype] * max(ref.abs().max().item(), 1e-3)
+        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g} (torch's own error {torch_err:.3g})"
+        errors[name] = err
+    return ours, errors
+
+
+def qkv(b, h, n, m, d, dtype, dv=None):
+    return randn(b, h, n, d, dtype=dtype), randn(b, h, m, d, dtype=dtype), randn(b, h, m, dv or d, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter) against float64
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", (8, 40, 64, 80, 160))
+def test_head_dims(head_dim, dtype):
+    check(*qkv(1, 2, 77, 100, head_dim, dtype))
+
+
+@pytest.mark.parametrize(
+    "seqlen_q, seqlen_k, dtype",
+    [(1, 77, torch.float16), (77, 1, torch.bfloat16), (16, 129, torch.float32), (129, 16, torch.float16),
+     (100, 129, torch.bfloat16), (129, 100, torch.float32), (4097, 20, torch.float16)],
+)
+def test_sequence_lengths(seqlen_q, seqlen_k, dtype):
+    check(*qkv(1, 1 if seqlen_q > 1000 else 2, seqlen_q, seqlen_k, 64, dtype))
+
+
+def test_head_dim_256_and_custom_scale():
+    check(*qkv(1, 1, 70, 65, 256, torch.bfloat16), scale=0.3)
+
+
+def test_value_head_dim_differs():
+    check(*qkv(2, 1, 40, 50, 40, torch.float16, dv=64))
+    check(*qkv(2, 1, 12, 20, 64, torch.float32, dv=24))
+
+
+MASK_SHAPES = {"per_key": (2, 1, 1, 100), "per_head": (1, 3, 77, 100), "per_batch": (2, 1, 77, 100),
+               "2d": (77, 100)}
+
+
+@pytest.mark.parametrize("shape", list(MASK_SHAPES), ids=list(MASK_SHAPES))
+@pytest.mark.parametrize("kind", ("bool", "additive"))
+def test_masks(kind, shape):
+    dtype = torch.float16 if kind == "bool" else torch.float32
+    q, k, v = qkv(2, 3, 77, 100, 40, dtype)
+    keep = torch.rand(MASK_SHAPES[shape]) > 0.3
+    if kind == "bool":
+        mask = keep
+    else:  # a real-valued bias with -inf where masked, in fp32 on fp32 inputs
+        mask = torch.randn(MASK_SHAPES[shape]).masked_fill(~keep, float("-inf"))
+    masked = False if kind == "bool" else float("-inf")
+    if mask.shape[-2] == 1:
+        mask[1] = masked  # every query of batch 1 sees no key: output 0
+    else:
+        mask[..., 3, :] = masked  # fully masked query rows: output 0
+        mask[..., 5, :7] = masked
+    check(q, k, v, mask)
+
+
+def test_additive_mask_in_other_dtype_and_broadcast_over_keys():
+    q, k, v = qkv(2, 2, 40, 48, 64, torch.bfloat16)
+    check(q, k, v, torch.randn(2, 1, 40, 48, dtype=torch.float16))  # becomes fp32
+    check(q, k, v, torch.randn(1, 2, 40, 1))  # constant over keys: materialised along them
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    q, k, v = qkv(1, 2, 40, 50, 64, torch.float16)
+    mask = torch.ones(1, 1, 40, 50, dtype=torch.bool)
+    mask[..., 7, :] = False
+    for backend in ("triton", "torch"):
+        out, dq, _, _ = check(q, k, v, mask, backend=backend)[0]
+        assert (out[:, :, 7] == 0).all() and (dq[:, :, 7] == 0).all()
+        with fastunet.use_backend(backend):
+            _, lse = attn.attention_fwd(q, k, v, mask, 0.125)
+        assert torch.isinf(lse[:, :, 7]).all() and torch.isfinite(lse[:, :, :7]).all()
+
+
+def test_strided_views_are_read_in_place():
+    """q/k/v as (B, N, H, D) projections viewed as (B, H, N, D), k and v slices of one fused
+    projection: the launcher hands them to the kernels without copies, and out keeps q's layout."""
+    b, n, m, h, d = 2, 70, 90, 3, 40
+    q = randn(b, n, h, d, dtype=torch.float16).transpose(1, 2)
+    kv = randn(b, m, 2, h, d, dtype=torch.float16)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert all(attn._aligned(t) is t for t in (q, k, v))
+    out = check(q, k, v)[0][0]
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, H, D) in memory, like q
+
+
+def test_unaligned_inputs_and_stride_zero_gradient():
+    """Odd head dims and a stride-0 grad_out (from .sum()) take an aligned copy and stay correct."""
+    q, k, v = qkv(1, 2, 40, 33, 33, torch.float32)
+    check(q, k, v)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 40, 50, 64, torch.float16))
+    with fastunet.use_backend("triton"):
+        attention(q, k, v).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref).sum().backward()
+    for ours, exact in zip((q.grad, k.grad, v.grad), ref):
+        assert (ours.double() - exact.grad).abs().max() < 4e-3
+
+
+@pytest.mark.parametrize(
+    "seqlen_q, seqlen_k, head_dim, dtype",
+    [(8, 8, 40, torch.float16), (16, 16, 64, torch.bfloat16), (24, 24, 80, torch.float32),
+     (32, 32, 160, torch.float16), (8, 24, 64, torch.float32), (1, 1, 40, torch.bfloat16)],
+)
+def test_short_sequences_pack_many_per_program(monkeypatch, seqlen_q, seqlen_k, head_dim, dtype):
+    """Temporal attention: many (batch, head) sequences of 8 to 32 frames. Three sequences per
+    program (a tail program gets fewer) exercise the packing loop at a size the interpreter runs."""
+    monkeypatch.setattr(attn, "short_seqs_per_program", lambda batch_heads: 3)
+    q, k, v = qkv(20, 2, seqlen_q, seqlen_k, head_dim, dtype)
+    mask = torch.rand(20, 1, 1, seqlen_k) > 0.2 if seqlen_q == 8 else None
+    fwd_short = attn.attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype) is not None
+    bwd_short = attn.attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype, True) is not None
+    assert fwd_short and (bwd_short or dtype == torch.float32)
+    expect = (("attention_short_fwd",) + (SHORT[1:] if bwd_short else MAIN[1:]))
+    check(q, k, v, mask, expect=expect)
+
+
+def test_large_fp32_heads_fall_back_to_main_kernels_for_short_backward():
+    q, k, v = qkv(3, 2, 16, 16, 160, torch.float32)
+    check(q, k, v, expect=("attention_short_fwd",) + MAIN[1:])
+
+
+def test_empty_key_set_gives_zeros():
+    q, k, v = qkv(1, 2, 5, 0, 64, torch.float16)
+    for backend in ("triton", "torch"):
+        with fastunet.use_backend(backend):
+            out = attention(q, k, v)
+        assert out.shape == (1, 2, 5, 64) and (out == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# torch reference path
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_path(dtype):
+    q, k, v = qkv(2, 2, 50, 60, 40, dtype)
+    check(q, k, v, torch.rand(2, 1, 50, 60) > 0.3, backend="torch")
+
+
+def test_reference_path_chunked_and_value_head_dim(monkeypatch):
+    """Dv != D skips PyTorch's fused CPU kernel; a tiny chunk exercises the query chunking."""
+    monkeypatch.setattr(attn, "_query_chunk", lambda batch_heads, seqlen_k: 7)
+    q, k, v = qkv(1, 2, 30, 20, 40, torch.float32, dv=24)
+    mask = torch.randn(1, 2, 30, 20)
+    mask[..., 4, :] = float("-inf")
+    check(q, k, v, mask, backend="torch")
+
+
+def test_attention_reference_matches_sdpa_in_float64():
+    q, k, v = qkv(1, 2, 9, 11, 8, torch.float64)
+    mask = torch.rand(9, 11) > 0.4
+    mask[2] = False
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.7)
+    torch.testing.assert_close(attention_reference(q, k, v, mask, 0.7), expected)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 20, 40, 40, torch.float32))
+    mask = torch.rand(1, 1, 20, 40) > 0.2
+
+    def f(q, k, v, mask):
+        return attention(q * 2, k, v, mask).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with fastunet.use_backend("torch"):
+        loss = compiled(q, k, v, mask)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        expected = torch.autograd.grad(f(q, k, v, mask), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v = qkv(1, 2, 20, 40, 40, torch.float32)
+    with fastunet.use_backend("torch"):
+        torch.library.opcheck(attn.attention_fwd, (q.clone().requires_grad_(), k, v, None, 0.2))
+        torch.library.opcheck(attn.attention_fwd, (q, k.clone().requires_grad_(), v, torch.rand(20, 40) > 0.5, 0.2))
+        out, lse = attn.attention_fwd(q, k, v, None, 0.2)
+        torch.library.opcheck(attn.attention_bwd, (torch.randn_like(out), q, k, v, out, lse, None, 0.2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mismatched_head_dims_raise():
+    q, k, v = randn(1, 2, 5, 40, dtype=torch.float32), randn(1, 2, 6, 64, dtype=torch.float32), randn(
+        1, 2, 6, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"head dim.*q 40.*k 64"):
+        attention(q, k, v)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 7), (3, 6), (1, 1, 1, 1, 6), (4,)])
+def test_mask_that_does_not_broadcast_raises(shape):
+    q, k, v = qkv(1, 2, 5, 6, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"does not broadcast.*\(1, 2, 5, 6\)"):
+        attention(q, k, v, torch.zeros(shape, dtype=torch.bool))
+
+
+def test_wrong_ranks_dtypes_and_types_raise():
+    q, k, v = qkv(1, 2, 5, 6, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"q must be 4-D.*\(2, 5, 8\)"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="v must be 4-D"):
+        attention(q, k, v[..., None])
+    with pytest.raises(TypeError, match=r"share a dtype.*q torch.float32, k torch.float16"):
+        attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="float64"):
+        attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="attn_mask must be bool or floating point; got torch.int64"):
+        attention(q, k, v, torch.ones(5, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="share the key length"):
+        attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match=r"share \(B, H\)"):
+        attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        attention(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="does not differentiate attn_mask"):
+        attention(q, k, v, torch.zeros(5, 6, requires_grad=True))
+    big = randn(1, 1, 4, 320, dtype=torch.float32)
+    with fastunet.use_backend("triton"), pytest.raises(ValueError, match="head dims up to 256; got D=320"):
+        attention(big, big, big)
+    with fastunet.use_backend("torch"):  # the reference path takes any head dim
+        assert attention(big, big, big).shape == big.shape
