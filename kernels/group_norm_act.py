@@ -704,10 +704,6 @@ def _activation_of(name: str) -> str | None:
     return None if name == _NO_ACTIVATION else name
 
 
-@torch.library.custom_op(
-    "fastunet::group_norm_act_fwd", mutates_args=(),
-    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
-           "int num_groups, float eps, str activation) -> (Tensor, Tensor, Tensor)")
 def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, activation):
     """``(y, mean, rstd)``: y like x (contiguous), mean/rstd ``(B, G)`` fp32."""
     act = _activation_of(activation)
@@ -719,18 +715,12 @@ def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, 
     return _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, act)
 
 
-@_group_norm_act_fwd_op.register_fake
-def _(x, weight, bias, add, scale, shift, num_groups, eps, activation):
+def _group_norm_act_fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps, activation):
     stats = (x.shape[0], num_groups)
     return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
             x.new_empty(stats, dtype=torch.float32))
 
 
-@torch.library.custom_op(
-    "fastunet::group_norm_act_bwd", mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
-           "Tensor mean, Tensor rstd, int num_groups, str activation) "
-           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
     """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor."""
     act = _activation_of(activation)
@@ -744,8 +734,7 @@ def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, n
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-@_group_norm_act_bwd_op.register_fake
-def _(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+def _group_norm_act_bwd_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
     return (x.new_empty(x.shape),) + tuple(
         t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (weight, bias, add, scale, shift))
 
@@ -768,8 +757,27 @@ def _group_norm_act_backward(ctx, dy, _dmean, _drstd):
     return (*grads, None, None, None)
 
 
-torch.library.register_autograd("fastunet::group_norm_act_fwd", _group_norm_act_backward,
-                                setup_context=_group_norm_act_setup_context)
+def _register_ops() -> None:
+    fwd = torch.library.custom_op(
+        "fastunet::group_norm_act_fwd", _group_norm_act_fwd_op, mutates_args=(),
+        schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
+               "int num_groups, float eps, str activation) -> (Tensor, Tensor, Tensor)")
+    fwd.register_fake(_group_norm_act_fwd_fake)
+    fwd.register_autograd(_group_norm_act_backward, setup_context=_group_norm_act_setup_context)
+    bwd = torch.library.custom_op(
+        "fastunet::group_norm_act_bwd", _group_norm_act_bwd_op, mutates_args=(),
+        schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
+               "Tensor mean, Tensor rstd, int num_groups, str activation) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+    bwd.register_fake(_group_norm_act_bwd_fake)
+
+
+# Only the package's own module registers the ops. With the repository root on sys.path
+# (``python -m pytest``), kernels/ is also importable as a bare top-level ``kernels``, and
+# transformers imports that name while probing for the PyPI ``kernels`` package: that second copy,
+# with its own backend state, must not re-register the ops over these ones.
+if __name__.startswith("fastunet.kernels."):
+    _register_ops()
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift):

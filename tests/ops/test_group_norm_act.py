@@ -10,6 +10,11 @@ plus a small floor relative to the largest reference value.
 from __future__ import annotations
 
 import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -260,6 +265,25 @@ def test_custom_op_registration():
         torch.library.opcheck(torch.ops.fastunet.group_norm_act_fwd.default, (*args, 4, 1e-5, "gelu"))
         torch.library.opcheck(torch.ops.fastunet.group_norm_act_fwd.default,
                               (args[0], None, None, None, None, None, 4, 1e-5, "none"))
+
+
+def test_bare_kernels_copy_does_not_take_over_the_ops():
+    """transformers imports a top-level ``kernels`` to probe for the PyPI package; with the repository
+    root on sys.path that is a second copy of kernels/, which must leave the registered ops alone."""
+    root = pathlib.Path(gna.__file__).resolve().parents[1]
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from fastunet.kernels import group_norm_act, launch_counts, use_backend
+        sys.path.insert(0, {str(root)!r})
+        import kernels.group_norm_act
+        assert "kernels.group_norm_act" in sys.modules
+        with use_backend("triton"):
+            group_norm_act(torch.randn(2, 8, 3, 3), 2)
+        assert launch_counts["group_norm_act_fwd"] == 1, dict(launch_counts)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_empty_batch():
