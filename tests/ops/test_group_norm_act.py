@@ -27,7 +27,6 @@ gna = importlib.import_module("fastunet.kernels.group_norm_act")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FLOOR = {F32: 1e-5, F16: 1e-3, BF16: 8e-3}
 KERNELS = ("group_norm_act_stats", "group_norm_act_fwd", "group_norm_act_bwd_reduce", "group_norm_act_bwd_dx")
-VECTORS = ("add", "scale", "shift")
 
 
 def make_inputs(shape, dtype, *, affine=True, add=False, scale=False, shift=False, vec_dtype=None):
