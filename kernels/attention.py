@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreter_enabled, record_launch, use_triton
+from fastunet.kernels._backend import interpreter_enabled, record_launch, use_triton
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -815,33 +815,29 @@ def attention_reference(q, k, v, attn_mask=None, scale=None):
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastunet::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, H, N, Dv), lse (B, H, N) fp32)``; Triton or torch reference per ``use_triton``."""
     if use_triton(q, k, v, attn_mask):
         return _attention_fwd(q, k, v, attn_mask, scale)
     return _attention_fwd_reference(q, k, v, attn_mask, scale)
 
 
-@attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, attn_mask, scale):
     batch, heads, seqlen_q, _ = q.shape
     out = _alloc_like(q, (batch, heads, seqlen_q, v.shape[-1]))
     return out, q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastunet::attention_bwd", mutates_args=())
-def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the saved ``(q, k, v, out, lse)``."""
     if use_triton(q, k, v, attn_mask):
         return _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, scale)
     return _attention_bwd_reference(grad_out, q, k, v, out, lse, attn_mask, scale)
 
 
-@attention_bwd.register_fake
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale):
     return _alloc_like(q, q.shape), _alloc_like(k, k.shape), _alloc_like(v, v.shape)
 
@@ -860,7 +856,24 @@ def _attention_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None
 
 
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+def _register_ops():
+    fwd = torch.library.custom_op("fastunet::attention_fwd", _attention_fwd_op, mutates_args=())
+    fwd.register_fake(_attention_fwd_fake)
+    bwd = torch.library.custom_op("fastunet::attention_bwd", _attention_bwd_op, mutates_args=())
+    bwd.register_fake(_attention_bwd_fake)
+    fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+    return fwd, bwd
+
+
+# The ops are registered once per process. This file can be executed a second time as the bare
+# top-level module ``kernels.attention`` (the repository root is on sys.path under ``python -m pytest``,
+# and transformers probes for the PyPI ``kernels`` project); re-registering would silently route every
+# call to that copy. The copy reuses the ops instead, and the absolute import of the backend module
+# above makes either copy read the one backend state.
+if hasattr(torch.ops.fastunet, "attention_fwd"):
+    attention_fwd, attention_bwd = torch.ops.fastunet.attention_fwd.default, torch.ops.fastunet.attention_bwd.default
+else:
+    attention_fwd, attention_bwd = _register_ops()
 
 
 def _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES) -> None:
