@@ -558,7 +558,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _alloc_like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+def _alloc_like(t: torch.Tensor, shape, dtype=None, device=None) -> torch.Tensor:
     """Uninitialised 4-D tensor of ``shape`` whose first three dims lie in memory in the order of
     ``t``'s (so a ``(B, N, H, D)`` layout seen as ``(B, H, N, D)`` round-trips), the last dim
     innermost and padded to 16 bytes (a view of the first ``shape[3]`` columns is returned), so that
@@ -567,7 +567,7 @@ def _alloc_like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
     order = sorted(range(3), key=lambda i: -t.stride(i))
     vec = max(1, 16 // dtype.itemsize)
     width = -(-shape[3] // vec) * vec
-    buf = torch.empty([shape[i] for i in order] + [width], dtype=dtype, device=t.device)
+    buf = torch.empty([shape[i] for i in order] + [width], dtype=dtype, device=device or t.device)
     return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
 
 
@@ -714,8 +714,8 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
 
 
 def _query_chunk(batch_heads: int, seqlen_k: int) -> int:
-    """Queries per chunk so one fp32 score chunk stays near 64 MiB."""
-    return max(1, (1 << 24) // max(1, batch_heads * seqlen_k))
+    """Queries per chunk so one fp32 score chunk stays near 16 MiB."""
+    return max(1, (1 << 22) // max(1, batch_heads * seqlen_k))
 
 
 def _reference_scores(q, k, mask, scale):
@@ -756,9 +756,8 @@ def _attention_fwd_reference(q, k, v, attn_mask, scale):
                 dead = (bias == float("-inf")).all(-1)
             bias = bias.expand(batch, heads, seqlen_q, seqlen_k)
         out, lse = cpu_flash(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        expected = _alloc_like(q, out.shape)
-        if out.stride() != expected.stride():  # keep the layout the fake kernel promises
-            out = expected.copy_(out)
+        if out.stride() != _alloc_like(q, out.shape, device="meta").stride():  # the layout the fake promises
+            out = _alloc_like(q, out.shape).copy_(out)
         if dead is not None:
             lse = lse.masked_fill(dead.expand(batch, heads, seqlen_q), float("inf"))
         return out, lse.float().contiguous()
@@ -781,22 +780,22 @@ def _attention_bwd_reference(do, q, k, v, out, lse, attn_mask, scale):
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
     kf, vf = k.float(), v.float()
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dq = _alloc_like(q, q.shape, torch.float32)
+    dk = _alloc_like(k, k.shape, torch.float32).zero_()
+    dv = _alloc_like(v, v.shape, torch.float32).zero_()
     mask = None if attn_mask is None else attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
     chunk = _query_chunk(batch * heads, seqlen_k)
     for i in range(0, seqlen_q, chunk):
         rows = slice(i, i + chunk)
         q_c, do_c = q[:, :, rows].float(), do[:, :, rows].float()
-        p = torch.exp(_reference_scores(q_c, kf, None if mask is None else mask[:, :, rows], scale)
-                      - lse[:, :, rows, None])
+        s = _reference_scores(q_c, kf, None if mask is None else mask[:, :, rows], scale)
+        p = s.sub_(lse[:, :, rows, None]).exp_()
         delta = (do_c * out[:, :, rows].float()).sum(-1, keepdim=True)
-        ds = p * (torch.matmul(do_c, vf.transpose(-1, -2)) - delta) * scale
+        ds = torch.matmul(do_c, vf.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
         dv += torch.matmul(p.transpose(-1, -2), do_c)
         dk += torch.matmul(ds.transpose(-1, -2), q_c)
         dq[:, :, rows] = torch.matmul(ds, kf)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(g if g.dtype == t.dtype else _alloc_like(t, t.shape).copy_(g) for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
 def attention_reference(q, k, v, attn_mask=None, scale=None):

@@ -263,13 +263,20 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
-def test_custom_ops_pass_opcheck():
-    q, k, v = qkv(1, 2, 20, 40, 40, torch.float32)
-    with fastunet.use_backend("torch"):
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_custom_ops_pass_opcheck(backend):
+    """Fake and real kernels agree on shapes, dtypes and strides (also for a (B, N, H, D) layout and
+    an odd head dim, whose outputs are padded), autograd registration, and the schemas."""
+    q, k, v = qkv(1, 2, 40, 36, 40, torch.float32)
+    q_bnhd = randn(1, 40, 2, 40, dtype=torch.float32).transpose(1, 2)
+    odd = qkv(1, 2, 8, 8, 33, torch.float16)
+    with fastunet.use_backend(backend):
         torch.library.opcheck(attn.attention_fwd, (q.clone().requires_grad_(), k, v, None, 0.2))
-        torch.library.opcheck(attn.attention_fwd, (q, k.clone().requires_grad_(), v, torch.rand(20, 40) > 0.5, 0.2))
-        out, lse = attn.attention_fwd(q, k, v, None, 0.2)
-        torch.library.opcheck(attn.attention_bwd, (torch.randn_like(out), q, k, v, out, lse, None, 0.2))
+        torch.library.opcheck(attn.attention_fwd, (q_bnhd, k.clone().requires_grad_(), v, torch.rand(40, 36) > 0.5, 0.2))
+        torch.library.opcheck(attn.attention_fwd, (*odd, None, 0.2))
+        for args in ((q_bnhd, k, v), odd):
+            out, lse = attn.attention_fwd(*args, None, 0.2)
+            torch.library.opcheck(attn.attention_bwd, (torch.randn_like(out), *args, out, lse, None, 0.2))
 
 
 # --------------------------------------------------------------------------------------------------

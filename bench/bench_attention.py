@@ -1,0 +1,158 @@
+"""Scaled dot-product attention at UNet sizes, forward and forward + backward.
+
+Shapes (``B, H, N, M, D``):
+  self-4096     self-attention over a 64x64 latent (SD's first level)
+  self-16384    self-attention over a 128x128 latent (SDXL/upscalers)
+  cross-77      cross-attention to 77 text tokens
+  temporal-16   temporal attention: 16 frames, B*H in the tens of thousands (the short-sequence kernels)
+On a CPU the batch and heads shrink so the file finishes in a few minutes; N and M stay.
+
+Providers:
+  fastunet          fastunet.kernels.attention, backend "auto" (the Triton kernels on CUDA, the torch
+                    reference on CPU)
+  fastunet-torch    the torch reference path (backend "torch")
+  torch             F.scaled_dot_product_attention with PyTorch's own backend choice
+  torch.compile     torch.compile of the SDPA call (CUDA, or CPU with FASTUNET_BENCH_COMPILE=1)
+  sdpa-flash        SDPA with the FlashAttention-2 backend forced (CUDA only)
+
+Columns: ``tflops`` counts 4*B*H*N*M*D flops forward and 2.5 times that for the backward (so
+3.5 times for fwd+bwd); ``peak_mib`` is the peak memory of one call beyond what was allocated before
+it (CUDA: ``max_memory_allocated``; CPU: the profiler's memory timeline); ``saved_mib`` the bytes
+autograd keeps for backward. Run: ``.venv/bin/python -m pytest bench/bench_attention.py
+--benchmark-enable``; the table lands in ``bench/results/bench_attention.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastunet
+from fastunet.kernels import attention
+
+CUDA = torch.cuda.is_available()
+COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+if CUDA:
+    SHAPES = {"self-4096": (2, 8, 4096, 4096, 64), "self-16384": (1, 8, 16384, 16384, 64),
+              "cross-77": (2, 8, 4096, 77, 40), "temporal-16": (2560, 8, 16, 16, 40)}
+    DTYPES = [torch.float16, torch.bfloat16]
+else:
+    SHAPES = {"self-4096": (1, 2, 4096, 4096, 64), "self-16384": (1, 1, 16384, 16384, 64),
+              "cross-77": (1, 8, 4096, 77, 40), "temporal-16": (256, 8, 16, 16, 40)}
+    DTYPES = [torch.float32]
+PROVIDERS = ["fastunet", "fastunet-torch", "torch", "torch.compile", "sdpa-flash"]
+
+
+def flops(shape, backward: bool) -> float:
+    b, h, n, m, d = shape
+    return 4.0 * b * h * n * m * d * (3.5 if backward else 1.0)
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def setup(provider: str, shape, dtype: torch.dtype, backward: bool, device):
+    """A zero-argument callable running ``provider`` once (forward, and backward when ``backward``)."""
+    b, h, n, m, d = shape
+    q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=backward) for s in (n, m, m))
+    grad_out = torch.randn(b, h, n, d, device=device, dtype=dtype)
+
+    if provider.startswith("fastunet"):
+        backend = "torch" if provider == "fastunet-torch" else "auto"
+
+        def fn(q, k, v):
+            with fastunet.use_backend(backend):
+                return attention(q, k, v)
+    elif provider == "sdpa-flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return _sdpa(q, k, v)
+    else:
+        fn = torch.compile(_sdpa) if provider == "torch.compile" else _sdpa
+
+    def run():
+        if not backward:
+            with torch.no_grad():
+                return fn(q, k, v)
+        q.grad = k.grad = v.grad = None
+        out = fn(q, k, v)
+        out.backward(grad_out)
+        return out
+
+    return run, lambda: fn(q, k, v)
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _peak_bytes(run) -> int:
+    """Peak memory of one call of ``run`` beyond what was allocated before it."""
+    if CUDA:
+        _sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        _sync()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        run()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def _saved_bytes(forward) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_attention(benchmark, provider, name, dtype, mode, device):
+    if provider == "sdpa-flash" and not CUDA:
+        pytest.skip("SDPA's FlashAttention-2 backend needs CUDA")
+    if provider == "torch.compile" and not COMPILE:
+        pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
+    shape = SHAPES[name]
+    backward = mode == "fwd+bwd"
+    torch.manual_seed(0)
+    run, forward = setup(provider, shape, dtype, backward, device)
+    run()  # warm-up: compilation, allocator
+    _sync()
+    benchmark.group = f"{name} {tuple(shape)} {str(dtype).removeprefix('torch.')} {mode}"
+    benchmark.extra_info["peak_mib"] = _peak_bytes(run) / 2**20
+    if backward:
+        benchmark.extra_info["saved_mib"] = _saved_bytes(forward) / 2**20
+
+    def timed():
+        run()
+        _sync()
+
+    benchmark.pedantic(timed, rounds=20 if CUDA else 3, warmup_rounds=1)
+    benchmark.extra_info["tflops"] = flops(shape, backward) / benchmark.stats.stats.median / 1e12
