@@ -272,7 +272,8 @@ def test_custom_ops_pass_opcheck(backend):
     odd = qkv(1, 2, 8, 8, 33, torch.float16)
     with fastunet.use_backend(backend):
         torch.library.opcheck(attn.attention_fwd, (q.clone().requires_grad_(), k, v, None, 0.2))
-        torch.library.opcheck(attn.attention_fwd, (q_bnhd, k.clone().requires_grad_(), v, torch.rand(40, 36) > 0.5, 0.2))
+        mask = torch.rand(40, 36) > 0.5
+        torch.library.opcheck(attn.attention_fwd, (q_bnhd, k.clone().requires_grad_(), v, mask, 0.2))
         torch.library.opcheck(attn.attention_fwd, (*odd, None, 0.2))
         for args in ((q_bnhd, k, v), odd):
             out, lse = attn.attention_fwd(*args, None, 0.2)

@@ -122,7 +122,9 @@ def test_every_attention_config_compiles_without_spills():
     for case, res in zip(cases, results):
         problems += check_fits(case, res)
         c = case["constexprs"]
-        print(f"sm_{case['cc']} {case['kernel'][11:-7]:<19} {next(iter(case['signature'].values())):<6} D={c['HEAD_DIM_V']:<3}"
-              f" {c['BLOCK_M']:>3}x{c.get('BLOCK_N', '-'):<3} BLOCK_D={c['BLOCK_D']:<3} mask={int(c.get('HAS_MASK', 0))}"
-              f" w{case['num_warps']} s{case['num_stages']}: {res['registers']:>3} regs, {res['shared']:>6} B shared")
+        ptr = next(iter(case["signature"].values()))
+        print(f"sm_{case['cc']} {case['kernel'][11:-7]:<19} {ptr:<6} D={c['HEAD_DIM_V']:<3}"
+              f" {c['BLOCK_M']:>3}x{c.get('BLOCK_N', '-'):<3} BLOCK_D={c['BLOCK_D']:<3}"
+              f" mask={int(c.get('HAS_MASK', 0))} w{case['num_warps']} s{case['num_stages']}:"
+              f" {res['registers']:>3} regs, {res['shared']:>6} B shared")
     assert not problems, "\n".join(problems)
