@@ -638,7 +638,8 @@ def _channel_coefs_torch(weight, bias, scale, shift, B, C, device):
 def _input_torch(x, add):
     """fp32 ``x + add`` as ``(B, C, L)`` (x itself when it is already fp32 and there is no add)."""
     B, C = x.shape[:2]
-    h = x.reshape(B, C, x.numel() // (B * C)).float()
+    # aten's GroupNorm needs a contiguous (B, C, L); a strided x (e.g. a transposed attention output) is copied
+    h = x.reshape(B, C, x.numel() // (B * C)).float().contiguous()
     return h + add.float()[:, :, None] if add is not None else h
 
 

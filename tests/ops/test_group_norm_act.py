@@ -130,6 +130,17 @@ def test_triton_strided_inputs():
     assert_matches_oracle(inputs, dy, 16, "gelu", run_backend("triton", inputs, dy, 16, "gelu"))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_transposed_view_input(backend):
+    """A (B, C, H, W) view of a (B, H*W, C) token tensor (what attention blocks hand back): reshaping
+    it to (B, C, L) stays a non-contiguous view, which both paths must read correctly."""
+    inputs, dy = make_inputs((2, 32, 6, 5), F32, add=True, scale=True, shift=True)
+    tokens = torch.randn(2, 30, 32) * 1.3 + 0.2
+    inputs["x"] = tokens.transpose(1, 2).reshape(2, 32, 6, 5)
+    assert not inputs["x"].is_contiguous()
+    assert_matches_oracle(inputs, dy, 8, "silu", run_backend(backend, inputs, dy, 8, "silu"))
+
+
 def test_triton_writes_every_element():
     """Outputs poisoned with NaN before the kernels write them come back fully overwritten."""
     inputs, dy = make_inputs((2, 48, 7, 9), F16, add=True, scale=True, shift=True)
