@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from attention_helpers import RTOL, backend_for, processor_factories, rel_err  # tests/ is on sys.path
 from diffusers.models import attention_processor as dap
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel as DiffusersUNet2DCondition
 
@@ -21,17 +22,7 @@ from fastunet.attention_processor import (
 from fastunet.configuration import register_to_config
 from fastunet.modeling import ModelMixin
 
-RTOL = 1e-4
-PROCESSORS = {
-    "plain": AttnProcessor,
-    "sdpa": AttnProcessor2_0,
-    "sliced": lambda: SlicedAttnProcessor(3),
-    "triton": TritonAttnProcessor,
-}
-
-
-def rel_err(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+PROCESSORS = processor_factories(slice_size=3)
 
 
 def make_pair(query_dim, **kwargs):
@@ -48,8 +39,16 @@ def make_pair(query_dim, **kwargs):
 def run(attn, processor_name, *args, **kwargs):
     """Forward with the named processor; the Triton one under the 'triton' backend (the interpreter on CPU)."""
     attn.set_processor(PROCESSORS[processor_name]())
-    with torch.no_grad(), fastunet.use_backend("triton" if processor_name == "triton" else "auto"):
+    with torch.no_grad(), fastunet.use_backend(backend_for(processor_name)):
         return attn(*args, **kwargs)
+
+
+def assert_matches(ref, ours, processor_name, *args, **kwargs):
+    """``ours`` with the named processor gives ``ref``'s own (no-grad) output on the same inputs."""
+    with torch.no_grad():
+        expected = ref(*args, **kwargs)
+    actual = run(ours, processor_name, *args, **kwargs)
+    assert rel_err(actual, expected) < RTOL
 
 
 def launches(op):
@@ -111,10 +110,7 @@ def test_self_attention_block_4d(processor, head_dim):
 def test_same_processor_object_runs_on_diffusers_attention(processor):
     ref, _ = make_pair(64, **block_kwargs(64, 8))
     x = torch.randn(2, 64, 4, 6)
-    with torch.no_grad():
-        expected = ref(x)
-    actual = run(ref, processor, x)
-    assert rel_err(actual, expected) < RTOL
+    assert_matches(ref, ref, processor, x)
 
 
 def _masks(batch, heads, queries, keys):
@@ -138,10 +134,7 @@ def test_cross_attention_with_mask(processor, mask_kind):
                           upcast_attention=True)
     x, context = torch.randn(2, 11, 80), torch.randn(2, 7, 32)
     mask = _masks(2, 2, 11, 7)[mask_kind]
-    with torch.no_grad():
-        expected = ref(x, context, attention_mask=mask)  # diffusers' default: AttnProcessor2_0
-    actual = run(ours, processor, x, context, attention_mask=mask)
-    assert rel_err(actual, expected) < RTOL
+    assert_matches(ref, ours, processor, x, context, attention_mask=mask)  # ref: diffusers' default AttnProcessor2_0
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))
@@ -149,10 +142,7 @@ def test_spatial_norm_with_temb(processor):
     ref, ours = make_pair(64, heads=2, dim_head=32, spatial_norm_dim=16, norm_num_groups=32,
                           residual_connection=True, rescale_output_factor=0.9, bias=True)
     x, temb = torch.randn(2, 64, 6, 6), torch.randn(2, 16, 3, 3)
-    with torch.no_grad():
-        expected = ref(x, temb=temb)
-    actual = run(ours, processor, x, temb=temb)
-    assert rel_err(actual, expected) < RTOL
+    assert_matches(ref, ours, processor, x, temb=temb)
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))
@@ -160,10 +150,7 @@ def test_cross_attention_group_norm_3d_tokens(processor):
     ref, ours = make_pair(64, cross_attention_dim=32, heads=4, dim_head=16, norm_num_groups=8,
                           cross_attention_norm="group_norm", cross_attention_norm_num_groups=8, out_dim=64)
     x, context = torch.randn(3, 9, 64), torch.randn(3, 5, 32)
-    with torch.no_grad():
-        expected = ref(x, context)
-    actual = run(ours, processor, x, context)
-    assert rel_err(actual, expected) < RTOL
+    assert_matches(ref, ours, processor, x, context)
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))
@@ -175,10 +162,7 @@ def test_added_kv_projections(processor, only_cross):
                   cross_attention_norm="group_norm", cross_attention_norm_num_groups=8)
     ref, ours = make_pair(64, processor=dap.AttnAddedKVProcessor2_0(), **kwargs)
     x, context = torch.randn(2, 64, 4, 5), torch.randn(2, 6, 24)
-    with torch.no_grad():
-        expected = ref(x, context)
-    actual = run(ours, processor, x, context)
-    assert rel_err(actual, expected) < RTOL
+    assert_matches(ref, ours, processor, x, context)
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))

@@ -2,30 +2,15 @@
 
 import pytest
 import torch
+from attention_helpers import RTOL, backend_for, processor_factories, rel_err  # tests/ is on sys.path
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models import attention_processor as dap
 
 import fastunet
 import fastunet.kernels as K
-from fastunet.attention_processor import (
-    AttentionMixin,
-    AttnProcessor,
-    AttnProcessor2_0,
-    SlicedAttnProcessor,
-    TritonAttnProcessor,
-)
+from fastunet.attention_processor import AttentionMixin, SlicedAttnProcessor
 
-RTOL = 1e-4
-PROCESSORS = {
-    "plain": AttnProcessor,
-    "sdpa": AttnProcessor2_0,
-    "sliced": lambda: SlicedAttnProcessor(2),
-    "triton": TritonAttnProcessor,
-}
-
-
-def rel_err(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+PROCESSORS = processor_factories(slice_size=2)
 
 
 def perturb(model):
@@ -101,7 +86,7 @@ def test_processor_on_diffusers_unet(models, name, processor):
     assert all(type(p).__module__ == "fastunet.attention_processor"
                for p in AttentionMixin.attn_processors.fget(model).values())
     before = attention_launches()
-    actual = forward(model, args, backend="triton" if processor == "triton" else "auto")
+    actual = forward(model, args, backend=backend_for(processor))
     if processor == "triton":
         layers = len(AttentionMixin.attn_processors.fget(model))
         assert attention_launches() - before >= layers, "the Triton attention kernel did not run in every layer"
@@ -147,7 +132,7 @@ def test_diffusers_fused_projections_with_our_processor(processor):
                 for linear in (module.to_k, module.to_v) if module.is_cross_attention else (
                         module.to_q, module.to_k, module.to_v):
                     linear.weight.zero_()
-    assert rel_err(forward(model, args, backend="triton" if processor == "triton" else "auto"), expected) < RTOL
+    assert rel_err(forward(model, args, backend=backend_for(processor)), expected) < RTOL
 
 
 def test_encoder_attention_mask(models):
@@ -157,6 +142,5 @@ def test_encoder_attention_mask(models):
     expected = forward(model, (sample, t, context), encoder_attention_mask=keep)
     for name in PROCESSORS:
         set_processors(model, PROCESSORS[name]())
-        actual = forward(model, (sample, t, context), backend="triton" if name == "triton" else "auto",
-                         encoder_attention_mask=keep)
+        actual = forward(model, (sample, t, context), backend=backend_for(name), encoder_attention_mask=keep)
         assert rel_err(actual, expected) < RTOL, name
