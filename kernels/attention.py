@@ -41,9 +41,18 @@ takes the main kernels, see ``attention_short_config``).
 Head dims ``1 .. 256`` on the Triton path (padded to a power of two ``>= 64`` and masked); the torch
 reference takes any. Both paths register as ``torch.library`` custom ops (``fastunet::attention_fwd``
 -> ``(out, lse)``, ``fastunet::attention_bwd`` -> ``(dq, dk, dv)``) so ``torch.compile(fullgraph=True)``
-traces through them; the backend is picked inside the op with ``use_triton``. The reference path
-saves the same tensors; its forward is PyTorch's fused CPU kernel where it applies, and its
-backward a plain-torch recomputation chunked over queries.
+traces through them; the backend is picked inside the op with ``use_triton``.
+
+The torch reference path (CPU tensors, or backend "torch") saves the same ``(q, k, v, out, lse)``.
+Where PyTorch's fused CPU kernels apply (``aten._scaled_dot_product_flash_attention_for_cpu`` and
+its ``_backward``: CPU tensors, ``D == Dv``, non-empty; the backward also fp32/fp16/bf16, as it reads
+the fp32 ``lse``), both directions run them: they take the mask only as an additive bias in q's
+dtype (a bool mask becomes ``0 / -inf`` at the mask's own size, a float one is cast) viewed 4-D with
+stride-0 broadcasts, and read rows of q, k, v and out as contiguous, so an operand (dO too) whose
+innermost stride is not 1 is copied first. The backward recomputes ``exp(s - lse)`` from our ``lse``, so a
+fully masked row (``lse = +inf``) gets zero gradients as on the Triton path; it is parallel over
+(batch, head) only. Elsewhere (``D != Dv``, empty, fp64 backward, or a PyTorch without the ops)
+plain-torch recomputations chunked over queries (~16 MiB fp32 score chunks) serve instead.
 """
 
 from __future__ import annotations
@@ -713,6 +722,45 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
 # --------------------------------------------------------------------------------------------------
 
 
+# PyTorch's fused CPU attention (the kernels behind scaled_dot_product_attention on CPU). They are
+# private ATen ops, so they are looked up, not assumed: None on a PyTorch without them.
+_CPU_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_flash_applies(q, k, v) -> bool:
+    """Whether the fused CPU kernels take these shapes: CPU tensors, one head dim for keys and values
+    (D == Dv), and at least one query, one key and one (batch, head)."""
+    batch, heads, seqlen_q, d = q.shape
+    return q.device.type == "cpu" and d == v.shape[-1] and min(batch * heads, seqlen_q, k.shape[2]) > 0
+
+
+def _cpu_flash_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where its innermost stride is not 1: the fused CPU kernels read each
+    row of q, k, v and out as contiguous whatever that stride says (a ``[..., ::2]`` view gives wrong
+    numbers, not an error); dO takes the same rule. Other strides, stride 0 included, are honoured."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cpu_flash_bias(attn_mask: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask as the fused CPU kernels take it, at the mask's own size: additive in q's dtype (they
+    reject bool masks, so one becomes ``0 / -inf``). Forward and backward build it here, so that both
+    see the same rounded bias."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(q.dtype)
+
+
+def _in_fake_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy of it in the layout ``_alloc_like(t, x.shape)`` gives, which the fake ops promise
+    (the fused CPU kernels return ``(B, N, H, D)`` memory order whatever the input's)."""
+    if x.stride() == _alloc_like(t, x.shape, device="meta").stride():
+        return x
+    return _alloc_like(t, x.shape).copy_(x)
+
+
 def _query_chunk(batch_heads: int, seqlen_k: int) -> int:
     """Queries per chunk so one fp32 score chunk stays near 16 MiB."""
     return max(1, (1 << 22) // max(1, batch_heads * seqlen_k))
@@ -743,24 +791,15 @@ def _attention_fwd_reference(q, k, v, attn_mask, scale):
     it applies, else chunks over queries in fp32."""
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
-    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if (q.device.type == "cpu" and cpu_flash is not None and q.shape[-1] == v.shape[-1]
-            and seqlen_k > 0 and seqlen_q > 0 and batch * heads > 0):
-        bias, dead = None, None
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                bias = torch.zeros(attn_mask.shape, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
-                dead = ~attn_mask.any(-1)
-            else:
-                bias = attn_mask.to(q.dtype)
-                dead = (bias == float("-inf")).all(-1)
-            bias = bias.expand(batch, heads, seqlen_q, seqlen_k)
-        out, lse = cpu_flash(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        if out.stride() != _alloc_like(q, out.shape, device="meta").stride():  # the layout the fake promises
-            out = _alloc_like(q, out.shape).copy_(out)
-        if dead is not None:
+    if _CPU_FLASH_FWD is not None and _cpu_flash_applies(q, k, v):
+        bias, dead = _cpu_flash_bias(attn_mask, q), None
+        if bias is not None:
+            dead = (bias == float("-inf")).all(-1)
+            bias = bias.expand(batch, heads, seqlen_q, seqlen_k)  # it takes 2-D and 4-D masks only
+        out, lse = _CPU_FLASH_FWD(*map(_cpu_flash_operand, (q, k, v)), 0.0, False, attn_mask=bias, scale=scale)
+        if dead is not None:  # the kernel stores 0 there
             lse = lse.masked_fill(dead.expand(batch, heads, seqlen_q), float("inf"))
-        return out, lse.float().contiguous()
+        return _in_fake_layout(q, out), lse.float().contiguous()
 
     out = _alloc_like(q, (batch, heads, seqlen_q, v.shape[-1]))
     lse = _alloc_stats(q, (batch, heads, seqlen_q))
@@ -776,6 +815,22 @@ def _attention_fwd_reference(q, k, v, attn_mask, scale):
 
 
 def _attention_bwd_reference(do, q, k, v, out, lse, attn_mask, scale):
+    """Plain-torch backward ``(dq, dk, dv)`` from ``(q, k, v, out, lse)``: PyTorch's fused CPU backward
+    where it applies (``_cpu_flash_applies``, and fp32/fp16/bf16, whose log-sum-exp it reads in fp32),
+    else :func:`_attention_bwd_chunked`. The fused kernel recomputes ``exp(s - lse)`` from the saved
+    ``lse``, so a fully masked row (scores ``-inf``, lse ``+inf``) gets zero gradients there too."""
+    batch, heads, seqlen_q, _ = q.shape
+    if _CPU_FLASH_BWD is None or q.dtype not in _DTYPES or not _cpu_flash_applies(q, k, v):
+        return _attention_bwd_chunked(do, q, k, v, out, lse, attn_mask, scale)
+    bias = _cpu_flash_bias(attn_mask, q)
+    if bias is not None:
+        bias = bias.expand(batch, heads, seqlen_q, k.shape[2])
+    grads = _CPU_FLASH_BWD(*map(_cpu_flash_operand, (do, q, k, v, out)), lse, 0.0, False,
+                           attn_mask=bias, scale=scale)
+    return tuple(_in_fake_layout(t, g) for t, g in zip((q, k, v), grads))
+
+
+def _attention_bwd_chunked(do, q, k, v, out, lse, attn_mask, scale):
     """Plain-torch backward from ``(q, k, v, out, lse)``, chunked over queries, fp32 throughout."""
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]

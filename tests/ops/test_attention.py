@@ -230,13 +230,93 @@ def test_reference_path(dtype):
     check(q, k, v, torch.rand(2, 1, 50, 60) > 0.3, backend="torch")
 
 
-def test_reference_path_chunked_and_value_head_dim(monkeypatch):
-    """Dv != D skips PyTorch's fused CPU kernel; a tiny chunk exercises the query chunking."""
+@pytest.fixture
+def reference_backward_paths(monkeypatch):
+    """Counts the calls of the reference backward's two paths: PyTorch's fused CPU kernel
+    (``_CPU_FLASH_BWD``) and the chunked recomputation (``_attention_bwd_chunked``)."""
+    calls = Counter()
+    for name in ("_CPU_FLASH_BWD", "_attention_bwd_chunked"):
+        fn = getattr(attn, name)
+        if fn is None:
+            continue
+
+        def counted(*args, _name=name, _fn=fn, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(attn, name, counted)
+    return calls
+
+
+def _strided_qkv(dtype):
+    """q a (B, N, H, D) projection seen as (B, H, N, D); k and v with innermost stride 2."""
+    q = randn(2, 45, 3, 40, dtype=dtype).transpose(1, 2)
+    k, v = (randn(2, 3, 50, 40, 2, dtype=dtype)[..., 0] for _ in range(2))
+    return q, k, v
+
+
+def _masked_rows(mask, masked):
+    mask[..., 3, :] = masked  # a fully masked query row
+    mask[..., 5, :7] = masked
+    return mask
+
+
+# (dtype, inputs, mask): every input and mask form the fused CPU backward takes
+FUSED_FORMS = {
+    "fp32-no-mask": (torch.float32, lambda dt: qkv(2, 3, 45, 50, 64, dt), lambda: None),
+    "fp16-bool-per-batch": (torch.float16, lambda dt: qkv(2, 3, 45, 50, 40, dt),
+                            lambda: _masked_rows(torch.rand(2, 1, 45, 50) > 0.3, False)),
+    "bf16-bool-2d": (torch.bfloat16, lambda dt: qkv(2, 3, 45, 50, 40, dt),
+                     lambda: _masked_rows(torch.rand(45, 50) > 0.3, False)),
+    "fp32-additive-per-head-key": (torch.float32, lambda dt: qkv(2, 3, 45, 50, 80, dt),
+                                   lambda: torch.randn(1, 3, 1, 50)),
+    "fp32-additive-2d-inf": (torch.float32, lambda dt: qkv(2, 3, 45, 50, 40, dt),
+                             lambda: _masked_rows(torch.randn(45, 50), float("-inf"))),
+    "bf16-additive-fp32-3d": (torch.bfloat16, lambda dt: qkv(2, 3, 45, 50, 64, dt),
+                              lambda: _masked_rows(torch.randn(3, 45, 50), float("-inf"))),
+    "bf16-additive-over-queries": (torch.bfloat16, lambda dt: qkv(2, 3, 45, 50, 40, dt),
+                                   lambda: torch.randn(2, 1, 45, 1)),
+    "fp32-strided": (torch.float32, _strided_qkv, lambda: torch.rand(2, 1, 1, 50) > 0.2),
+    "bf16-strided": (torch.bfloat16, _strided_qkv, lambda: None),
+}
+
+
+@pytest.mark.parametrize("form", list(FUSED_FORMS), ids=list(FUSED_FORMS))
+def test_reference_backward_runs_pytorch_fused_kernel(form, reference_backward_paths):
+    """D == Dv on CPU: the reference backward is PyTorch's fused CPU kernel, for no mask, bool and
+    additive masks of every broadcast form, fp32/fp16/bf16 and strided inputs (innermost stride 2
+    is copied first, forward and backward); fully masked rows keep zero output and gradients."""
+    if attn._CPU_FLASH_BWD is None:
+        pytest.skip("this PyTorch has no _scaled_dot_product_flash_attention_for_cpu_backward")
+    dtype, make_inputs, make_mask = FUSED_FORMS[form]
+    q, k, v = make_inputs(dtype)
+    mask = make_mask()
+    out, dq, _, _ = check(q, k, v, mask, backend="torch")[0]
+    assert reference_backward_paths == Counter({"_CPU_FLASH_BWD": 1}), dict(reference_backward_paths)
+    if mask is not None and mask.shape[-2] > 1 and mask.shape[-1] > 1:
+        assert (out[:, :, 3] == 0).all() and (dq[:, :, 3] == 0).all()
+
+
+def test_reference_path_chunked_and_value_head_dim(monkeypatch, reference_backward_paths):
+    """Dv != D skips PyTorch's fused CPU kernels; a tiny chunk exercises the query chunking."""
     monkeypatch.setattr(attn, "_query_chunk", lambda batch_heads, seqlen_k: 7)
     q, k, v = qkv(1, 2, 30, 20, 40, torch.float32, dv=24)
     mask = torch.randn(1, 2, 30, 20)
     mask[..., 4, :] = float("-inf")
     check(q, k, v, mask, backend="torch")
+    assert reference_backward_paths == Counter({"_attention_bwd_chunked": 1}), dict(reference_backward_paths)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_reference_backward_falls_back_without_fused_kernel(monkeypatch, reference_backward_paths, dtype):
+    """A PyTorch without the fused CPU backward gets the chunked one, from the fused forward's
+    (out, lse), fully masked rows included."""
+    monkeypatch.setattr(attn, "_CPU_FLASH_BWD", None)
+    q, k, v = qkv(2, 2, 40, 50, 64, dtype)
+    mask = _masked_rows(torch.rand(2, 1, 40, 50) > 0.3, False)
+    out, dq, _, _ = check(q, k, v, mask, backend="torch")[0]
+    assert reference_backward_paths == Counter({"_attention_bwd_chunked": 1}), dict(reference_backward_paths)
+    assert (out[:, :, 3] == 0).all() and (dq[:, :, 3] == 0).all()
 
 
 def test_attention_reference_matches_sdpa_in_float64():
