@@ -24,17 +24,14 @@ autograd keeps for backward. Run: ``.venv/bin/python -m pytest bench/bench_atten
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, saved_bytes, time_rounds, warm_up
 
 import fastunet
 from fastunet.kernels import attention
 
-CUDA = torch.cuda.is_available()
-COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 if CUDA:
     SHAPES = {"self-4096": (2, 8, 4096, 4096, 64), "self-16384": (1, 8, 16384, 16384, 64),
               "cross-77": (2, 8, 4096, 77, 40), "temporal-16": (2560, 8, 16, 16, 40)}
@@ -88,48 +85,6 @@ def setup(provider: str, shape, dtype: torch.dtype, backward: bool, device):
     return run, lambda: fn(q, k, v)
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _peak_bytes(run) -> int:
-    """Peak memory of one call of ``run`` beyond what was allocated before it."""
-    if CUDA:
-        _sync()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        _sync()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        run()
-    current = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
-        peak = max(peak, current)
-    return peak
-
-
-def _saved_bytes(forward) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return total
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -143,16 +98,10 @@ def test_attention(benchmark, provider, name, dtype, mode, device):
     backward = mode == "fwd+bwd"
     torch.manual_seed(0)
     run, forward = setup(provider, shape, dtype, backward, device)
-    run()  # warm-up: compilation, allocator
-    _sync()
+    warm_up(run)
     benchmark.group = f"{name} {tuple(shape)} {str(dtype).removeprefix('torch.')} {mode}"
-    benchmark.extra_info["peak_mib"] = _peak_bytes(run) / 2**20
+    benchmark.extra_info["peak_mib"] = (cuda_peak_bytes(run) if CUDA else cpu_peak_bytes(run)) / 2**20
     if backward:
-        benchmark.extra_info["saved_mib"] = _saved_bytes(forward) / 2**20
-
-    def timed():
-        run()
-        _sync()
-
-    benchmark.pedantic(timed, rounds=20 if CUDA else 3, warmup_rounds=1)
+        benchmark.extra_info["saved_mib"] = saved_bytes(forward) / 2**20
+    time_rounds(benchmark, run, rounds=20 if CUDA else 3, warmup_rounds=1)
     benchmark.extra_info["tflops"] = flops(shape, backward) / benchmark.stats.stats.median / 1e12

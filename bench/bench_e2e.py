@@ -16,17 +16,14 @@ SD-1.5-sized (64x64 latents, fp16).
 
 from __future__ import annotations
 
-import os
-
 import diffusers
 import pytest
 import torch
+from harness import COMPILE, CUDA, cuda_peak_bytes, saved_bytes, time_rounds, warm_up
 
 import fastunet
 
-CUDA = torch.cuda.is_available()
 DTYPE = torch.float16 if CUDA else torch.float32
-COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 
 if CUDA:
     CONFIGS = {
@@ -96,24 +93,6 @@ def setup(provider: str, name: str, mode: str, device):
     return step
 
 
-def _saved_bytes(fn) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -122,19 +101,10 @@ def test_unet(benchmark, provider, name, mode, device):
         pytest.skip("torch.compile providers run on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     step = setup(provider, name, mode, device)
-    step()  # warm-up: compilation, autotuning, allocator
-    _sync()
+    warm_up(step)
     if mode == "fwd_bwd":
-        benchmark.extra_info["saved_mib"] = _saved_bytes(step) / 2**20
+        benchmark.extra_info["saved_mib"] = saved_bytes(step) / 2**20
     if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        _sync()
-        benchmark.extra_info["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        benchmark.extra_info["peak_mib"] = cuda_peak_bytes(step, beyond_allocated=False) / 2**20
     benchmark.group = f"{name} {mode}"
-
-    def timed():
-        step()
-        _sync()
-
-    benchmark.pedantic(timed, rounds=5 if not CUDA else 20, warmup_rounds=1)
+    time_rounds(benchmark, step, rounds=5 if not CUDA else 20, warmup_rounds=1)

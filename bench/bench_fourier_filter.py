@@ -16,17 +16,14 @@ during a call beyond the input.  Run: ``.venv/bin/python -m pytest bench/bench_f
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
+from harness import COMPILE, CUDA, cuda_peak_bytes, time_rounds, warm_up
 
 import fastunet
 from fastunet.kernels import fourier_filter
 
-CUDA = torch.cuda.is_available()
-COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 SHAPES = [(2, 1280, 16, 16), (2, 640, 32, 32), (2, 1280, 32, 32), (2, 640, 64, 64)]
 DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float32]
 PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "diffusers", "torch.compile"]
@@ -48,11 +45,6 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, device):
     return lambda: fn(x, THRESHOLD, SCALE)
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -63,21 +55,11 @@ def test_fourier_filter(benchmark, provider, shape, dtype, device):
         pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     run = setup(provider, shape, dtype, device)
-    run()  # warm-up: compilation, allocator
-    _sync()
+    warm_up(run)
     if CUDA:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        _sync()
-        benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        benchmark.extra_info["peak_mib"] = cuda_peak_bytes(run) / 2**20
     benchmark.group = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}"
-
-    def timed():
-        run()
-        _sync()
-
-    benchmark.pedantic(timed, rounds=20 if CUDA else 10, warmup_rounds=2)
+    time_rounds(benchmark, run, rounds=20 if CUDA else 10, warmup_rounds=2)
     numel = torch.Size(shape).numel()
     bytes_moved = 2 * numel * torch.empty((), dtype=dtype).element_size()
     benchmark.extra_info["gbps"] = bytes_moved / benchmark.stats.stats.median / 1e9

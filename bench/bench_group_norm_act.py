@@ -21,17 +21,14 @@ beyond what was allocated before it. Run: ``.venv/bin/python -m pytest bench/ben
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import COMPILE, CUDA, cuda_peak_bytes, time_rounds, warm_up
 
 import fastunet
 from fastunet.kernels import group_norm_act
 
-CUDA = torch.cuda.is_available()
-COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if CUDA else [torch.float32]
 PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "torch", "torch.compile"]
@@ -82,11 +79,6 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backwar
     return run
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("variant", ["plain", "modulated"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -99,22 +91,12 @@ def test_group_norm_act(benchmark, provider, shape, dtype, variant, backward, de
         pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     run = setup(provider, shape, dtype, variant, backward, device)
-    run()  # warm-up: compilation, autotuning, allocator
-    _sync()
+    warm_up(run)
     if CUDA:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        _sync()
-        benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        benchmark.extra_info["peak_mib"] = cuda_peak_bytes(run) / 2**20
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {variant} {mode}"
-
-    def timed():
-        run()
-        _sync()
-
-    benchmark.pedantic(timed, rounds=20 if CUDA else 5, warmup_rounds=2)
+    time_rounds(benchmark, run, rounds=20 if CUDA else 5, warmup_rounds=2)
     numel = torch.Size(shape).numel()
     passes = 5 if backward else 2
     benchmark.extra_info["gbps"] = passes * numel * dtype.itemsize / benchmark.stats.stats.median / 1e9

@@ -1,0 +1,79 @@
+"""Measurement helpers shared by the benchmarks (pytest puts bench/ on sys.path: ``from harness import ...``).
+
+Each benchmark builds a zero-argument callable, warms it up, records what it wants in
+``benchmark.extra_info`` with these helpers, and times it with :func:`time_rounds`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+# torch.compile providers run on CUDA by default; on CPU only with FASTUNET_BENCH_COMPILE=1.
+COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+
+
+def sync() -> None:
+    """Wait for the queued CUDA work (no-op on CPU)."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def warm_up(fn) -> None:
+    """One call of ``fn`` (compilation, autotuning, allocator), finished before anything is measured."""
+    fn()
+    sync()
+
+
+def saved_bytes(forward) -> int:
+    """Bytes autograd saves for backward while ``forward`` runs (saved-tensor hooks; device independent)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total
+
+
+def cuda_peak_bytes(fn, beyond_allocated: bool = True) -> int:
+    """Peak CUDA memory allocated during one call of ``fn``: beyond what was allocated before the call
+    when ``beyond_allocated``, else the absolute peak (the model and its inputs included)."""
+    sync()
+    before = torch.cuda.memory_allocated() if beyond_allocated else 0
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak CPU memory of one call of ``fn`` beyond what was allocated before it (the profiler's memory timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def time_rounds(benchmark, fn, *, rounds: int, warmup_rounds: int) -> None:
+    """``benchmark.pedantic`` over ``fn`` followed by a sync, so each round times the finished work."""
+
+    def timed():
+        fn()
+        sync()
+
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds)
