@@ -54,6 +54,44 @@ def pytest_sessionfinish(session):
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         (RESULTS / f"{module}.md").write_text("\n".join(lines) + "\n")
+        _plot(module, benches)
+
+
+def _provider(bench) -> str:
+    """The provider parameter of a benchmark id such as ``test_x[fastunet-torch-2x320x64x64-...]``."""
+    params = bench.params or {}
+    return str(params.get("provider", bench.name))
+
+
+def _plot(module: str, benches) -> None:
+    """``bench/results/<module>.png``: median time per group, one bar per provider (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the bench extra installs matplotlib; without it the tables are enough
+        return
+    groups = sorted({b.group or "" for b in benches})
+    providers = sorted({_provider(b) for b in benches})
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) + 2), 4.5))
+    for i, provider in enumerate(providers):
+        xs, ys = [], []
+        for j, group in enumerate(groups):
+            match = [b for b in benches if (b.group or "") == group and _provider(b) == provider]
+            if match:
+                xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                ys.append(match[0].stats.median * 1e3)
+        ax.bar(xs, ys, width, label=provider)
+    ax.set_xticks(range(len(groups)), groups, rotation=35, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (ms, log scale)")
+    ax.set_title(f"{module} on {device_name()}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{module}.png", dpi=110)
+    plt.close(fig)
 
 
 def _fmt(value) -> str:
