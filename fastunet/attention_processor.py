@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from fastunet.kernels import attention as attention_kernel
 from fastunet.kernels import group_norm_act
 
+from .configuration import reject_unsupported
+
 logger = logging.getLogger(__name__)
 
 AttentionProcessor = Callable[..., torch.Tensor]
@@ -64,14 +66,6 @@ class SpatialNorm(nn.Module):
         norm = self.norm_layer
         normed = group_norm_act(f, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
         return normed * self.conv_y(zq) + self.conv_b(zq)
-
-
-def _unsupported(name: str, value, allowed) -> None:
-    if value != allowed:
-        raise NotImplementedError(
-            f"fastunet's Attention does not support {name}={value!r} (only {allowed!r}); "
-            "it implements the options diffusers' UNets use"
-        )
 
 
 class Attention(nn.Module):
@@ -123,13 +117,13 @@ class Attention(nn.Module):
         for name, value in (("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int; got {value!r}")
-        _unsupported("qk_norm", qk_norm, None)
-        _unsupported("context_pre_only", context_pre_only, None)
-        _unsupported("pre_only", pre_only, False)
-        _unsupported("is_causal", is_causal, False)
+        reject_unsupported("Attention", "qk_norm", qk_norm, (None,))
+        reject_unsupported("Attention", "context_pre_only", context_pre_only, (None,))
+        reject_unsupported("Attention", "pre_only", pre_only, (False,))
+        reject_unsupported("Attention", "is_causal", is_causal, (False,))
         if kv_heads is not None and kv_heads != (out_dim // dim_head if out_dim is not None else heads):
             raise NotImplementedError(
-                f"fastunet's Attention does not support grouped-query attention: kv_heads={kv_heads} "
+                f"Attention: grouped-query attention is not supported by fastunet: kv_heads={kv_heads} "
                 f"must equal heads={heads}"
             )
         if out_dim is not None and out_dim % dim_head != 0:

@@ -71,6 +71,14 @@ def init_parameter_names(cls) -> list[str]:
     ]
 
 
+def reject_unsupported(owner: str, name: str, value, supported: tuple) -> None:
+    """Raise ``NotImplementedError`` naming ``owner``, the option and the supported values when
+    ``value`` is not one of ``supported`` (diffusers options that fastunet does not implement)."""
+    if value not in supported:
+        raise NotImplementedError(f"{owner}: {name}={value!r} is not supported by fastunet (supported: "
+                                  f"{', '.join(repr(v) for v in supported)})")
+
+
 class ConfigMixin:
     """``config`` and ``from_config`` for classes whose ``__init__`` uses :func:`register_to_config`."""
 

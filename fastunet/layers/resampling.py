@@ -182,9 +182,8 @@ class Upsample2D(nn.Module):
         return hidden_states
 
 
-class FirDownsample2D(nn.Module):
-    """Halve H and W with a FIR filter (default ``(1, 3, 3, 1)``); with ``use_conv`` the filter is
-    fused with a stride-2 3x3 conv stored at ``Conv2d_0``."""
+class _FirResample2D(nn.Module):
+    """What the FIR resamplers share: the filter taps and, with ``use_conv``, a 3x3 conv at ``Conv2d_0``."""
 
     def __init__(self, channels: int | None = None, out_channels: int | None = None, use_conv: bool = False,
                  fir_kernel: Sequence[float] = _DEFAULT_FIR):
@@ -195,6 +194,11 @@ class FirDownsample2D(nn.Module):
         self.fir_kernel = fir_kernel
         self.use_conv = use_conv
         self.out_channels = out_channels
+
+
+class FirDownsample2D(_FirResample2D):
+    """Halve H and W with a FIR filter (default ``(1, 3, 3, 1)``); with ``use_conv`` the filter is
+    fused with a stride-2 3x3 conv stored at ``Conv2d_0``."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C or out_channels, H/2, W/2)``."""
@@ -209,19 +213,9 @@ class FirDownsample2D(nn.Module):
         return F.conv2d(filtered, weight, self.Conv2d_0.bias, stride=2)
 
 
-class FirUpsample2D(nn.Module):
+class FirUpsample2D(_FirResample2D):
     """Double H and W with a FIR filter (default ``(1, 3, 3, 1)``); with ``use_conv`` a 3x3 conv
     stored at ``Conv2d_0`` is applied as a stride-2 transposed conv before the filter."""
-
-    def __init__(self, channels: int | None = None, out_channels: int | None = None, use_conv: bool = False,
-                 fir_kernel: Sequence[float] = _DEFAULT_FIR):
-        super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.Conv2d_0 = nn.Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.use_conv = use_conv
-        self.fir_kernel = fir_kernel
-        self.out_channels = out_channels
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C or out_channels, 2H, 2W)``."""

@@ -29,15 +29,10 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..attention_processor import Attention
-from ..configuration import register_to_config
+from ..configuration import register_to_config, reject_unsupported
 from ..modeling import ModelMixin
 from ..outputs import ModelOutput
 from .utils import maybe_checkpoint
-
-
-def _unsupported(name: str, value: Any, supported: Any) -> None:
-    if value != supported:
-        raise NotImplementedError(f"{name}={value!r} is not supported by fastunet; only {supported!r}")
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -151,10 +146,10 @@ class BasicTransformerBlock(nn.Module):
                  ada_norm_bias: int | None = None, ff_inner_dim: int | None = None, ff_bias: bool = True,
                  attention_out_bias: bool = True):
         super().__init__()
-        _unsupported("norm_type", norm_type, "layer_norm")
-        _unsupported("num_embeds_ada_norm", num_embeds_ada_norm, None)
-        _unsupported("attention_type", attention_type, "default")
-        _unsupported("positional_embeddings", positional_embeddings, None)
+        reject_unsupported("Transformer2DModel", "norm_type", norm_type, ("layer_norm",))
+        reject_unsupported("Transformer2DModel", "num_embeds_ada_norm", num_embeds_ada_norm, (None,))
+        reject_unsupported("Transformer2DModel", "attention_type", attention_type, ("default",))
+        reject_unsupported("Transformer2DModel", "positional_embeddings", positional_embeddings, (None,))
         self.dim = dim
         self.num_attention_heads = num_attention_heads
         self.attention_head_dim = attention_head_dim
@@ -261,9 +256,9 @@ class Transformer2DModel(ModelMixin):
         super().__init__()
         if in_channels is None:
             raise NotImplementedError("fastunet's Transformer2DModel takes continuous inputs only: set in_channels")
-        _unsupported("num_vector_embeds", num_vector_embeds, None)
-        _unsupported("patch_size", patch_size, None)
-        _unsupported("caption_channels", caption_channels, None)
+        reject_unsupported("Transformer2DModel", "num_vector_embeds", num_vector_embeds, (None,))
+        reject_unsupported("Transformer2DModel", "patch_size", patch_size, (None,))
+        reject_unsupported("Transformer2DModel", "caption_channels", caption_channels, (None,))
         if out_channels is not None and out_channels != in_channels:
             raise ValueError(f"out_channels must equal in_channels ({in_channels}) for the residual; "
                              f"got {out_channels}")

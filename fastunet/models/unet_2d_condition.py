@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..attention_processor import AttentionMixin
-from ..configuration import register_to_config
+from ..configuration import register_to_config, reject_unsupported
 from ..layers.activations import get_activation
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
 from ..layers.freeu import FreeUConfig, apply_freeu
@@ -70,13 +70,6 @@ def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.T
         # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
         filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
     return scaled, filtered
-
-
-def _not_implemented(name: str, value, supported) -> None:
-    if value not in supported:
-        raise NotImplementedError(
-            f"UNet2DConditionModel: {name}={value!r} is not supported by fastunet (supported: "
-            f"{', '.join(repr(s) for s in supported)})")
 
 
 class UNet2DConditionModel(ModelMixin, AttentionMixin):
@@ -156,8 +149,8 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
         if dual_cross_attention:
             raise NotImplementedError("UNet2DConditionModel: dual_cross_attention=True (DualTransformer2DModel, "
                                       "Versatile Diffusion) is not supported by fastunet")
-        _not_implemented("attention_type", attention_type, ("default",))
-        _not_implemented("addition_embed_type", addition_embed_type, (None, "text_time"))
+        reject_unsupported("UNet2DConditionModel", "attention_type", attention_type, ("default",))
+        reject_unsupported("UNet2DConditionModel", "addition_embed_type", addition_embed_type, (None, "text_time"))
         if norm_num_groups is None:
             raise ValueError("norm_num_groups=None is not supported: the UNet's ResnetBlock2D, Transformer2DModel "
                              "and conv_norm_out need GroupNorm groups (diffusers fails on it too); got None")
@@ -208,7 +201,7 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             encoder_hid_dim_type = "text_proj"  # diffusers' default when only encoder_hid_dim is given
         if encoder_hid_dim_type is not None and encoder_hid_dim is None:
             raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r} needs encoder_hid_dim; got None")
-        _not_implemented("encoder_hid_dim_type", encoder_hid_dim_type, (None, "text_proj"))
+        reject_unsupported("UNet2DConditionModel", "encoder_hid_dim_type", encoder_hid_dim_type, (None, "text_proj"))
         self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
                                  if encoder_hid_dim_type == "text_proj" else None)
 

@@ -279,7 +279,7 @@ def test_constructor_errors():
         Attention(32, heads=0)
     for kwargs in (dict(qk_norm="layer_norm"), dict(kv_heads=2, heads=4), dict(is_causal=True),
                    dict(context_pre_only=True), dict(pre_only=True)):
-        with pytest.raises(NotImplementedError, match="does not support"):
+        with pytest.raises(NotImplementedError, match="is not supported by fastunet"):
             Attention(32, **kwargs)
     with pytest.raises(ValueError, match="slice_size must be at least 1; got 0"):
         SlicedAttnProcessor(0)
