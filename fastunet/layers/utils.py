@@ -12,4 +12,3 @@ def maybe_checkpoint(enabled: bool, fn, *args, **kwargs):
     if enabled and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
     return fn(*args, **kwargs)
-
