@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -101,18 +102,20 @@ def timesteps_to_tensor(timestep, batch_size: int, device: torch.device,
                         scalar_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Turn an int, a float, a 0-d or a 1-d tensor into a ``(batch_size,)`` tensor on ``device``.
 
-    A Python number becomes a tensor of ``scalar_dtype`` (``None``: int64 for ints, float32 for
+    A Python or NumPy number becomes a tensor of ``scalar_dtype`` (``None``: int64 for ints, float32 for
     floats; ``UNet2DModel`` passes int64 because diffusers' ``UNet2DModel`` truncates Python floats).
     A 1-element 1-d tensor is broadcast over the batch; a 1-d tensor of another length must equal
     ``batch_size``.
     """
     if isinstance(timestep, torch.Tensor):
         t = timestep.to(device)
-    elif isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
+    elif isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
         raise TypeError(f"timestep must be an int, a float or a tensor; got {type(timestep).__name__}")
     else:
-        dtype = scalar_dtype or (torch.float32 if isinstance(timestep, float) else torch.int64)
-        t = torch.tensor([timestep], dtype=dtype, device=device)
+        # numbers.Real also takes NumPy scalars (np.int64 from a scheduler's array), as diffusers does
+        integral = isinstance(timestep, numbers.Integral)
+        dtype = scalar_dtype or (torch.int64 if integral else torch.float32)
+        t = torch.tensor([int(timestep) if integral else float(timestep)], dtype=dtype, device=device)
     if t.dim() == 0:
         t = t[None]
     if t.dim() != 1:

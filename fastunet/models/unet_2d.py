@@ -188,14 +188,46 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         for name, value in (("downsample_type", downsample_type), ("upsample_type", upsample_type)):
             if value not in ("conv", "resnet"):
                 raise ValueError(f"{name} must be 'conv' or 'resnet'; got {value!r}")
-        uses_skip = [t for t in (*down_block_types, *up_block_types) if "Skip" in str(t)]
-        if uses_skip and (in_channels != SKIP_CHANNELS or out_channels != SKIP_CHANNELS):
-            raise ValueError(f"skip blocks {uses_skip} carry a {SKIP_CHANNELS}-channel image: in_channels and "
-                             f"out_channels must be {SKIP_CHANNELS}; got {in_channels} and {out_channels}")
+        UNet2DModel._validate_skip_path(list(down_block_types), list(up_block_types), in_channels, out_channels)
         if norm_num_groups is None:
             plain = [t for t in (*down_block_types, *up_block_types) if "Skip" not in str(t)]
             if plain:
                 raise ValueError(f"norm_num_groups=None is only supported by skip blocks; got {plain}")
+
+    @staticmethod
+    def _validate_skip_path(down_block_types, up_block_types, in_channels, out_channels) -> None:
+        """The NCSN++ skip image only lines up with the hidden states along an unbroken run of skip blocks.
+
+        Down: every skip block but the last one FIR-downsamples the skip image (the ``in_channels``-channel
+        input) and adds its projection; the image is only at the block's resolution if no plain block
+        downsampled before it. Up: every skip block but the last one starts a ``SKIP_CHANNELS``-channel
+        image that later blocks upsample and the model adds to its output, so from there on every block
+        must be a skip block. A skip block in last place resamples nothing and may stand anywhere.
+        (diffusers builds the other arrangements, then fails in forward with a shape mismatch.)
+        """
+        def is_skip(block_type) -> bool:
+            return "Skip" in str(block_type)
+
+        for i, block_type in enumerate(down_block_types[:-1]):
+            plain_before = [t for t in down_block_types[:i] if not is_skip(t)]
+            if is_skip(block_type) and plain_before:
+                raise ValueError(f"down block {i} ({block_type}) downsamples the skip image, which must not be "
+                                 f"preceded by plain down blocks ({plain_before}): they downsample the hidden "
+                                 f"states but not the image; got down_block_types={down_block_types}")
+            if is_skip(block_type) and in_channels != SKIP_CHANNELS:
+                raise ValueError(f"down block {i} ({block_type}) projects the input sample as a "
+                                 f"{SKIP_CHANNELS}-channel skip image: in_channels must be {SKIP_CHANNELS}; "
+                                 f"got {in_channels}")
+        for i, block_type in enumerate(up_block_types[:-1]):
+            if not is_skip(block_type):
+                continue
+            plain_after = [t for t in up_block_types[i + 1:] if not is_skip(t)]
+            if plain_after:
+                raise ValueError(f"up block {i} ({block_type}) starts a skip image that every later up block "
+                                 f"must upsample, but {plain_after} follow it; got up_block_types={up_block_types}")
+            if out_channels != SKIP_CHANNELS:
+                raise ValueError(f"up block {i} ({block_type}) builds a {SKIP_CHANNELS}-channel skip image that is "
+                                 f"added to the output: out_channels must be {SKIP_CHANNELS}; got {out_channels}")
 
     @property
     def downsample_factor(self) -> int:

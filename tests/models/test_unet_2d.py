@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -70,6 +71,11 @@ CONFIGS = {
                                              time_embedding_dim=64),
     # no mid block at all
     "no_mid_block": dict(SMALL, mid_block_type=None, norm_eps=1e-6),
+    # skip blocks in last place resample no skip image, so diffusers takes any in/out channel count there
+    "final_skip_blocks_4_channels": dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        norm_num_groups=8, attention_head_dim=16, down_block_types=("DownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnSkipUpBlock2D")),
 }
 
 
@@ -209,8 +215,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("timestep", [
-    7, 12.9, torch.tensor(33), torch.tensor(41.5), torch.tensor([250]), torch.tensor([3, 999]),
-], ids=["int", "float", "0d_int", "0d_float", "1d_single", "1d_batch"])
+    7, 12.9, np.int64(21), torch.tensor(33), torch.tensor(41.5), torch.tensor([250]), torch.tensor([3, 999]),
+], ids=["int", "float", "numpy_int", "0d_int", "0d_float", "1d_single", "1d_batch"])
 def test_timestep_forms_match_diffusers(timestep):
     ours, theirs = build_pair(SMALL)
     sample = torch.randn(2, 3, 16, 16)
@@ -397,7 +403,13 @@ def test_forward_rejects_bad_inputs():
     (dict(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift"),
     (dict(norm_num_groups=None), "norm_num_groups=None"),
     (dict(in_channels=4, down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"),
-          up_block_types=("SkipUpBlock2D", "SkipUpBlock2D")), "in_channels and out_channels must be 3"),
+          up_block_types=("SkipUpBlock2D", "SkipUpBlock2D")), "in_channels must be 3"),
+    (dict(out_channels=4, down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"),
+          up_block_types=("SkipUpBlock2D", "SkipUpBlock2D")), "out_channels must be 3"),
+    # diffusers builds these, then fails in forward: the skip image and the hidden states drift apart
+    (dict(block_out_channels=(32, 32, 64), down_block_types=("DownBlock2D", "SkipDownBlock2D", "DownBlock2D"),
+          up_block_types=("UpBlock2D",) * 3), "preceded by plain down blocks"),
+    (dict(up_block_types=("SkipUpBlock2D", "UpBlock2D")), "every later up block"),
     (dict(attention_head_dim=128), "attention_head_dim"),
     (dict(downsample_type="pool"), "downsample_type"),
     (dict(upsample_type="pixel_shuffle"), "upsample_type"),
