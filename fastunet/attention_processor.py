@@ -477,6 +477,11 @@ class _AttnProcessorBase:
         if not attn.only_cross_attention:
             key = torch.cat([key, attn.to_k(hidden_states)], dim=1)
             value = torch.cat([value, attn.to_v(hidden_states)], dim=1)
+            if attention_mask is not None and attention_mask.shape[-1] == encoder_hidden_states.shape[1]:
+                # a mask over the encoder tokens (UNet2DConditionModel's encoder_attention_mask): the block's
+                # own tokens, appended to the keys, are all kept, as in diffusers (which pads the mask by them)
+                attention_mask = F.pad(attention_mask, (0, hidden_states.shape[1]),
+                                       value=True if attention_mask.dtype == torch.bool else 0.0)
         hidden_states = self.attend(attn, query, key, value, attention_mask, batch)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         return hidden_states.transpose(1, 2).reshape(residual.shape) + residual

@@ -17,12 +17,21 @@ from fastunet.outputs import ModelOutput
 
 from .unet_1d_blocks import (
     DownBlock1DNoSkip,
+    DownResnetBlock1D,
+    MidResTemporalBlock1D,
     OutValueFunctionBlock,
+    UpResnetBlock1D,
+    ValueFunctionMidBlock1D,
     get_down_block,
     get_mid_block,
     get_out_block,
     get_up_block,
 )
+
+
+# the blocks built on ResidualTemporalBlock1D (and the value head), which take a (batch, channels) embedding
+_PLANNING_BLOCKS = (DownResnetBlock1D, UpResnetBlock1D, MidResTemporalBlock1D, ValueFunctionMidBlock1D,
+                    OutValueFunctionBlock)
 
 
 @dataclass
@@ -127,9 +136,13 @@ class UNet1DModel(ModelMixin, AttentionMixin):
             num_groups_out=norm_num_groups if norm_num_groups is not None else min(base // 4, 32),
             embed_dim=base, out_channels=out_channels, act_fn=act_fn, fc_dim=top // 4)
 
-        # every halving of the length before the deepest point: the skips only line up again when the
-        # length divides 2**halvings; a value function instead needs the length reduced to 1
+        # every halving of the length before the deepest point: a length that divides 2**halvings always
+        # lines up with the skips again (when the blocks do), and a value function reduces one up to 2**halvings to 1
         self._halvings = sum(block.halvings for block in self.down_blocks) + self.mid_block.halvings
+        # blocks that add a Linear projection of a (B, C) embedding: without the MLP the embedding they
+        # would get is the (B, C, L) one broadcast over the length, which diffusers' blocks fail on too
+        self._blocks_needing_mlp = sorted({type(block).__name__ for block in (
+            *self.down_blocks, self.mid_block, *self.up_blocks, self.out_block) if isinstance(block, _PLANNING_BLOCKS)})
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if not isinstance(sample, torch.Tensor):
@@ -150,14 +163,49 @@ class UNet1DModel(ModelMixin, AttentionMixin):
             what = f"in_channels + extra_in_channels = {cfg.in_channels} + {cfg.extra_in_channels} = {expected}"
         if sample.shape[1] != expected:
             raise ValueError(f"sample has {sample.shape[1]} channels; expected {what}")
-        length, factor = sample.shape[2], 2 ** self._halvings
+        if self.time_mlp is None and self._blocks_needing_mlp:
+            raise ValueError(f"{', '.join(self._blocks_needing_mlp)} project a (batch, {self.config.block_out_channels[0]}) "
+                             "time embedding and need use_timestep_embedding=True; without it the embedding is "
+                             "broadcast over the length to (batch, channels, length), which they cannot take "
+                             "(diffusers' UNet1DModel fails on this config too)")
+        self._check_length(sample.shape[2])
+
+    def _trace_length(self, length: int) -> tuple[int, str | None]:
+        """Follow ``length`` through the blocks as diffusers' forward does: ``(length reaching the output
+        block, None)``, or ``(-1, what goes wrong)`` when an up block's input and the skip it concatenates
+        differ in length (the audio blocks' FIR decimation floors odd lengths, the planning blocks' strided
+        convs round them up, every upsampler doubles)."""
+        skips = []
+        for block in self.down_blocks:
+            length, skip = block.output_lengths(length)
+            skips.append(skip)
+        length = self.mid_block.output_length(length)
         if isinstance(self.out_block, OutValueFunctionBlock):
-            if length > factor:
+            return length, None
+        for i, block in enumerate(self.up_blocks):
+            if not skips:
+                return -1, (f"up block {i} ({type(block).__name__}) has no skip connection left: the model has "
+                            f"{len(self.down_blocks)} down blocks but {len(self.up_blocks)} up blocks")
+            skip = skips.pop()
+            if length != skip:
+                return -1, (f"up block {i} ({type(block).__name__}) would get length {length} but its skip "
+                            f"connection has length {skip}")
+            length = block.output_length(length)
+        return length, None
+
+    def _check_length(self, length: int) -> None:
+        factor = 2 ** self._halvings
+        reached, problem = self._trace_length(length)
+        if isinstance(self.out_block, OutValueFunctionBlock):
+            if reached != 1:
                 raise ValueError(f"the value function halves the length {self._halvings} times and needs it reduced "
                                  f"to 1, so the sample length must be at most {factor}; got {length}")
-        elif len(self.up_blocks) and length % factor:
-            raise ValueError(f"sample length {length} is not divisible by {factor}, the model's downsampling factor "
-                             f"(2 ** {self._halvings}); pad or crop it to a multiple of {factor}")
+        elif problem is not None:
+            if length % factor and self._trace_length(factor)[1] is None:
+                raise ValueError(f"sample length {length} is not divisible by {factor}, the model's downsampling "
+                                 f"factor (2 ** {self._halvings}): {problem}; pad or crop it to a multiple of {factor}")
+            raise ValueError(f"the up blocks do not undo the down and mid blocks' resampling at sample length "
+                             f"{length} (nor at multiples of {factor}): {problem}")
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 return_dict: bool = True) -> UNet1DOutput | tuple:

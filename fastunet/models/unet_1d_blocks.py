@@ -258,6 +258,11 @@ class _AudioDownBlock(_ResConvStack):
     def halvings(self) -> int:
         return int(self.down is not None)
 
+    def output_lengths(self, length: int) -> tuple[int, int]:
+        """``(output length, skip length)`` for an input of ``length``: the FIR decimation floors."""
+        out = length if self.down is None else length // 2
+        return out, out
+
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None):
         h = hidden_states if self.down is None else self.down(hidden_states)
         if self.concat_temb:
@@ -295,6 +300,10 @@ class UNetMidBlock1D(_ResConvStack):
 
     halvings = 1  # the length must be even to come back unchanged
 
+    @staticmethod
+    def output_length(length: int) -> int:
+        return 2 * (length // 2)
+
     def __init__(self, mid_channels: int, in_channels: int, out_channels: int | None = None):
         out_channels = in_channels if out_channels is None else out_channels
         super().__init__(in_channels, mid_channels, out_channels, num_layers=6, add_attention=True)
@@ -313,6 +322,9 @@ class _AudioUpBlock(_ResConvStack):
         super().__init__(2 * in_channels, mid_channels, out_channels, add_attention=add_attention,
                          last_is_plain=last_is_plain)
         self.up = Upsample1d("cubic") if add_upsample else None
+
+    def output_length(self, length: int) -> int:
+        return length if self.up is None else 2 * length
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -470,6 +482,10 @@ class DownResnetBlock1D(_TemporalResnets):
     def halvings(self) -> int:
         return int(self.downsample is not None)
 
+    def output_lengths(self, length: int) -> tuple[int, int]:
+        """``(output length, skip length)``: the skip is taken before the strided conv, which rounds up."""
+        return (length if self.downsample is None else (length + 1) // 2), length
+
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None):
         skip = h = self._run_resnets(hidden_states, temb)
         if self.nonlinearity is not None:
@@ -498,6 +514,9 @@ class UpResnetBlock1D(_TemporalResnets):
             h = self.nonlinearity(h)
         return h if self.upsample is None else self.upsample(h)
 
+    def output_length(self, length: int) -> int:
+        return length if self.upsample is None else 2 * length
+
 
 class MidResTemporalBlock1D(_TemporalResnets):
     """Residual temporal blocks [-> nearest+conv upsampling | strided-conv downsampling].
@@ -518,6 +537,11 @@ class MidResTemporalBlock1D(_TemporalResnets):
     def halvings(self) -> int:
         return int(self.downsample is not None)
 
+    def output_length(self, length: int) -> int:
+        if self.upsample is not None:
+            length *= 2
+        return length if self.downsample is None else (length + 1) // 2
+
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self._run_resnets(hidden_states, temb)
         if self.upsample is not None:
@@ -532,6 +556,10 @@ class ValueFunctionMidBlock1D(nn.Module):
     ``(B, C, L) -> (B, C // 4, ceil(ceil(L / 2) / 2))``."""
 
     halvings = 2
+
+    @staticmethod
+    def output_length(length: int) -> int:
+        return ((length + 1) // 2 + 1) // 2
 
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int):
         super().__init__()

@@ -144,3 +144,23 @@ def test_encoder_attention_mask(models):
         set_processors(model, PROCESSORS[name]())
         actual = forward(model, (sample, t, context), backend=backend_for(name), encoder_attention_mask=keep)
         assert rel_err(actual, expected) < RTOL, name
+
+
+def test_added_kv_encoder_attention_mask():
+    """SimpleCrossAttn blocks: keys are [encoder tokens, the block's own tokens] and the encoder mask covers
+    only the first part; the block's own tokens are kept, as diffusers pads the mask by them."""
+    torch.manual_seed(2)
+    model = perturb(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift",
+    ))
+    args = (torch.randn(2, 4, 4, 4), torch.tensor([3, 700]), torch.randn(2, 5, 32))
+    keep = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 1, 1, 1]])
+    expected = forward(model, args, encoder_attention_mask=keep)
+    assert rel_err(expected, forward(model, args)) > 1e-3  # the mask matters
+    for name in PROCESSORS:
+        set_processors(model, PROCESSORS[name]())
+        actual = forward(model, args, backend=backend_for(name), encoder_attention_mask=keep)
+        assert rel_err(actual, expected) < RTOL, name

@@ -269,6 +269,38 @@ def test_length_not_divisible(config, length, factor):
         model(torch.randn(1, config["in_channels"], length), 1)
 
 
+def test_odd_length_where_the_up_path_lines_up():
+    """Two planning down blocks and one up block use only the deeper skip: diffusers runs a length of 7
+    (strided convs round up: 7 -> 4, back up to 8), and so must we."""
+    config = dict(PLANNING, down_block_types=("DownResnetBlock1D",) * 2, up_block_types=("UpResnetBlock1D",),
+                  block_out_channels=(16, 32), layers_per_block=0)
+    ours, theirs = twins(config)
+    sample, timestep = inputs(config, 7)
+    with torch.no_grad():
+        out, ref = ours(sample, timestep).sample, theirs(sample, timestep).sample
+    assert out.shape == ref.shape == (2, 6, 8)
+    assert rel(out, ref) < 1e-4
+
+
+def test_up_path_that_never_lines_up():
+    # every block downsamples, mid block included, but only two up blocks come back: no length works
+    model = UNet1DModel(**dict(PLANNING, downsample_each_block=True))
+    with pytest.raises(ValueError, match=r"do not undo the down and mid blocks' resampling at sample length 64 "
+                                         r"\(nor at multiples of 16\): up block 0 \(UpResnetBlock1D\) would get length 4 "
+                                         r"but its skip connection has length 16"):
+        model(torch.randn(1, 6, 64), 1)
+
+
+@pytest.mark.parametrize("config", [PLANNING, VALUE])
+def test_planning_blocks_need_the_timestep_mlp(config):
+    config = dict(config, use_timestep_embedding=False)
+    sample, timestep = inputs(config, 16)
+    with pytest.raises(Exception):  # diffusers fails inside its blocks
+        DiffusersUNet1DModel(**config)(sample, timestep)
+    with pytest.raises(ValueError, match=r"DownResnetBlock1D.* need use_timestep_embedding=True"):
+        UNet1DModel(**config)(sample, timestep)
+
+
 def test_value_function_length_too_long():
     with pytest.raises(ValueError, match=r"at most 32; got 40"):
         UNet1DModel(**VALUE)(torch.randn(1, 6, 40), 1)
