@@ -623,6 +623,20 @@ def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, shape):
     return view, view.stride(), True
 
 
+#: CUDA's cap on the second grid dim, which carries the (batch, head) sequences of the main kernels.
+_MAX_GRID_Y = 65535
+
+
+def _batch_chunks(batch: int, heads: int) -> list[slice]:
+    """Batch slices of at most ``_MAX_GRID_Y`` sequences each, one launch per slice: past 65535
+    sequences (4096 images of 16 heads) a single grid ``(blocks, B * H)`` would fail to launch."""
+    if heads > _MAX_GRID_Y:
+        raise ValueError(f"the Triton attention kernels take up to {_MAX_GRID_Y} heads for sequences longer than "
+                         f"{SHORT_SEQ_MAX}; got H={heads}")
+    step = _MAX_GRID_Y // heads
+    return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
 def _check_head_dims(d: int, dv: int) -> None:
     if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernels take head dims up to {_MAX_HEAD_DIM}; got D={d}, Dv={dv} "
@@ -655,11 +669,13 @@ def _attention_fwd(q, k, v, attn_mask, scale):
         record_launch("attention_short_fwd")
         return out, lse
     cfg = attention_fwd_config(block_d, q.dtype)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * heads)
-    _attention_fwd_kernel[grid](
-        q, k, v, mask, out, lse, *strides, heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    record_launch("attention_fwd")
+    for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
+        grid = (triton.cdiv(seqlen_q, cfg.block_m), (bs.stop - bs.start) * heads)
+        _attention_fwd_kernel[grid](
+            q[bs], k[bs], v[bs], mask[bs], out[bs], lse[bs], *strides, heads, seqlen_q, seqlen_k,
+            scale * math.log2(math.e), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **common)
+        record_launch("attention_fwd")
     return out, lse
 
 
@@ -694,26 +710,30 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
 
     delta = _alloc_stats(q, (batch, heads, seqlen_q))
     pre = attention_bwd_preprocess_config(block_d)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), batch * heads)](
-        out, do, delta, *out.stride(), *do.stride(), heads, seqlen_q,
-        HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
-        num_stages=pre.num_stages)
-    record_launch("attention_bwd_preprocess")
-
     inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
-    cfg = attention_bwd_dkdv_config(block_d, q.dtype)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), batch * heads)](
-        q, k, v, mask, do, lse, delta, dk, dv, *inputs, *dk.stride(), *dv.stride(),
-        heads, seqlen_q, seqlen_k, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    record_launch("attention_bwd_dkdv")
+    dkdv_cfg = attention_bwd_dkdv_config(block_d, q.dtype)
+    dq_cfg = attention_bwd_dq_config(block_d, q.dtype)
+    for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
+        seqs = (bs.stop - bs.start) * heads
+        _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), seqs)](
+            out[bs], do[bs], delta[bs], *out.stride(), *do.stride(), heads, seqlen_q,
+            HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
+            num_stages=pre.num_stages)
+        record_launch("attention_bwd_preprocess")
 
-    cfg = attention_bwd_dq_config(block_d, q.dtype)
-    _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), batch * heads)](
-        q, k, v, mask, do, lse, delta, dq, *inputs, *dq.stride(),
-        heads, seqlen_q, seqlen_k, scale, qk_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-    record_launch("attention_bwd_dq")
+        cfg = dkdv_cfg
+        _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), seqs)](
+            q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dk[bs], dv[bs], *inputs, *dk.stride(),
+            *dv.stride(), heads, seqlen_q, seqlen_k, scale, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        record_launch("attention_bwd_dkdv")
+
+        cfg = dq_cfg
+        _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
+            q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dq[bs], *inputs, *dq.stride(),
+            heads, seqlen_q, seqlen_k, scale, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        record_launch("attention_bwd_dq")
     return dq, dk, dv
 
 

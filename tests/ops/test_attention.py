@@ -211,6 +211,35 @@ def test_large_fp32_heads_fall_back_to_main_kernels_for_short_backward():
     check(q, k, v, expect=("attention_short_fwd",) + MAIN[1:])
 
 
+def test_launch_grids_fit_cuda_limits_past_65535_sequences(monkeypatch):
+    """B * H = 4097 * 16 sequences on the main kernels: CUDA caps the second and third grid dims at
+    65535, so the launchers split the batch over several launches that together cover every
+    sequence. The kernels are stubbed (the interpreter would take minutes); the inputs are one
+    sequence expanded by stride 0."""
+    grids = {}
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.setdefault(self.name, []).append(grid)
+            return lambda *args, **kwargs: None
+
+    for name in ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+                 "_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(attn, name, Stub(name))
+    batch, heads = 4097, 16
+    q = randn(1, 1, 1, 8, dtype=torch.float16).expand(batch, heads, 1, 8)
+    k = randn(1, 1, attn.SHORT_SEQ_MAX + 1, 8, dtype=torch.float16).expand(batch, heads, -1, 8)
+    out, lse = attn._attention_fwd(q, k, k, None, 1.0)
+    attn._attention_bwd(out, q, k, k, out, lse, None, 1.0)
+    assert len(grids) == 4
+    for name, launches in grids.items():
+        assert all(len(g) == 2 and g[1] <= 65535 for g in launches), (name, launches)
+        assert sum(g[1] for g in launches) == batch * heads, (name, launches)
+
+
 def test_empty_key_set_gives_zeros():
     q, k, v = qkv(1, 2, 5, 0, 64, torch.float16)
     for backend in ("triton", "torch"):
