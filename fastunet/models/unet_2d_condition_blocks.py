@@ -57,12 +57,16 @@ def _check_cross_attention_args(block: str, cross_attention_dim, dual_cross_atte
                                   "(only 'default')")
 
 
-def transformer_factory(num_attention_heads: int, depths: Sequence[int], cross_attention_dim: int,
-                        norm_num_groups: int, use_linear_projection: bool = False,
-                        only_cross_attention: bool = False, upcast_attention: bool = False):
+def transformer_factory(block: str, num_attention_heads: int,
+                        transformer_layers_per_block: int | Sequence[int], num_layers: int,
+                        cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool = False,
+                        only_cross_attention: bool = False, upcast_attention: bool = False,
+                        dual_cross_attention: bool = False, attention_type: str = "default"):
     """An attention factory for the generic blocks: ``(layer_index, channels) -> Transformer2DModel``
-    with ``num_attention_heads`` heads of ``channels // num_attention_heads`` features and
-    ``depths[layer_index]`` transformer blocks."""
+    with ``num_attention_heads`` heads of ``channels // num_attention_heads`` features and the layer's
+    depth from ``transformer_layers_per_block``. Unsupported cross-attention options of ``block`` raise."""
+    _check_cross_attention_args(block, cross_attention_dim, dual_cross_attention, attention_type)
+    depths = _layers_per_attention(transformer_layers_per_block, num_layers)
 
     def build(index: int, channels: int) -> Transformer2DModel:
         return Transformer2DModel(num_attention_heads, channels // num_attention_heads, in_channels=channels,
@@ -94,11 +98,9 @@ class CrossAttnDownBlock2D(DownBlock):
                  add_downsample: bool = True, dual_cross_attention: bool = False,
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
-        _check_cross_attention_args(type(self).__name__, cross_attention_dim, dual_cross_attention, attention_type)
-        factory = transformer_factory(num_attention_heads,
-                                      _layers_per_attention(transformer_layers_per_block, num_layers),
-                                      cross_attention_dim, resnet_groups, use_linear_projection,
-                                      only_cross_attention, upcast_attention)
+        factory = transformer_factory(type(self).__name__, num_attention_heads, transformer_layers_per_block,
+                                      num_layers, cross_attention_dim, resnet_groups, use_linear_projection,
+                                      only_cross_attention, upcast_attention, dual_cross_attention, attention_type)
         super().__init__(in_channels, out_channels, temb_channels, dropout=dropout, num_layers=num_layers,
                          resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
                          resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups, resnet_pre_norm=resnet_pre_norm,
@@ -130,11 +132,9 @@ class CrossAttnUpBlock2D(UpBlock):
                  output_scale_factor: float = 1.0, add_upsample: bool = True, dual_cross_attention: bool = False,
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
-        _check_cross_attention_args(type(self).__name__, cross_attention_dim, dual_cross_attention, attention_type)
-        factory = transformer_factory(num_attention_heads,
-                                      _layers_per_attention(transformer_layers_per_block, num_layers),
-                                      cross_attention_dim, resnet_groups, use_linear_projection,
-                                      only_cross_attention, upcast_attention)
+        factory = transformer_factory(type(self).__name__, num_attention_heads, transformer_layers_per_block,
+                                      num_layers, cross_attention_dim, resnet_groups, use_linear_projection,
+                                      only_cross_attention, upcast_attention, dual_cross_attention, attention_type)
         super().__init__(in_channels, prev_output_channel, out_channels, temb_channels,
                          resolution_idx=resolution_idx, dropout=dropout, num_layers=num_layers,
                          resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
@@ -164,13 +164,11 @@ class UNetMidBlock2DCrossAttn(UNetMidBlock2D):
                  num_attention_heads: int = 1, output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
                  dual_cross_attention: bool = False, use_linear_projection: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
-        _check_cross_attention_args(type(self).__name__, cross_attention_dim, dual_cross_attention, attention_type)
         resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
         resnet_groups_out = resnet_groups_out or resnet_groups
-        factory = transformer_factory(num_attention_heads,
-                                      _layers_per_attention(transformer_layers_per_block, num_layers),
-                                      cross_attention_dim, resnet_groups_out, use_linear_projection,
-                                      False, upcast_attention)
+        factory = transformer_factory(type(self).__name__, num_attention_heads, transformer_layers_per_block,
+                                      num_layers, cross_attention_dim, resnet_groups_out, use_linear_projection,
+                                      False, upcast_attention, dual_cross_attention, attention_type)
         super().__init__(in_channels, temb_channels, dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
                          resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
                          resnet_groups=resnet_groups, resnet_pre_norm=resnet_pre_norm,
