@@ -6,9 +6,8 @@
     diffusers_unet.set_attn_processor(fastunet.TritonAttnProcessor())   # works on diffusers models too
 """
 
-from .attention_processor import (
+from .layers.attention_processor import (
     Attention,
-    AttentionMixin,
     AttnProcessor,
     AttnProcessor2_0,
     SlicedAttnProcessor,
@@ -17,6 +16,7 @@ from .attention_processor import (
 )
 from .checkpoint import load_diffusers_state_dict
 from .kernels import get_backend, set_backend, use_backend
+from .modeling import AttentionMixin, ModelMixin
 from .models import (
     UNet1DModel,
     UNet1DOutput,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attention",
     "AttentionMixin",
+    "ModelMixin",
     "AttnProcessor",
     "AttnProcessor2_0",
     "SlicedAttnProcessor",

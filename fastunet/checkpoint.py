@@ -28,7 +28,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
+
+from .configuration import ConfigMixin, init_parameter_names
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.bin"
@@ -80,8 +83,6 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, safe_se
 
     _write_atomically(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, config_text))
     if safe_serialization:
-        from safetensors.torch import save_file
-
         name = _add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
         _write_atomically(os.path.join(directory, name),
                           lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
@@ -256,8 +257,6 @@ class _SkipRandomInit(TorchFunctionMode):
 
 def _split_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Config overrides out of ``kwargs``; download options dropped; anything else refused."""
-    from .configuration import init_parameter_names
-
     accepted = set(init_parameter_names(cls))
     overrides, ignored, unknown = {}, [], []
     for key, value in kwargs.items():
@@ -349,10 +348,9 @@ def _read_config(config_file: str) -> dict[str, Any]:
 
 def _accepted_class_names(cls) -> list[str]:
     """``cls``'s name and those of its model base classes, so a subclass loads its parent's checkpoints."""
-    from .modeling import ModelMixin
-
+    # the model classes are those whose __init__ registers a config (ModelMixin's does not)
     return [c.__name__ for c in cls.__mro__
-            if isinstance(c, type) and issubclass(c, ModelMixin) and c is not ModelMixin
+            if issubclass(c, ConfigMixin) and hasattr(c.__init__, "_config_signature")
             and not c.__name__.startswith("_")] + list(getattr(cls, "_diffusers_class_aliases", ()))
 
 
@@ -424,8 +422,6 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state_dict = load_file(path, device="cpu")
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

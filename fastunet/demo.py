@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from fastunet.kernels import launch_counts, use_backend
-from fastunet.kernels._backend import interpreter_enabled
-from fastunet.models.unet_2d import UNet2DModel
+from .kernels import launch_counts, use_backend
+from .kernels._backend import interpreter_enabled
+from .models.unet_2d import UNet2DModel
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

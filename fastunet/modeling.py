@@ -1,13 +1,22 @@
-"""``ModelMixin``: what every fastunet model shares -- config, dtype/device, gradient checkpointing,
-and diffusers-format checkpoints (``save_pretrained`` / ``from_pretrained``, in fastunet/checkpoint.py).
+"""What every fastunet model shares.
+
+* :class:`ModelMixin` -- config, dtype/device, gradient checkpointing and diffusers-format checkpoints
+  (``save_pretrained`` / ``from_pretrained``, in :mod:`fastunet.checkpoint`);
+* :class:`AttentionMixin` -- diffusers' attention-processor API for models with attention layers:
+  ``attn_processors``, ``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice``
+  and ``fuse_qkv_projections`` / ``unfuse_qkv_projections``.
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.nn as nn
 
+from . import checkpoint
 from .configuration import ConfigMixin
+from .layers.attention_processor import AttentionProcessor, TritonAttnProcessor, _AttnProcessorBase
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -60,9 +69,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         ``safe_serialization=False`` writes a ``.bin`` pickle instead; ``variant="fp16"`` names the weights
         ``diffusion_pytorch_model.fp16.safetensors``.
         """
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, save_directory, safe_serialization=safe_serialization, variant=variant)
+        checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, variant=variant)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
@@ -72,7 +79,143 @@ class ModelMixin(nn.Module, ConfigMixin):
         Keyword arguments: ``variant``, ``use_safetensors``, ``output_loading_info``, and config entries
         that override ``config.json``; see :func:`fastunet.checkpoint.from_pretrained`.
         """
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder,
+        return checkpoint.from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder,
                                torch_dtype=torch_dtype, **kwargs)
+
+
+def _attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention layers of ``model`` by path, in diffusers' order (depth first, parents first)."""
+    layers = {}
+
+    def visit(path: str, module: nn.Module) -> None:
+        if hasattr(module, "get_processor"):
+            layers[path] = module
+        for name, child in module.named_children():
+            visit(f"{path}.{name}", child)
+
+    for name, child in model.named_children():
+        visit(name, child)
+    return layers
+
+
+class AttentionMixin:
+    """diffusers' attention-processor API for models (mix into a ``ModelMixin`` subclass).
+
+    Attention layers are the sub-modules with ``get_processor``/``set_processor``; their processors are
+    keyed ``"<module path>.processor"``.  The methods use nothing else of the model, so they also work
+    called on a diffusers model: ``AttentionMixin.set_attention_slice(diffusers_unet, "auto")``.
+    """
+
+    #: The processors in force before ``fuse_qkv_projections``, restored by ``unfuse_qkv_projections``.
+    _original_attn_processors: dict[str, AttentionProcessor] | None = None
+
+    @property
+    def attn_processors(self) -> dict[str, AttentionProcessor]:
+        """``{"<module path>.processor": processor}`` for every attention layer."""
+        return {f"{path}.processor": m.get_processor() for path, m in _attention_layers(self).items()}
+
+    def set_attn_processor(self, processor: AttentionProcessor | dict[str, AttentionProcessor]) -> None:
+        """Set one processor on every attention layer, or a dict with exactly the keys of
+        :attr:`attn_processors`, one per layer."""
+        layers = _attention_layers(self)
+        if isinstance(processor, dict):
+            count = len(layers)
+            if len(processor) != count:
+                raise ValueError(
+                    f"A dict of processors was passed, but the number of processors {len(processor)} does not match"
+                    f" the number of attention layers: {count}. Please make sure to pass {count} processor classes."
+                )
+            expected = {f"{path}.processor" for path in layers}
+            if set(processor) != expected:
+                raise ValueError(
+                    f"the processor dict must have exactly the keys of attn_processors; missing "
+                    f"{sorted(expected - set(processor))}, unknown {sorted(set(processor) - expected)}"
+                )
+            for path, module in layers.items():
+                module.set_processor(processor[f"{path}.processor"])
+        else:
+            for module in layers.values():
+                module.set_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        """Back to fastunet's default, :class:`TritonAttnProcessor`, everywhere."""
+        self.set_attn_processor(TritonAttnProcessor())
+
+    def set_attention_slice(self, slice_size: Union[str, int, list, None] = "auto") -> None:
+        """Sliced attention: ``"auto"`` halves each layer's sliceable head count, ``"max"`` slices one row
+        at a time, an int applies to every layer, a list gives one size per layer (in the order of
+        :attr:`attn_processors`), and ``None`` entries leave slicing off."""
+        sliceable = []
+
+        def collect(module: nn.Module) -> None:
+            if hasattr(module, "set_attention_slice"):
+                sliceable.append(module.sliceable_head_dim)
+            for child in module.children():
+                collect(child)
+
+        for child in self.children():
+            collect(child)
+
+        if slice_size == "auto":
+            # half the heads per slice; a layer with a single head gets a slice of one (diffusers asks for 0)
+            sizes = [max(dim // 2, 1) for dim in sliceable]
+        elif slice_size == "max":
+            sizes = [1] * len(sliceable)
+        elif isinstance(slice_size, str):
+            raise ValueError(f"slice_size must be 'auto', 'max', an int or a list; got {slice_size!r}")
+        elif isinstance(slice_size, list):
+            sizes = list(slice_size)
+        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
+            sizes = [slice_size] * len(sliceable)
+        else:
+            raise TypeError(f"slice_size must be 'auto', 'max', an int or a list; got {type(slice_size).__name__}")
+
+        if len(sizes) != len(sliceable):
+            raise ValueError(
+                f"You have provided {len(sizes)}, but {getattr(self, 'config', type(self).__name__)} has "
+                f"{len(sliceable)} different attention layers. Make sure to match `len(slice_size)` to be "
+                f"{len(sliceable)}."
+            )
+        for size, dim in zip(sizes, sliceable):
+            if size is not None and size > dim:
+                raise ValueError(f"size {size} has to be smaller or equal to {dim}.")
+
+        remaining = iter(sizes)
+
+        def apply(module: nn.Module) -> None:
+            if hasattr(module, "set_attention_slice"):
+                module.set_attention_slice(next(remaining))
+            for child in module.children():
+                apply(child)
+
+        for child in self.children():
+            apply(child)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse the q/k/v (self-attention) or k/v (cross-attention) projections of every attention layer.
+
+        Layers keep fastunet processors (they use the fused weights); any other processor is replaced by
+        :class:`TritonAttnProcessor`.  :meth:`unfuse_qkv_projections` restores the processors.
+        """
+        processors = self.attn_processors
+        for proc in processors.values():
+            if "Added" in type(proc).__name__:
+                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        layers = _attention_layers(self)
+        for module in layers.values():
+            if getattr(module, "added_kv_proj_dim", None) is not None:
+                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+        self._original_attn_processors = processors
+        for module in layers.values():
+            module.fuse_projections()
+            if not isinstance(module.get_processor(), _AttnProcessorBase):
+                module.set_processor(TritonAttnProcessor())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo :meth:`fuse_qkv_projections`: separate projections and the processors from before."""
+        for module in _attention_layers(self).values():
+            if hasattr(module, "unfuse_projections"):
+                module.unfuse_projections()
+        if self._original_attn_processors is not None:
+            self.set_attn_processor(self._original_attn_processors)
+            self._original_attn_processors = None

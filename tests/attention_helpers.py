@@ -1,6 +1,6 @@
 """Helpers shared by the attention-processor tests (tests/ is on sys.path under pytest)."""
 
-from fastunet.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, TritonAttnProcessor
+from fastunet.layers.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, TritonAttnProcessor
 
 RTOL = 1e-4
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastunet.kernels import fourier_filter
+from ..kernels import fourier_filter
 
 _THRESHOLD = 1
 

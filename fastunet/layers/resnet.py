@@ -13,33 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..kernels import group_norm_act
-from .activations import fused_activation_name, get_activation
+from .activations import get_activation
+from .normalization import check_groups, norm_act
 from .resampling import Downsample2D, FirDownsample2D, FirUpsample2D, Upsample2D
-
-# diffusers activations that group_norm_act cannot fuse, applied after it instead
-_UNFUSED = {"relu": F.relu}
-
-
-def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act_fn: str | None, add: torch.Tensor | None = None,
-             scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(norm(x + add) * (1 + scale) + shift)`` through ``group_norm_act`` with ``norm``'s parameters.
-
-    x: ``(B, C, *spatial)``; add/scale/shift: ``(B, C)`` or None; ``act_fn``: a diffusers name or None.
-    """
-    key = act_fn.lower() if isinstance(act_fn, str) else act_fn
-    fused = None if key in _UNFUSED else fused_activation_name(act_fn)
-    y = group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, fused, add=add, scale=scale, shift=shift)
-    return _UNFUSED[key](y) if key in _UNFUSED else y
-
-
-def check_groups(channels: int, groups: int, what: str) -> None:
-    """Raise ValueError unless ``groups`` is a positive int dividing ``channels``."""
-    if not isinstance(groups, int) or groups < 1 or channels % groups != 0:
-        raise ValueError(f"{what}: {channels} channels cannot be split into {groups!r} GroupNorm groups "
-                         f"(expected a positive divisor of {channels})")
 
 
 class ResnetBlock2D(nn.Module):

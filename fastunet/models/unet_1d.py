@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastunet.attention_processor import AttentionMixin
-from fastunet.configuration import register_to_config
-from fastunet.layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
-from fastunet.layers.utils import maybe_checkpoint
-from fastunet.modeling import ModelMixin
-from fastunet.outputs import ModelOutput
+from ..configuration import register_to_config
+from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
+from ..layers.utils import maybe_checkpoint
+from ..modeling import AttentionMixin, ModelMixin
+from ..outputs import ModelOutput
 
 from .unet_1d_blocks import (
     DownBlock1DNoSkip,

@@ -25,22 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastunet.attention_processor import Attention, AttentionProcessor, TritonAttnProcessor
-from fastunet.kernels import group_norm_act
-from fastunet.layers.activations import fused_activation_name, get_activation
-
-
-def _split_activation(act_fn: str | None) -> tuple[str | None, nn.Module | None]:
-    """``(activation fused into group_norm_act, module applied after it)`` for a diffusers ``act_fn``."""
-    try:
-        return fused_activation_name(act_fn), None
-    except ValueError:  # e.g. "relu": normalise in the kernel, activate in torch
-        return None, get_activation(act_fn)
-
-
-def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """``activation(norm(x))`` in one ``group_norm_act`` call, with the parameters of ``norm``."""
-    return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation)
+from ..layers.activations import get_activation
+from ..layers.attention_processor import Attention, AttentionProcessor, TritonAttnProcessor
+from ..layers.normalization import norm_act
 
 
 def _check_channels(module: nn.Module, x: torch.Tensor, expected: int) -> None:
@@ -138,10 +125,10 @@ class ResConvBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = self.conv_skip(hidden_states) if self.has_conv_skip else hidden_states
-        h = _norm_act(self.group_norm_1, self.conv_1(hidden_states), "gelu")
+        h = norm_act(self.group_norm_1, self.conv_1(hidden_states), "gelu")
         h = self.conv_2(h)
         if self.group_norm_2 is not None:
-            h = _norm_act(self.group_norm_2, h, "gelu")
+            h = norm_act(self.group_norm_2, h, "gelu")
         return h + residual
 
 
@@ -151,7 +138,7 @@ class SelfAttention1d(nn.Module):
     ``(B, in_channels, L) -> (B, in_channels, L)``; ``n_head`` heads of ``in_channels // n_head`` channels,
     softmax scale ``head_dim ** -0.5``.
 
-    The attention runs through an attention processor, as in ``fastunet.attention_processor.Attention``
+    The attention runs through an attention processor, as in ``fastunet.layers.attention_processor.Attention``
     (default ``TritonAttnProcessor``: ``group_norm_act`` and ``fastunet.kernels.attention``; any processor
     of that module can be set with ``set_processor`` or the model's ``set_attn_processor``). The layer
     keeps diffusers' parameter names (``group_norm``, ``query``, ``key``, ``value``, ``proj_attn``) and
@@ -417,11 +404,11 @@ class Conv1dBlock(nn.Module):
         super().__init__()
         self.conv1d = nn.Conv1d(inp_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.group_norm = nn.GroupNorm(n_groups, out_channels)
-        self._fused_act, self.post_act = _split_activation(activation)
+        get_activation(activation)  # validates the name
+        self.act_fn = activation
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        h = _norm_act(self.group_norm, self.conv1d(inputs), self._fused_act)
-        return h if self.post_act is None else self.post_act(h)
+        return norm_act(self.group_norm, self.conv1d(inputs), self.act_fn)
 
 
 class ResidualTemporalBlock1D(nn.Module):
@@ -584,13 +571,12 @@ class OutConv1DBlock(nn.Module):
         super().__init__()
         self.final_conv1d_1 = nn.Conv1d(embed_dim, embed_dim, 5, padding=2)
         self.final_conv1d_gn = nn.GroupNorm(num_groups_out, embed_dim)
-        self._fused_act, self.post_act = _split_activation(act_fn)
+        get_activation(act_fn)  # validates the name
+        self.act_fn = act_fn
         self.final_conv1d_2 = nn.Conv1d(embed_dim, out_channels, 1)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = _norm_act(self.final_conv1d_gn, self.final_conv1d_1(hidden_states), self._fused_act)
-        if self.post_act is not None:
-            h = self.post_act(h)
+        h = norm_act(self.final_conv1d_gn, self.final_conv1d_1(hidden_states), self.act_fn)
         return self.final_conv1d_2(h)
 
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..attention_processor import AttentionMixin
 from ..configuration import register_to_config
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
-from ..layers.resnet import check_groups, norm_act
-from ..modeling import ModelMixin
+from ..layers.normalization import check_groups, norm_act
+from ..modeling import AttentionMixin, ModelMixin
 from ..outputs import ModelOutput
 from .unet_2d_blocks import SKIP_CHANNELS, DownBlock, UNetMidBlock2D, UpBlock, get_down_block, get_up_block
 

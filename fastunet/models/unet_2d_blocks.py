@@ -45,9 +45,10 @@ from typing import Any, Callable, Literal, Union
 import torch
 import torch.nn as nn
 
-from ..attention_processor import Attention
+from ..layers.attention_processor import Attention
+from ..layers.normalization import auto_groups, check_groups, norm_act
 from ..layers.resampling import Downsample2D, FirDownsample2D, FirUpsample2D, Upsample2D
-from ..layers.resnet import ResnetBlock2D, check_groups, norm_act
+from ..layers.resnet import ResnetBlock2D
 from ..layers.utils import maybe_checkpoint
 
 #: ``(layer_index, channels) -> attention module``

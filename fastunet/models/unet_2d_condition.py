@@ -29,14 +29,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..attention_processor import AttentionMixin
 from ..configuration import register_to_config, reject_unsupported
 from ..layers.activations import get_activation
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
 from ..layers.freeu import FreeUConfig, apply_freeu
-from ..layers.resnet import norm_act
-from ..layers.transformer_2d import mask_to_bias
-from ..modeling import ModelMixin
+from ..layers.attention import mask_to_bias
+from ..layers.normalization import norm_act
+from ..modeling import AttentionMixin, ModelMixin
 from ..outputs import ModelOutput
 from .unet_2d_blocks import UpBlock2D
 from .unet_2d_condition_blocks import CrossAttnUpBlock2D, get_down_block, get_mid_block, get_up_block

@@ -11,16 +11,15 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel as Dif
 
 import fastunet
 import fastunet.kernels as K
-from fastunet.attention_processor import (
+from fastunet.layers.attention_processor import (
     Attention,
-    AttentionMixin,
     AttnProcessor,
     AttnProcessor2_0,
     SlicedAttnProcessor,
     TritonAttnProcessor,
 )
 from fastunet.configuration import register_to_config
-from fastunet.modeling import ModelMixin
+from fastunet.modeling import AttentionMixin, ModelMixin
 
 PROCESSORS = processor_factories(slice_size=3)
 
@@ -243,7 +242,7 @@ def test_helpers_match_diffusers():
 def test_unexpected_kwargs_are_dropped_with_a_warning(caplog):
     _, ours = make_pair(32, heads=2, dim_head=16)
     x = torch.randn(1, 4, 32)
-    with caplog.at_level(logging.WARNING, logger="fastunet.attention_processor"):
+    with caplog.at_level(logging.WARNING, logger="fastunet.layers.attention_processor"):
         out = ours(x, bogus=1.0, ip_adapter_masks=None)
     assert "['bogus'] are not expected by TritonAttnProcessor" in caplog.text
     assert "ip_adapter_masks" not in caplog.text

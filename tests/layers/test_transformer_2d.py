@@ -10,7 +10,8 @@ from diffusers.models.attention import BasicTransformerBlock as DiffusersBlock
 from diffusers.models.attention import FeedForward as DiffusersFeedForward
 from diffusers.models.transformers.transformer_2d import Transformer2DModel as DiffusersTransformer2DModel
 
-from fastunet.layers.transformer_2d import BasicTransformerBlock, FeedForward, Transformer2DModel
+from fastunet.layers.attention import BasicTransformerBlock, FeedForward
+from fastunet.layers.transformer_2d import Transformer2DModel
 
 OUT_TOL, GRAD_TOL = 1e-4, 2e-3
 

@@ -8,7 +8,8 @@ from diffusers.models import attention_processor as dap
 
 import fastunet
 import fastunet.kernels as K
-from fastunet.attention_processor import AttentionMixin, SlicedAttnProcessor
+from fastunet.layers.attention_processor import SlicedAttnProcessor
+from fastunet.modeling import AttentionMixin
 
 PROCESSORS = processor_factories(slice_size=2)
 
@@ -83,7 +84,7 @@ def attention_launches():
 def test_processor_on_diffusers_unet(models, name, processor):
     model, args, expected = models[name]
     set_processors(model, PROCESSORS[processor]())
-    assert all(type(p).__module__ == "fastunet.attention_processor"
+    assert all(type(p).__module__ == "fastunet.layers.attention_processor"
                for p in AttentionMixin.attn_processors.fget(model).values())
     before = attention_launches()
     actual = forward(model, args, backend=backend_for(processor))

@@ -9,7 +9,7 @@ from diffusers import UNet1DModel as DiffusersUNet1DModel
 from diffusers.models.unets import unet_1d_blocks as d_blocks
 
 import fastunet
-from fastunet.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, TritonAttnProcessor
+from fastunet.layers.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, TritonAttnProcessor
 from fastunet.kernels import launch_counts
 from fastunet.models.unet_1d import UNet1DModel, UNet1DOutput
 from fastunet.models.unet_1d_blocks import Downsample1d, Upsample1d

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from diffusers.models.attention_processor import AttnProcessor2_0 as DiffusersAttnProcessor2_0
 
-from fastunet.attention_processor import AttnProcessor, SlicedAttnProcessor, TritonAttnProcessor
+from fastunet.layers.attention_processor import AttnProcessor, SlicedAttnProcessor, TritonAttnProcessor
 from fastunet.models.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 
 OUT_TOL, GRAD_TOL = 1e-4, 2e-3
@@ -355,7 +355,7 @@ def test_fused_kernels_run_under_triton_backend():
     """With the Triton backend (the interpreter on CPU), every GroupNorm (+activation) of the UNet is one
     group_norm_act launch and every attention one attention launch, and the output still matches."""
     import fastunet
-    from fastunet.attention_processor import Attention
+    from fastunet.layers.attention_processor import Attention
     from fastunet.kernels import launch_counts
 
     torch.manual_seed(21)

@@ -19,9 +19,7 @@ they compute ``softmax(q k^T * scale + mask) v``:
 They use only what diffusers' ``Attention`` also has, so the same objects can be set on a diffusers
 model: ``diffusers_unet.set_attn_processor(TritonAttnProcessor())``.
 
-:class:`AttentionMixin` gives models diffusers' processor API: ``attn_processors``,
-``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice`` and
-``fuse_qkv_projections`` / ``unfuse_qkv_projections``.
+:class:`fastunet.modeling.AttentionMixin` gives models diffusers' processor API on top of these.
 """
 
 from __future__ import annotations
@@ -35,10 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastunet.kernels import attention as attention_kernel
-from fastunet.kernels import group_norm_act
-
-from .configuration import reject_unsupported
+from ..configuration import reject_unsupported
+from ..kernels import attention as attention_kernel
+from .normalization import norm_act
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ class SpatialNorm(nn.Module):
     def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
         zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
         norm = self.norm_layer
-        normed = group_norm_act(f, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
+        normed = norm_act(norm, f)
         return normed * self.conv_y(zq) + self.conv_b(zq)
 
 
@@ -493,7 +490,7 @@ class TritonAttnProcessor(_AttnProcessorBase):
     heads instead of repeated, and the group norm through ``fastunet.kernels.group_norm_act``."""
 
     def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=None)
+        return norm_act(norm, x)
 
     def attend(self, attn, query, key, value, attention_mask, batch):
         heads = attn.heads
@@ -577,150 +574,8 @@ class SlicedAttnProcessor(_AttnProcessorBase):
         return attn.batch_to_head_dim(out)
 
 
-# -- model-level API -----------------------------------------------------------------------------------
-
-
-def _attention_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention layers of ``model`` by path, in diffusers' order (depth first, parents first)."""
-    layers = {}
-
-    def visit(path: str, module: nn.Module) -> None:
-        if hasattr(module, "get_processor"):
-            layers[path] = module
-        for name, child in module.named_children():
-            visit(f"{path}.{name}", child)
-
-    for name, child in model.named_children():
-        visit(name, child)
-    return layers
-
-
-class AttentionMixin:
-    """diffusers' attention-processor API for models (mix into a ``ModelMixin`` subclass).
-
-    Attention layers are the sub-modules with ``get_processor``/``set_processor``; their processors are
-    keyed ``"<module path>.processor"``.  The methods use nothing else of the model, so they also work
-    called on a diffusers model: ``AttentionMixin.set_attention_slice(diffusers_unet, "auto")``.
-    """
-
-    #: The processors in force before ``fuse_qkv_projections``, restored by ``unfuse_qkv_projections``.
-    _original_attn_processors: dict[str, AttentionProcessor] | None = None
-
-    @property
-    def attn_processors(self) -> dict[str, AttentionProcessor]:
-        """``{"<module path>.processor": processor}`` for every attention layer."""
-        return {f"{path}.processor": m.get_processor() for path, m in _attention_layers(self).items()}
-
-    def set_attn_processor(self, processor: AttentionProcessor | dict[str, AttentionProcessor]) -> None:
-        """Set one processor on every attention layer, or a dict with exactly the keys of
-        :attr:`attn_processors`, one per layer."""
-        layers = _attention_layers(self)
-        if isinstance(processor, dict):
-            count = len(layers)
-            if len(processor) != count:
-                raise ValueError(
-                    f"A dict of processors was passed, but the number of processors {len(processor)} does not match"
-                    f" the number of attention layers: {count}. Please make sure to pass {count} processor classes."
-                )
-            expected = {f"{path}.processor" for path in layers}
-            if set(processor) != expected:
-                raise ValueError(
-                    f"the processor dict must have exactly the keys of attn_processors; missing "
-                    f"{sorted(expected - set(processor))}, unknown {sorted(set(processor) - expected)}"
-                )
-            for path, module in layers.items():
-                module.set_processor(processor[f"{path}.processor"])
-        else:
-            for module in layers.values():
-                module.set_processor(processor)
-
-    def set_default_attn_processor(self) -> None:
-        """Back to fastunet's default, :class:`TritonAttnProcessor`, everywhere."""
-        self.set_attn_processor(TritonAttnProcessor())
-
-    def set_attention_slice(self, slice_size: Union[str, int, list, None] = "auto") -> None:
-        """Sliced attention: ``"auto"`` halves each layer's sliceable head count, ``"max"`` slices one row
-        at a time, an int applies to every layer, a list gives one size per layer (in the order of
-        :attr:`attn_processors`), and ``None`` entries leave slicing off."""
-        sliceable = []
-
-        def collect(module: nn.Module) -> None:
-            if hasattr(module, "set_attention_slice"):
-                sliceable.append(module.sliceable_head_dim)
-            for child in module.children():
-                collect(child)
-
-        for child in self.children():
-            collect(child)
-
-        if slice_size == "auto":
-            # half the heads per slice; a layer with a single head gets a slice of one (diffusers asks for 0)
-            sizes = [max(dim // 2, 1) for dim in sliceable]
-        elif slice_size == "max":
-            sizes = [1] * len(sliceable)
-        elif isinstance(slice_size, str):
-            raise ValueError(f"slice_size must be 'auto', 'max', an int or a list; got {slice_size!r}")
-        elif isinstance(slice_size, list):
-            sizes = list(slice_size)
-        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
-            sizes = [slice_size] * len(sliceable)
-        else:
-            raise TypeError(f"slice_size must be 'auto', 'max', an int or a list; got {type(slice_size).__name__}")
-
-        if len(sizes) != len(sliceable):
-            raise ValueError(
-                f"You have provided {len(sizes)}, but {getattr(self, 'config', type(self).__name__)} has "
-                f"{len(sliceable)} different attention layers. Make sure to match `len(slice_size)` to be "
-                f"{len(sliceable)}."
-            )
-        for size, dim in zip(sizes, sliceable):
-            if size is not None and size > dim:
-                raise ValueError(f"size {size} has to be smaller or equal to {dim}.")
-
-        remaining = iter(sizes)
-
-        def apply(module: nn.Module) -> None:
-            if hasattr(module, "set_attention_slice"):
-                module.set_attention_slice(next(remaining))
-            for child in module.children():
-                apply(child)
-
-        for child in self.children():
-            apply(child)
-
-    def fuse_qkv_projections(self) -> None:
-        """Fuse the q/k/v (self-attention) or k/v (cross-attention) projections of every attention layer.
-
-        Layers keep fastunet processors (they use the fused weights); any other processor is replaced by
-        :class:`TritonAttnProcessor`.  :meth:`unfuse_qkv_projections` restores the processors.
-        """
-        processors = self.attn_processors
-        for proc in processors.values():
-            if "Added" in type(proc).__name__:
-                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
-        layers = _attention_layers(self)
-        for module in layers.values():
-            if getattr(module, "added_kv_proj_dim", None) is not None:
-                raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
-        self._original_attn_processors = processors
-        for module in layers.values():
-            module.fuse_projections()
-            if not isinstance(module.get_processor(), _AttnProcessorBase):
-                module.set_processor(TritonAttnProcessor())
-
-    def unfuse_qkv_projections(self) -> None:
-        """Undo :meth:`fuse_qkv_projections`: separate projections and the processors from before."""
-        for module in _attention_layers(self).values():
-            if hasattr(module, "unfuse_projections"):
-                module.unfuse_projections()
-        if self._original_attn_processors is not None:
-            self.set_attn_processor(self._original_attn_processors)
-            self._original_attn_processors = None
-
-
 __all__ = [
     "Attention",
-    "AttentionMixin",
     "AttnProcessor",
     "AttnProcessor2_0",
     "SlicedAttnProcessor",
