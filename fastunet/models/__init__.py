@@ -2,13 +2,20 @@
 
 from .unet_1d import UNet1DModel, UNet1DOutput
 from .unet_2d import UNet2DModel, UNet2DOutput
-from .unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from .unet_2d_blocks import UNET_2D_BLOCKS, UNetMidBlock2D, get_down_block, get_up_block
 from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
-from .unet_2d_condition_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn
+from .unet_2d_condition_blocks import (
+    UNET_2D_CONDITION_BLOCKS,
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    UNetMidBlock2DCrossAttn,
+)
 
 __all__ = [
     "CrossAttnDownBlock2D",
     "CrossAttnUpBlock2D",
+    "UNET_2D_BLOCKS",
+    "UNET_2D_CONDITION_BLOCKS",
     "UNet1DModel",
     "UNet1DOutput",
     "UNet2DConditionModel",

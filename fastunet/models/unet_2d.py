@@ -17,10 +17,11 @@ import torch.nn as nn
 
 from ..configuration import register_to_config
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
-from ..layers.normalization import check_groups, norm_act
-from ..modeling import AttentionMixin, ModelMixin
+from ..layers.normalization import auto_groups, check_groups
 from ..outputs import ModelOutput
-from .unet_2d_blocks import SKIP_CHANNELS, DownBlock, UNetMidBlock2D, UpBlock, get_down_block, get_up_block
+from ._unet import UNetSkeleton, class_embedding
+from .blocks import BlockContext
+from .unet_2d_blocks import SKIP_CHANNELS, UNET_2D_BLOCKS, UNetMidBlock2D
 
 _TIME_EMBEDDINGS = ("positional", "fourier", "learned")
 _CLASS_EMBEDDINGS = (None, "timestep", "identity")
@@ -36,7 +37,7 @@ class UNet2DOutput(ModelOutput):
     sample: torch.Tensor
 
 
-class UNet2DModel(ModelMixin, AttentionMixin):
+class UNet2DModel(UNetSkeleton):
     """2-D UNet ``(sample (B, in_channels, H, W), timestep[, class_labels]) -> (B, out_channels, H, W)``.
 
     The arguments are diffusers' ``UNet2DModel``'s: ``time_embedding_type`` "positional" (sinusoidal),
@@ -104,28 +105,20 @@ class UNet2DModel(ModelMixin, AttentionMixin):
             timestep_input_dim = base
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
 
-        if class_embed_type is None and num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
-        elif class_embed_type == "timestep":
-            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-        elif class_embed_type == "identity":
-            self.class_embedding = nn.Identity()
-        else:
-            self.class_embedding = None
+        self.class_embedding = class_embedding(class_embed_type, num_class_embeds, time_embed_dim, timestep_input_dim)
 
-        self.down_blocks = nn.ModuleList([])
-        output_channel = base
-        for i, down_block_type in enumerate(down_block_types):
-            input_channel, output_channel = output_channel, block_out_channels[i]
-            self.down_blocks.append(get_down_block(
-                down_block_type, num_layers=layers_per_block, in_channels=input_channel,
-                out_channels=output_channel, temb_channels=time_embed_dim,
-                add_downsample=i < len(block_out_channels) - 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups,
-                attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
-                downsample_padding=downsample_padding, resnet_time_scale_shift=resnet_time_scale_shift,
-                downsample_type=downsample_type, dropout=dropout))
+        head_dim = attention_head_dim
 
+        def per_block(i: int, channels: int) -> dict:
+            return {"attention_head_dim": head_dim if head_dim is not None else channels}
+
+        common = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift,
+                      dropout=dropout)
+        self.down_blocks = self._build_down_blocks(UNET_2D_BLOCKS.down, down_block_types, block_out_channels,
+                                                   per_block, num_layers=layers_per_block,
+                                                   downsample_padding=downsample_padding,
+                                                   downsample_type=downsample_type, **common)
         self.mid_block = None
         if mid_block_type is not None:
             self.mid_block = UNetMidBlock2D(
@@ -134,27 +127,17 @@ class UNet2DModel(ModelMixin, AttentionMixin):
                 resnet_time_scale_shift=resnet_time_scale_shift,
                 attention_head_dim=attention_head_dim if attention_head_dim is not None else block_out_channels[-1],
                 resnet_groups=norm_num_groups, attn_groups=attn_norm_num_groups, add_attention=add_attention)
+        self.up_blocks = self._build_up_blocks(UNET_2D_BLOCKS.up, up_block_types, block_out_channels, per_block,
+                                               num_layers=layers_per_block + 1, upsample_type=upsample_type,
+                                               **common)
 
-        self.up_blocks = nn.ModuleList([])
-        reversed_channels = block_out_channels[::-1]
-        output_channel = reversed_channels[0]
-        for i, up_block_type in enumerate(up_block_types):
-            prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            input_channel = reversed_channels[min(i + 1, len(block_out_channels) - 1)]
-            self.up_blocks.append(get_up_block(
-                up_block_type, num_layers=layers_per_block + 1, in_channels=input_channel,
-                out_channels=output_channel, prev_output_channel=prev_output_channel, temb_channels=time_embed_dim,
-                add_upsample=i < len(block_out_channels) - 1, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                resnet_groups=norm_num_groups,
-                attention_head_dim=attention_head_dim if attention_head_dim is not None else output_channel,
-                resnet_time_scale_shift=resnet_time_scale_shift, upsample_type=upsample_type, dropout=dropout))
-
-        groups_out = norm_num_groups if norm_num_groups is not None else min(base // 4, 32)
+        groups_out = norm_num_groups if norm_num_groups is not None else auto_groups(base)
         check_groups(base, groups_out, "UNet2DModel conv_norm_out")
         self.conv_norm_out = nn.GroupNorm(num_channels=base, num_groups=groups_out, eps=norm_eps)
         # the SiLU after conv_norm_out runs fused inside group_norm_act; kept as a module for diffusers' layout
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(base, out_channels, kernel_size=3, padding=1)
+        self._out_act = "silu"
 
     @staticmethod
     def _validate_config(in_channels, out_channels, time_embedding_type, down_block_types, mid_block_type,
@@ -244,23 +227,6 @@ class UNet2DModel(ModelMixin, AttentionMixin):
             raise ValueError(f"sample height and width must be multiples of {factor} (2 ** (number of blocks - 1)); "
                              f"got {tuple(sample.shape[-2:])}")
 
-    def _class_embedding(self, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if self.class_embedding is None:
-            if class_labels is not None:
-                raise ValueError("class_labels were given but the model has no class embedding (set class_embed_type "
-                                 "or num_class_embeds)")
-            return None
-        if class_labels is None:
-            raise ValueError(f"class_labels are required: the model has a class embedding "
-                             f"(class_embed_type={self.config.class_embed_type!r}, "
-                             f"num_class_embeds={self.config.num_class_embeds!r})")
-        if not isinstance(class_labels, torch.Tensor) or class_labels.dim() == 0 or class_labels.shape[0] != batch:
-            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
-            raise ValueError(f"class_labels must be a tensor with one entry per sample (batch {batch}); got {shape}")
-        if self.config.class_embed_type == "timestep":
-            class_labels = self.time_proj(class_labels)
-        return self.class_embedding(class_labels).to(dtype=self.dtype)
-
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True) -> UNet2DOutput | tuple:
         """Denoise ``sample`` ``(B, in_channels, H, W)`` at ``timestep`` (a number, a 0-d tensor, or a
@@ -276,34 +242,13 @@ class UNet2DModel(ModelMixin, AttentionMixin):
         if self.config.time_embedding_type == "learned" and timesteps.is_floating_point():
             raise TypeError(f"time_embedding_type='learned' looks timesteps up in a table: they must be integers; "
                             f"got {timesteps.dtype}")
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
-        class_emb = self._class_embedding(class_labels, batch)
+        emb = self._embed_time(sample, timesteps, dtype=self.dtype)
+        class_emb = self._embed_class(class_labels, batch, self.dtype, strict=True)
         if class_emb is not None:
             emb = emb + class_emb
 
-        skip_sample = sample
-        sample = self.conv_in(sample)
-        res_samples = (sample,)
-        for block in self.down_blocks:
-            if isinstance(block, DownBlock) and block.skip:
-                sample, block_res, skip_sample = block(sample, emb, skip_sample)
-            else:
-                sample, block_res = block(sample, emb)
-            res_samples += block_res
-
-        if self.mid_block is not None:
-            sample = self.mid_block(sample, emb)
-
-        skip_sample = None
-        for block in self.up_blocks:
-            count = len(block.resnets)
-            block_res, res_samples = res_samples[-count:], res_samples[:-count]
-            if isinstance(block, UpBlock) and block.skip:
-                sample, skip_sample = block(sample, block_res, emb, skip_sample=skip_sample)
-            else:
-                sample = block(sample, block_res, emb)
-
-        sample = self.conv_out(norm_act(self.conv_norm_out, sample, "silu"))
+        sample, skip_sample = self._run_blocks(sample, BlockContext(temb=emb), skip_sample=sample)
+        sample = self._output(sample)
         if skip_sample is not None:
             sample = sample + skip_sample
         if self.config.time_embedding_type == "fourier":

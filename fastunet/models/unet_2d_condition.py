@@ -21,7 +21,6 @@ GLIGEN ``attention_type``, Kandinsky's image embeddings, ``addition_embed_type="
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -31,14 +30,12 @@ import torch.nn as nn
 
 from ..configuration import register_to_config, reject_unsupported
 from ..layers.activations import get_activation
-from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
-from ..layers.freeu import FreeUConfig, apply_freeu
 from ..layers.attention import mask_to_bias
-from ..layers.normalization import norm_act
-from ..modeling import AttentionMixin, ModelMixin
+from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from ..outputs import ModelOutput
-from .unet_2d_blocks import UpBlock2D
-from .unet_2d_condition_blocks import CrossAttnUpBlock2D, get_down_block, get_mid_block, get_up_block
+from ._unet import UNetSkeleton, class_embedding
+from .blocks import BlockContext
+from .unet_2d_condition_blocks import UNET_2D_CONDITION_BLOCKS
 
 
 @dataclass
@@ -60,18 +57,7 @@ def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:
     return list(value)
 
 
-def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.Tensor,
-                res_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FreeU on one (backbone, skip) pair of an up block."""
-    scaled, filtered = apply_freeu(resolution_idx, hidden_states, res_hidden_states, config)
-    if res_hidden_states is hidden_states:
-        # Without a mid block the first skip is the backbone tensor itself. diffusers scales the
-        # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
-        filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
-    return scaled, filtered
-
-
-class UNet2DConditionModel(ModelMixin, AttentionMixin):
+class UNet2DConditionModel(UNetSkeleton):
     """Conditional 2-D UNet ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` (see the module
     docstring). Constructor arguments are diffusers'; as in diffusers, ``attention_head_dim`` is the
     number of heads of the cross-attention blocks (each head has ``channels // heads`` features);
@@ -204,9 +190,8 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
         self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
                                  if encoder_hid_dim_type == "text_proj" else None)
 
-        self.class_embedding = self._make_class_embedding(class_embed_type, num_class_embeds, act_fn,
-                                                          projection_class_embeddings_input_dim, time_embed_dim,
-                                                          timestep_input_dim)
+        self.class_embedding = class_embedding(class_embed_type, num_class_embeds, time_embed_dim,
+                                               timestep_input_dim, act_fn, projection_class_embeddings_input_dim)
         if addition_embed_type == "text_time":
             if addition_time_embed_dim is None or projection_class_embeddings_input_dim is None:
                 raise ValueError(
@@ -225,118 +210,47 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
                       resnet_skip_time_act=resnet_skip_time_act, cross_attention_norm=cross_attention_norm,
                       dropout=dropout)
 
-        # down (down_blocks and up_blocks are registered before mid_block, as in diffusers: the order of
-        # attn_processors and of set_attention_slice's per-layer list follows it)
-        self.down_blocks = nn.ModuleList()
-        self.up_blocks = nn.ModuleList()
-        output_channel = block_out_channels[0]
-        for i, block_type in enumerate(down_block_types):
-            input_channel, output_channel = output_channel, block_out_channels[i]
-            self.down_blocks.append(get_down_block(
-                block_type, num_layers=layers[i], transformer_layers_per_block=transformer_layers[i],
-                in_channels=input_channel, out_channels=output_channel, add_downsample=i < num_blocks - 1,
-                cross_attention_dim=cross_dims[i], num_attention_heads=heads[i],
-                downsample_padding=downsample_padding, only_cross_attention=only_cross[i],
-                resnet_out_scale_factor=resnet_out_scale_factor,
-                attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel, **common))
+        # down_blocks and up_blocks are registered before mid_block, as in diffusers: the order of
+        # attn_processors and of set_attention_slice's per-layer list follows it
+        def down_args(i: int, channels: int) -> dict:
+            return dict(num_layers=layers[i], transformer_layers_per_block=transformer_layers[i],
+                        cross_attention_dim=cross_dims[i], num_attention_heads=heads[i],
+                        only_cross_attention=only_cross[i],
+                        attention_head_dim=head_dims[i] if head_dims[i] is not None else channels)
 
-        # mid
-        self.mid_block = get_mid_block(
+        def up_args(i: int, channels: int) -> dict:
+            j = num_blocks - 1 - i
+            return dict(num_layers=layers[j] + 1, transformer_layers_per_block=reverse_transformer_layers[i],
+                        cross_attention_dim=cross_dims[j], num_attention_heads=heads[j],
+                        only_cross_attention=only_cross[j],
+                        # diffusers indexes attention_head_dim here without reversing it; kept for identical blocks
+                        attention_head_dim=head_dims[i] if head_dims[i] is not None else channels)
+
+        registry = UNET_2D_CONDITION_BLOCKS
+        self.down_blocks = self._build_down_blocks(registry.down, down_block_types, block_out_channels, down_args,
+                                                   downsample_padding=downsample_padding,
+                                                   resnet_out_scale_factor=resnet_out_scale_factor, **common)
+        self.up_blocks = nn.ModuleList()
+        self.mid_block = registry.mid(
             mid_block_type, in_channels=block_out_channels[-1], output_scale_factor=mid_block_scale_factor,
             transformer_layers_per_block=transformer_layers[-1], num_attention_heads=heads[-1],
-            cross_attention_dim=cross_dims[-1], mid_block_only_cross_attention=mid_block_only_cross_attention,
-            attention_head_dim=head_dims[-1], **common)
-
-        # up
-        self.num_upsamplers = 0
-        reversed_channels = list(reversed(block_out_channels))
-        output_channel = reversed_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            is_final = i == num_blocks - 1
-            prev_output_channel, output_channel = output_channel, reversed_channels[i]
-            input_channel = reversed_channels[min(i + 1, num_blocks - 1)]
-            self.num_upsamplers += 0 if is_final else 1
-            self.up_blocks.append(get_up_block(
-                block_type, num_layers=layers[num_blocks - 1 - i] + 1,
-                transformer_layers_per_block=reverse_transformer_layers[i], in_channels=input_channel,
-                out_channels=output_channel, prev_output_channel=prev_output_channel, add_upsample=not is_final,
-                resolution_idx=i, cross_attention_dim=cross_dims[num_blocks - 1 - i],
-                num_attention_heads=heads[num_blocks - 1 - i], only_cross_attention=only_cross[num_blocks - 1 - i],
-                resnet_out_scale_factor=resnet_out_scale_factor,
-                # diffusers indexes attention_head_dim here without reversing it; kept for identical blocks
-                attention_head_dim=head_dims[i] if head_dims[i] is not None else output_channel, **common))
+            cross_attention_dim=cross_dims[-1], **common)
+        self.up_blocks = self._build_up_blocks(registry.up, up_block_types, block_out_channels, up_args,
+                                               resnet_out_scale_factor=resnet_out_scale_factor, **common)
+        self.num_upsamplers = num_blocks - 1
 
         # out
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = get_activation(act_fn)
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel,
                                   padding=(conv_out_kernel - 1) // 2)
+        self._out_act = act_fn
 
         self._context_dim = encoder_hid_dim if self.encoder_hid_proj is not None else None
         self._attention_context_dims = sorted({
             dim for block, dim in [*zip(self.down_blocks, cross_dims), (self.mid_block, cross_dims[-1]),
                                    *zip(self.up_blocks, reversed(cross_dims))]
             if block is not None and getattr(block, "has_cross_attention", False)})
-        self._freeu: FreeUConfig | None = None
-
-    @staticmethod
-    def _make_class_embedding(class_embed_type, num_class_embeds, act_fn, projection_dim, time_embed_dim,
-                              timestep_input_dim) -> nn.Module | None:
-        if class_embed_type is None:
-            return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
-        if class_embed_type == "timestep":
-            return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
-        if class_embed_type == "identity":
-            return nn.Identity()
-        if class_embed_type in ("projection", "simple_projection"):
-            if projection_dim is None:
-                raise ValueError(f"class_embed_type={class_embed_type!r} needs projection_class_embeddings_input_dim;"
-                                 " got None")
-            if class_embed_type == "projection":
-                return TimestepEmbedding(projection_dim, time_embed_dim)
-            return nn.Linear(projection_dim, time_embed_dim)
-        raise ValueError(f"class_embed_type must be None, 'timestep', 'identity', 'projection' or "
-                         f"'simple_projection'; got {class_embed_type!r}")
-
-    # -- feature switches --------------------------------------------------------------------------
-
-    @property
-    def freeu(self) -> FreeUConfig | None:
-        """The FreeU scales in force, or ``None``."""
-        return self._freeu
-
-    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
-        """FreeU (https://huggingface.co/papers/2309.11497) on up stages 0 and 1: backbone features
-        scaled by ``b1``/``b2`` (first half of the channels), skip features' low frequencies by ``s1``/``s2``.
-        As in diffusers, FreeU only acts when all four values are non-zero."""
-        self._set_freeu(FreeUConfig(s1=s1, s2=s2, b1=b1, b2=b2))
-
-    def disable_freeu(self) -> None:
-        """Turn FreeU off."""
-        self._set_freeu(None)
-
-    def _set_freeu(self, config: FreeUConfig | None) -> None:
-        self._freeu = config
-        active = config is not None and all((config.s1, config.s2, config.b1, config.b2))
-        for block in self.up_blocks:
-            # diffusers applies FreeU in these two block types only, on resolution_idx 0 and 1
-            if isinstance(block, (UpBlock2D, CrossAttnUpBlock2D)):
-                block.set_freeu(functools.partial(_freeu_step, block.resolution_idx, config) if active else None)
-
-    def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
-        """Run every transformer feed-forward on slices of ``chunk_size`` (default 1) along ``dim``
-        (0: batch, 1: tokens); same result, lower peak memory."""
-        if dim not in (0, 1):
-            raise ValueError(f"dim must be 0 (batch) or 1 (tokens); got {dim!r}")
-        self._set_chunk_feed_forward(chunk_size or 1, dim)
-
-    def disable_forward_chunking(self) -> None:
-        self._set_chunk_feed_forward(None, 0)
-
-    def _set_chunk_feed_forward(self, chunk_size: int | None, dim: int) -> None:
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_chunk_feed_forward"):
-                module.set_chunk_feed_forward(chunk_size, dim)
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -375,8 +289,8 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             sample = 2 * sample - 1.0
 
         # 1. embeddings
-        emb = self._time_embedding(sample, timestep, timestep_cond)
-        class_emb = self._class_embedding(sample, class_labels)
+        emb = self._embed_time(sample, timestep, timestep_cond)
+        class_emb = self._embed_class(class_labels, sample.shape[0], sample.dtype)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
         if self.config.addition_embed_type == "text_time":
@@ -385,61 +299,25 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             emb = self.time_embed_act(emb)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
-        context = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
-                       cross_attention_kwargs=cross_attention_kwargs,
-                       encoder_attention_mask=encoder_attention_mask)
+        context = BlockContext(temb=emb, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                               cross_attention_kwargs=cross_attention_kwargs,
+                               encoder_attention_mask=encoder_attention_mask)
 
-        # 2. down (T2I-Adapter residuals inside, ControlNet residuals on the skips)
+        # 2.-4. down, mid, up: ControlNet needs both residual kinds; down residuals alone are the
+        # deprecated T2I-Adapter form
         is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
-        adapter = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
+        adapter = down_intrablock_additional_residuals
         if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
             warnings.warn("passing T2I-Adapter residuals as down_block_additional_residuals is deprecated (as in "
                           "diffusers); use down_intrablock_additional_residuals", FutureWarning, stacklevel=2)
-            adapter = list(down_block_additional_residuals)
-
-        sample = self.conv_in(sample)
-        skips: tuple[torch.Tensor, ...] = (sample,)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
-                sample, res_samples = block(sample, emb, **context, **extra)
-            else:
-                sample, res_samples = block(sample, emb)
-                if adapter:
-                    # diffusers adds in place, so the block's last skip (the same tensor) gets it too
-                    sample = sample + adapter.pop(0)
-                    res_samples = (*res_samples[:-1], sample)
-            skips += tuple(res_samples)
-
-        if is_controlnet:
-            if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"down_block_additional_residuals must have one tensor per skip connection "
-                                 f"({len(skips)}); got {len(down_block_additional_residuals)}")
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
-
-        # 3. mid
-        if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                sample = self.mid_block(sample, emb, **context)
-            else:
-                sample = self.mid_block(sample, emb)
-            if adapter and sample.shape == adapter[0].shape:  # T2I-Adapter-XL
-                sample = sample + adapter.pop(0)
-        if is_controlnet:
-            sample = sample + mid_block_additional_residual
-
-        # 4. up
-        for i, block in enumerate(self.up_blocks):
-            count = len(block.resnets)
-            skips, res_samples = skips[:-count], skips[-count:]
-            upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < len(self.up_blocks) - 1 else None
-            if getattr(block, "has_cross_attention", False):
-                sample = block(sample, res_samples, emb, upsample_size=upsample_size, **context)
-            else:
-                sample = block(sample, res_samples, emb, upsample_size)
+            adapter = down_block_additional_residuals
+        sample, _ = self._run_blocks(
+            sample, context, down_block_additional_residuals=down_block_additional_residuals if is_controlnet else None,
+            mid_block_additional_residual=mid_block_additional_residual if is_controlnet else None,
+            down_intrablock_additional_residuals=adapter, forward_upsample_size=forward_upsample_size)
 
         # 5. out
-        sample = self.conv_out(norm_act(self.conv_norm_out, sample, self.config.act_fn))
+        sample = self._output(sample)
         return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
     # -- forward helpers ---------------------------------------------------------------------------
@@ -479,24 +357,6 @@ class UNet2DConditionModel(ModelMixin, AttentionMixin):
             warnings.warn("cross_attention_kwargs['scale'] is a LoRA scale; fastunet has no LoRA layers, so it is "
                           "ignored", UserWarning, stacklevel=3)
         return kwargs
-
-    def _time_embedding(self, sample, timestep, timestep_cond) -> torch.Tensor:
-        if timestep_cond is not None and self.time_embedding.cond_proj is None:
-            raise ValueError("timestep_cond was given but the model has no time_cond_proj_dim (cond_proj)")
-        timesteps = timesteps_to_tensor(timestep, sample.shape[0], sample.device)
-        t_emb = self.time_proj(timesteps).to(sample.dtype)
-        return self.time_embedding(t_emb, timestep_cond)
-
-    def _class_embedding(self, sample, class_labels) -> torch.Tensor | None:
-        if self.class_embedding is None:
-            return None
-        if class_labels is None:
-            raise ValueError(f"class_labels are required: the model has a class embedding "
-                             f"(class_embed_type={self.config.class_embed_type!r}, "
-                             f"num_class_embeds={self.config.num_class_embeds!r})")
-        if self.config.class_embed_type == "timestep":
-            class_labels = self.time_proj(class_labels).to(sample.dtype)
-        return self.class_embedding(class_labels).to(sample.dtype)
 
     def _text_time_embedding(self, emb, added_cond_kwargs) -> torch.Tensor:
         missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]

@@ -15,6 +15,7 @@ from diffusers import UNet2DModel as DiffusersUNet2DModel
 import fastunet
 from fastunet.kernels import launch_counts
 from fastunet.models.unet_2d import UNet2DModel, UNet2DOutput
+from fastunet.models.blocks import Stage, run_transformer
 from fastunet.models.unet_2d_blocks import (
     AttnDownBlock2D,
     DownBlock,
@@ -23,9 +24,13 @@ from fastunet.models.unet_2d_blocks import (
     get_down_block,
     get_up_block,
 )
+from fastunet.testing import gradient_errors, perturb_, perturbed_pair, rel_err
 
 OUT_TOL = 1e-4
 GRAD_TOL = 2e-3
+# gradients that vanish in exact arithmetic (e.g. attention key biases) are compared against a floor
+# relative to the typical gradient size instead of their own (rounding-noise) norm
+GRAD_FLOOR = 1e-4
 
 SMALL = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
              attention_head_dim=16, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -79,28 +84,8 @@ CONFIGS = {
 }
 
 
-def perturb_(module: nn.Module, seed: int = 0) -> None:
-    """Random values for every parameter, zero-initialised ones included (fan-in scaled)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1:
-                p.copy_(noise * 0.5 + (1.0 if name.endswith("weight") and "time_proj" not in name else 0.0))
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
-
-
 def build_pair(config: dict, seed: int = 0):
-    theirs = DiffusersUNet2DModel(**config)
-    perturb_(theirs, seed)
-    ours = UNet2DModel(**config)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs, ours = perturbed_pair(DiffusersUNet2DModel(**config), UNet2DModel(**config), seed=seed)
     return ours, theirs
 
 
@@ -134,20 +119,6 @@ def run_fwd_bwd(model: nn.Module, sample, timestep, kwargs, cotangent=None):
     return out.detach(), grads
 
 
-def assert_grads_close(ours: dict, theirs: dict, tol: float = GRAD_TOL) -> float:
-    assert ours.keys() == theirs.keys()
-    # gradients that vanish in exact arithmetic (e.g. attention key biases) are compared against a
-    # floor relative to the typical gradient size instead of their own (rounding-noise) norm
-    floor = 1e-4 * max(g.norm().item() for g in theirs.values() if g is not None)
-    worst = 0.0
-    for name, g in theirs.items():
-        assert g is not None and ours[name] is not None, name
-        err = rel(ours[name], g, floor)
-        assert err < tol, f"{name}: relative gradient error {err:.2e}"
-        worst = max(worst, err)
-    return worst
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_matches_diffusers(name):
     config = CONFIGS[name]
@@ -157,8 +128,8 @@ def test_matches_diffusers(name):
     out_ours, grads_ours = run_fwd_bwd(ours, sample, timestep, kwargs)
     out_theirs, grads_theirs = run_fwd_bwd(theirs, sample, timestep, kwargs)
     assert out_ours.shape == out_theirs.shape == (2, config.get("out_channels", 3), 16, 16)
-    assert rel(out_ours, out_theirs) < OUT_TOL
-    assert_grads_close(grads_ours, grads_theirs)
+    assert rel_err(out_ours, out_theirs) < OUT_TOL
+    gradient_errors(grads_ours, grads_theirs, floor=GRAD_FLOOR).check(GRAD_TOL)
 
 
 def test_config_matches_diffusers_and_round_trips():
@@ -182,15 +153,15 @@ def test_dropout_matches_diffusers_in_eval_and_is_active_in_training():
     sample, timestep, kwargs = make_inputs(config)
     out_ours, grads_ours = run_fwd_bwd(ours, sample, timestep, kwargs)
     out_theirs, grads_theirs = run_fwd_bwd(theirs, sample, timestep, kwargs)
-    assert rel(out_ours, out_theirs) < OUT_TOL
-    assert_grads_close(grads_ours, grads_theirs)
+    assert rel_err(out_ours, out_theirs) < OUT_TOL
+    gradient_errors(grads_ours, grads_theirs, floor=GRAD_FLOOR).check(GRAD_TOL)
     ours.train()
     torch.manual_seed(5)
     first = ours(sample, timestep).sample
     torch.manual_seed(5)
     again = ours(sample, timestep).sample
     torch.testing.assert_close(first, again)
-    assert rel(first, out_ours) > 1e-2
+    assert rel_err(first, out_ours) > 1e-2
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -223,7 +194,7 @@ def test_timestep_forms_match_diffusers(timestep):
     with torch.no_grad():
         out = ours(sample, timestep).sample
         expected = theirs(sample, timestep).sample
-    assert rel(out, expected) < OUT_TOL
+    assert rel_err(out, expected) < OUT_TOL
 
 
 def test_fourier_timestep_forms_match_diffusers():
@@ -231,7 +202,7 @@ def test_fourier_timestep_forms_match_diffusers():
     sample = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         for timestep in (torch.tensor(0.25), torch.tensor([0.3, 0.7]), 2):
-            assert rel(ours(sample, timestep).sample, theirs(sample, timestep).sample) < OUT_TOL
+            assert rel_err(ours(sample, timestep).sample, theirs(sample, timestep).sample) < OUT_TOL
 
 
 def test_output_forms():
@@ -286,8 +257,8 @@ def test_triton_backend_matches_torch_backend():
     ran = {name for name, count in launch_counts.items() if count}
     assert any(name.startswith("group_norm_act") for name in ran), dict(launch_counts)
     assert any(name.startswith("attention") for name in ran), dict(launch_counts)
-    assert rel(out_tri, out_ref) < OUT_TOL
-    assert_grads_close(grads_tri, grads_ref)
+    assert rel_err(out_tri, out_ref) < OUT_TOL
+    gradient_errors(grads_tri, grads_ref, floor=GRAD_FLOOR).check(GRAD_TOL)
 
 
 # -- the blocks' reuse hooks -------------------------------------------------------------------------
@@ -313,13 +284,13 @@ def test_blocks_accept_attention_factories_kwargs_residuals_and_freeu():
         made.append((index, channels))
         return _RecordingAttention(channels)
 
-    down = DownBlock(16, 32, 8, num_layers=2, resnet_groups=4, attention=factory)
+    down = DownBlock(16, 32, 8, num_layers=2, resnet_groups=4, stages=[Stage("attentions", factory, run_transformer)])
     assert made == [(0, 32), (1, 32)]
     assert {k.split(".")[0] for k in down.state_dict()} == {"attentions", "resnets", "downsamplers"}
     x, temb, extra = torch.randn(2, 16, 8, 8), torch.randn(2, 8), torch.randn(2, 32, 8, 8)
     context = {"encoder_hidden_states": torch.randn(2, 5, 12)}
-    h, res = down(x, temb, attention_kwargs=context)
-    h2, res2 = down(x, temb, attention_kwargs=context, additional_residuals=extra)
+    h, res = down(x, temb, **context)
+    h2, res2 = down(x, temb, **context, additional_residuals=extra)
     assert all(a.seen[-1] is not None and a.seen[-1]["encoder_hidden_states"] is context["encoder_hidden_states"]
                for a in down.attentions)
     torch.testing.assert_close(res2[0], res[0])
