@@ -4,9 +4,12 @@ diffusers' parameter names.
 
 ``BasicTransformerBlock`` on tokens ``h`` ``(B, N, dim)``::
 
-    h = h + attn1(norm1(h))            # self-attention (cross-attention if only_cross_attention)
-    h = h + attn2(norm2(h), context)   # cross-attention (self-attention if double_self_attention)
-    h = h + ff(norm3(h))               # GEGLU/GELU MLP, optionally chunked along batch or tokens
+    h = h + attn1(norm1(h) [+ pe])          # self-attention (cross-attention if only_cross_attention)
+    h = h + attn2(norm2(h) [+ pe], context) # cross-attention (self-attention if double_self_attention)
+    h = h + ff(norm3(h))                    # GEGLU/GELU MLP, optionally chunked along batch or tokens
+
+``pe`` is the sinusoidal position table (``positional_embeddings="sinusoidal"``, the temporal
+transformers': positions are frames), added to both normalised inputs of the attentions.
 
 Attention goes through :class:`fastunet.layers.attention_processor.Attention` and its processors.
 """
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from ..configuration import reject_unsupported
 from .attention_processor import Attention
+from .embeddings import SinusoidalPositionalEmbedding
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -117,7 +121,9 @@ class BasicTransformerBlock(nn.Module):
     each added to the residual stream.
 
     ``only_cross_attention`` makes ``attn1`` attend to ``encoder_hidden_states`` too;
-    ``double_self_attention`` makes ``attn2`` a second self-attention. ``set_chunk_feed_forward``
+    ``double_self_attention`` makes ``attn2`` a second self-attention. ``positional_embeddings=
+    "sinusoidal"`` adds ``pos_embed`` (a table of ``num_positional_embeddings`` positions) to the
+    normalised inputs of both attentions; longer sequences raise ``ValueError``. ``set_chunk_feed_forward``
     runs the feed-forward on slices of ``chunk_size`` along ``dim`` (0 batch, 1 tokens): same result,
     less peak memory.
     """
@@ -137,7 +143,13 @@ class BasicTransformerBlock(nn.Module):
         reject_unsupported("Transformer2DModel", "norm_type", norm_type, ("layer_norm",))
         reject_unsupported("Transformer2DModel", "num_embeds_ada_norm", num_embeds_ada_norm, (None,))
         reject_unsupported("Transformer2DModel", "attention_type", attention_type, ("default",))
-        reject_unsupported("Transformer2DModel", "positional_embeddings", positional_embeddings, (None,))
+        reject_unsupported("BasicTransformerBlock", "positional_embeddings", positional_embeddings,
+                           (None, "sinusoidal"))
+        if positional_embeddings is not None and (
+                isinstance(num_positional_embeddings, bool) or not isinstance(num_positional_embeddings, int)
+                or num_positional_embeddings < 1):
+            raise ValueError(f"positional_embeddings={positional_embeddings!r} needs num_positional_embeddings, "
+                             f"the longest sequence, as a positive int; got {num_positional_embeddings!r}")
         self.dim = dim
         self.num_attention_heads = num_attention_heads
         self.attention_head_dim = attention_head_dim
@@ -145,7 +157,11 @@ class BasicTransformerBlock(nn.Module):
         self.only_cross_attention = only_cross_attention
         self.double_self_attention = double_self_attention
         self.norm_type = norm_type
+        self.positional_embeddings = positional_embeddings
+        self.num_positional_embeddings = num_positional_embeddings
 
+        self.pos_embed = (SinusoidalPositionalEmbedding(dim, max_seq_length=num_positional_embeddings)
+                          if positional_embeddings == "sinusoidal" else None)
         attention_args = dict(query_dim=dim, heads=num_attention_heads, dim_head=attention_head_dim,
                               dropout=dropout, bias=attention_bias, upcast_attention=upcast_attention,
                               out_bias=attention_out_bias)
@@ -188,6 +204,15 @@ class BasicTransformerBlock(nn.Module):
         return torch.cat([self.ff(part) for part in hidden_states.split(self._chunk_size, self._chunk_dim)],
                          dim=self._chunk_dim)
 
+    def _with_positions(self, normed: torch.Tensor) -> torch.Tensor:
+        """``normed + pe`` for a LayerNorm output, added in place: the buffer is this block's own and
+        LayerNorm's backward does not read it. (Out of place when the dtypes differ, to promote as
+        ``+`` does.)"""
+        if self.pos_embed is None:
+            return normed
+        pe = self.pos_embed.positions(normed.shape[1])
+        return normed.add_(pe) if pe.dtype == normed.dtype else normed + pe
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
@@ -201,11 +226,11 @@ class BasicTransformerBlock(nn.Module):
             raise NotImplementedError("GLIGEN (cross_attention_kwargs['gligen']) is not supported by fastunet")
 
         hidden_states = hidden_states + self.attn1(
-            self.norm1(hidden_states),
+            self._with_positions(self.norm1(hidden_states)),
             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
             attention_mask=attention_mask, **kwargs)
         if self.attn2 is not None:
             hidden_states = hidden_states + self.attn2(
-                self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states,
+                self._with_positions(self.norm2(hidden_states)), encoder_hidden_states=encoder_hidden_states,
                 attention_mask=encoder_attention_mask, **kwargs)
         return hidden_states + self._feed_forward(self.norm3(hidden_states))

@@ -1,4 +1,5 @@
-"""Timestep embeddings: sinusoidal (``Timesteps``), Gaussian Fourier, and the MLP that follows them."""
+"""Timestep embeddings: sinusoidal (``Timesteps``), Gaussian Fourier, and the MLP that follows them;
+and the fixed sinusoidal position table of the temporal transformers (``SinusoidalPositionalEmbedding``)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,48 @@ class TimestepEmbedding(nn.Module):
         if self.post_act is not None:
             sample = self.post_act(sample)
         return sample
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Adds fixed sine/cosine position codes along a sequence: ``(B, N, embed_dim) -> x + pe[:, :N]``.
+
+    The table ``pe`` ``(1, max_seq_length, embed_dim)`` is a persistent buffer (so it is in the state
+    dict, as in diffusers' checkpoints): position ``n`` has ``sin(n * w_i)`` in feature ``2i`` and
+    ``cos(n * w_i)`` in feature ``2i + 1``, with ``w_i = 10000 ** (-2i / embed_dim)``. ``embed_dim``
+    must be even. A sequence longer than ``max_seq_length`` raises ``ValueError``.
+    """
+
+    def __init__(self, embed_dim: int, max_seq_length: int = 32):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("max_seq_length", max_seq_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SinusoidalPositionalEmbedding: {name} must be a positive int; got {value!r}")
+        if embed_dim % 2 != 0:
+            raise ValueError(f"SinusoidalPositionalEmbedding interleaves sin/cos pairs: embed_dim must be even; "
+                             f"got {embed_dim}")
+        position = torch.arange(max_seq_length, dtype=torch.float32)[:, None]
+        freqs = torch.exp(torch.arange(0, embed_dim, 2, dtype=torch.float32) * (-math.log(10000.0) / embed_dim))
+        angles = position * freqs
+        pe = torch.stack((torch.sin(angles), torch.cos(angles)), dim=-1).reshape(1, max_seq_length, embed_dim)
+        self.register_buffer("pe", pe)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.pe.shape[1]
+
+    def positions(self, length: int) -> torch.Tensor:
+        """The codes of the first ``length`` positions, a ``(1, length, embed_dim)`` view of ``pe``."""
+        if length > self.max_seq_length:
+            raise ValueError(f"a sequence of {length} positions is longer than the sinusoidal table's "
+                             f"{self.max_seq_length} (num_positional_embeddings / max_seq_length)")
+        return self.pe[:, :length]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(B, N, embed_dim)`` -> ``x + pe[:, :N]``."""
+        if x.dim() != 3 or x.shape[-1] != self.pe.shape[-1]:
+            raise ValueError(f"SinusoidalPositionalEmbedding expects (B, N, {self.pe.shape[-1]}); "
+                             f"got shape {tuple(x.shape)}")
+        return x + self.positions(x.shape[1])
 
 
 def timesteps_to_tensor(timestep, batch_size: int, device: torch.device,

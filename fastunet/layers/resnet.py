@@ -1,4 +1,7 @@
-"""``ResnetBlock2D``: the residual block of the 2-D UNets, with GroupNorm+activation fused.
+"""``ResnetBlock2D``, the residual block of the 2-D UNets, and ``TemporalConvLayer``, the residual
+frame convolutions of the video UNets, with GroupNorm+activation fused.
+
+``ResnetBlock2D``:
 
     h = conv1(resample(act(norm1(x))))
     h = conv2(dropout(act(norm2(h + t))))                      time_embedding_norm="default"
@@ -7,6 +10,16 @@
 
 with ``t`` (or ``scale, shift``) = ``time_emb_proj(act(temb))``. Both norm+act pairs run as one
 ``fastunet.kernels.group_norm_act`` call, the time embedding folded in as its ``add`` or ``scale``/``shift``.
+
+``TemporalConvLayer`` on frames ``(B*F, C, H, W)``, seen as ``x`` ``(B, C, F, H, W)``::
+
+    h = x
+    for conv_i in conv1..conv4:  h = conv3d_(3,1,1)(dropout(silu(GroupNorm(h))))
+    out = x + h
+
+``x`` is a strided view of the input, which the layer never copies: the first GroupNorm+SiLU is given
+it as it is (and writes a contiguous ``(B, C, F, H, W)`` for the Conv3d), and the residual add writes
+its result straight in the input's ``(B*F, C, H, W)`` layout.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import torch.nn as nn
 from .activations import get_activation
 from .normalization import check_groups, norm_act
 from .resampling import Downsample2D, FirDownsample2D, FirUpsample2D, Upsample2D
+from .utils import frames_per_sample
 
 
 class ResnetBlock2D(nn.Module):
@@ -114,3 +128,55 @@ class ResnetBlock2D(nn.Module):
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
         return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+class TemporalConvLayer(nn.Module):
+    """Residual stack of four frame convolutions ``(B*F, in_dim, H, W) -> (B*F, in_dim, H, W)``.
+
+    Arguments and sub-module names follow diffusers' ``TemporalConvLayer``: ``conv1`` is
+    ``Sequential(GroupNorm, SiLU, Conv3d)``, ``conv2``..``conv4`` are ``Sequential(GroupNorm, SiLU,
+    Dropout, Conv3d)``; every Conv3d has kernel ``(3, 1, 1)`` and padding ``(1, 0, 0)``, so it mixes
+    neighbouring frames only, and ``conv4``'s is zero-initialised, so a fresh layer is the identity.
+    The forward runs each GroupNorm+SiLU as one fused ``norm_act`` with the Sequential's GroupNorm
+    parameters (the Sequentials are containers of parameters; they are not called as a whole).
+
+    diffusers builds ``out_dim != in_dim`` but cannot run it (``conv3``'s GroupNorm of ``out_dim``
+    channels receives ``in_dim``); fastunet raises ``ValueError`` at construction instead.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int | None = None, dropout: float = 0.0, norm_num_groups: int = 32):
+        super().__init__()
+        out_dim = out_dim or in_dim
+        if out_dim != in_dim:
+            raise ValueError(f"TemporalConvLayer maps in_dim channels back to in_dim for its residual, and its "
+                             f"third GroupNorm expects out_dim: out_dim must equal in_dim={in_dim}; got {out_dim}")
+        check_groups(in_dim, norm_num_groups, "TemporalConvLayer")
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+
+        def frame_conv(channels_in: int, channels_out: int) -> nn.Conv3d:
+            return nn.Conv3d(channels_in, channels_out, (3, 1, 1), padding=(1, 0, 0))
+
+        self.conv1 = nn.Sequential(nn.GroupNorm(norm_num_groups, in_dim), nn.SiLU(), frame_conv(in_dim, out_dim))
+        self.conv2 = nn.Sequential(nn.GroupNorm(norm_num_groups, out_dim), nn.SiLU(), nn.Dropout(dropout),
+                                   frame_conv(out_dim, in_dim))
+        self.conv3 = nn.Sequential(nn.GroupNorm(norm_num_groups, out_dim), nn.SiLU(), nn.Dropout(dropout),
+                                   frame_conv(out_dim, in_dim))
+        self.conv4 = nn.Sequential(nn.GroupNorm(norm_num_groups, out_dim), nn.SiLU(), nn.Dropout(dropout),
+                                   frame_conv(out_dim, in_dim))
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        """hidden_states ``(B*F, in_dim, H, W)``, frames of a sample consecutive -> the same shape, in the
+        input's memory layout."""
+        batch = frames_per_sample(hidden_states, num_frames, self.in_dim, "TemporalConvLayer")
+        _, channels, height, width = hidden_states.shape
+        x = hidden_states.view(batch, num_frames, channels, height, width).transpose(1, 2)  # a view
+        h = self.conv1[2](norm_act(self.conv1[0], x, "silu"))  # reads x in place, writes (B, C, F, H, W)
+        for stage in (self.conv2, self.conv3, self.conv4):
+            h = stage[3](stage[2](norm_act(stage[0], h, "silu")))
+        # Where the operands' layouts differ, an elementwise op lays its output out like the first: x's
+        # memory is (B, F, C, H, W), so the sum is already the (B*F, C, H, W) result and the reshape
+        # below is a view.
+        return (x + h).transpose(1, 2).reshape(batch * num_frames, channels, height, width)
