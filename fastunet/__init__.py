@@ -24,6 +24,8 @@ from .models import (
     UNet2DConditionOutput,
     UNet2DModel,
     UNet2DOutput,
+    UNet3DConditionModel,
+    UNet3DConditionOutput,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +45,8 @@ __all__ = [
     "UNet2DConditionOutput",
     "UNet2DModel",
     "UNet2DOutput",
+    "UNet3DConditionModel",
+    "UNet3DConditionOutput",
     "__version__",
     "get_backend",
     "load_diffusers_state_dict",

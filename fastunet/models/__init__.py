@@ -4,6 +4,8 @@ from .unet_1d import UNet1DModel, UNet1DOutput
 from .unet_2d import UNet2DModel, UNet2DOutput
 from .unet_2d_blocks import UNET_2D_BLOCKS, UNetMidBlock2D, get_down_block, get_up_block
 from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from .unet_3d_blocks import UNET_3D_BLOCKS
+from .unet_3d_condition import UNet3DConditionModel, UNet3DConditionOutput
 from .unet_2d_condition_blocks import (
     UNET_2D_CONDITION_BLOCKS,
     CrossAttnDownBlock2D,
@@ -22,6 +24,9 @@ __all__ = [
     "UNet2DConditionOutput",
     "UNet2DModel",
     "UNet2DOutput",
+    "UNet3DConditionModel",
+    "UNet3DConditionOutput",
+    "UNET_3D_BLOCKS",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
     "get_down_block",

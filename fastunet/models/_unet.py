@@ -7,7 +7,7 @@ does the same way, so that each model file adds only what is its own:
   :meth:`_build_up_blocks`: widths, ``add_downsample``/``add_upsample``, ``resolution_idx``), the class
   embedding (:func:`class_embedding`) and the output norm;
 * forward: the time embedding (:meth:`_embed_time`), class labels (:meth:`_embed_class`), and
-  :meth:`_run_blocks` -- ``conv_in``, down blocks keeping skip connections (T2I-Adapter residuals
+  :meth:`_run_blocks` -- :meth:`_stem` (``conv_in``), down blocks keeping skip connections (T2I-Adapter residuals
   inside, ControlNet residuals on the skips), the mid block (+ ControlNet residual), up blocks popping
   the skips (with FreeU on the pairs), and :meth:`_output` (``conv_out(act(conv_norm_out(h)))``);
 * feature switches: ``enable_freeu`` / ``disable_freeu`` and ``enable_forward_chunking`` /
@@ -168,7 +168,7 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
         are not multiples of the total downsampling).
         """
         adapter = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
-        sample = self.conv_in(sample)
+        sample = self._stem(sample, context)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
             residual = adapter.pop(0) if adapter and block.has_cross_attention else None
@@ -213,6 +213,10 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
             else:
                 sample = out
         return sample, skip_sample
+
+    def _stem(self, sample: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        """What runs before the first down block: ``conv_in``."""
+        return self.conv_in(sample)
 
     def _output(self, sample: torch.Tensor) -> torch.Tensor:
         """``conv_out(act(conv_norm_out(h)))``, the norm and activation in one ``group_norm_act`` call."""

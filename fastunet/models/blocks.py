@@ -123,13 +123,15 @@ class Stage:
     ``build(layer_index, channels)`` makes the module stored at ``<name>.<layer_index>`` (``None``
     for an empty slot, as diffusers' mid block without attention has); ``run`` applies it.
     ``per_resnet`` stages (``temp_convs``) have one module per resnet and run right after it; in a mid
-    block the others have one module fewer than the resnets.
+    block the others have one module fewer than the resnets. ``cross_attention``: the stage attends
+    to the encoder states.
     """
 
     name: str
     build: Callable[[int, int], nn.Module | None]
     run: StageRunner
     per_resnet: bool = False
+    cross_attention: bool = False
 
 
 def self_attention_stage(head_dim: int | None, norm_groups: int | None, eps: float,
@@ -213,7 +215,7 @@ class Block(nn.Module):
 
     @property
     def has_cross_attention(self) -> bool:
-        return any(s.run is run_transformer for s in self._stages)
+        return any(s.cross_attention for s in self._stages)
 
     def _run(self, name: str, run: StageRunner, index: int, hidden_states: torch.Tensor,
              context: BlockContext) -> torch.Tensor:

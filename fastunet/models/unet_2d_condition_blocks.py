@@ -72,7 +72,7 @@ def transformer_stage(block: str, num_attention_heads: int, transformer_layers_p
                                   norm_num_groups=norm_num_groups, use_linear_projection=use_linear_projection,
                                   only_cross_attention=only_cross_attention, upcast_attention=upcast_attention)
 
-    return Stage("attentions", build, run_transformer)
+    return Stage("attentions", build, run_transformer, cross_attention=True)
 
 
 class CrossAttnDownBlock2D(DownBlock):
