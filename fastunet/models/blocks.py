@@ -469,12 +469,15 @@ BlockBuilder = Callable[..., nn.Module]
 
 
 def keyword_builder(cls: type, keys: Sequence[str], renames: Mapping[str, str] | None = None,
-                    **fixed) -> BlockBuilder:
-    """A builder passing the ``keys`` of diffusers' ``get_*_block`` arguments (renamed by ``renames``)
-    and ``fixed`` to ``cls``."""
+                    defaults: Mapping[str, Any] | None = None, **fixed) -> BlockBuilder:
+    """A builder passing the ``keys`` of diffusers' ``get_*_block`` arguments (renamed by ``renames``;
+    ``defaults`` where the caller gives none, as diffusers' ``get_*_block`` defaults differ from the
+    block classes' own) and ``fixed`` to ``cls``."""
     renames = dict(renames or {})
+    defaults = dict(defaults or {})
 
     def build(**kw) -> nn.Module:
+        kw = {**defaults, **kw}
         return cls(**{renames.get(k, k): kw[k] for k in keys if k in kw}, **fixed)
 
     return build

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..layers.normalization import auto_groups
 from ..layers.resnet import TemporalConvLayer
 from ..layers.transformer_2d import Transformer2DModel
 from ..layers.transformer_temporal import TransformerTemporalModel
@@ -164,7 +165,7 @@ class UNetMidBlock3DCrossAttn(MidBlock):
                  output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
                  dual_cross_attention: bool = False, use_linear_projection: bool = True,
                  upcast_attention: bool = False):
-        groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
+        groups = resnet_groups if resnet_groups is not None else auto_groups(in_channels)
         stages = (temporal_conv_stage(groups),
                   *attention_stages_3d(type(self).__name__, num_attention_heads, cross_attention_dim, groups,
                                        use_linear_projection, False, upcast_attention, dual_cross_attention))
@@ -182,14 +183,18 @@ _COMMON = ("num_layers", "in_channels", "out_channels", "temb_channels", "resnet
 _CROSS = ("cross_attention_dim", "num_attention_heads", "dual_cross_attention", "use_linear_projection",
           "only_cross_attention", "upcast_attention")
 _UP = ("prev_output_channel", "add_upsample", "resolution_idx")
+# diffusers' 3-D get_down_block / get_up_block project linearly unless told otherwise
+_GET_BLOCK_DEFAULTS = {"use_linear_projection": True}
 
 UNET_3D_BLOCKS = BlockRegistry(
     "UNet3DConditionModel",
     down={"DownBlock3D": keyword_builder(DownBlock3D, _COMMON + ("add_downsample", "downsample_padding")),
           "CrossAttnDownBlock3D": keyword_builder(CrossAttnDownBlock3D,
-                                                  _COMMON + ("add_downsample", "downsample_padding") + _CROSS)},
+                                                  _COMMON + ("add_downsample", "downsample_padding") + _CROSS,
+                                                  defaults=_GET_BLOCK_DEFAULTS)},
     up={"UpBlock3D": keyword_builder(UpBlock3D, _COMMON + _UP),
-        "CrossAttnUpBlock3D": keyword_builder(CrossAttnUpBlock3D, _COMMON + _UP + _CROSS)},
+        "CrossAttnUpBlock3D": keyword_builder(CrossAttnUpBlock3D, _COMMON + _UP + _CROSS,
+                                              defaults=_GET_BLOCK_DEFAULTS)},
     mid={"UNetMidBlock3DCrossAttn": keyword_builder(
         UNetMidBlock3DCrossAttn, ("in_channels", "temb_channels", "dropout", "num_layers", "resnet_eps",
                                   "resnet_act_fn", "resnet_groups", "resnet_time_scale_shift", "output_scale_factor",
