@@ -18,6 +18,7 @@ from .checkpoint import load_diffusers_state_dict
 from .kernels import get_backend, set_backend, use_backend
 from .modeling import AttentionMixin, ModelMixin
 from .models import (
+    MotionAdapter,
     UNet1DModel,
     UNet1DOutput,
     UNet2DConditionModel,
@@ -26,6 +27,8 @@ from .models import (
     UNet2DOutput,
     UNet3DConditionModel,
     UNet3DConditionOutput,
+    UNetMotionModel,
+    UNetMotionOutput,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +37,7 @@ __all__ = [
     "Attention",
     "AttentionMixin",
     "ModelMixin",
+    "MotionAdapter",
     "AttnProcessor",
     "AttnProcessor2_0",
     "SlicedAttnProcessor",
@@ -47,6 +51,8 @@ __all__ = [
     "UNet2DOutput",
     "UNet3DConditionModel",
     "UNet3DConditionOutput",
+    "UNetMotionModel",
+    "UNetMotionOutput",
     "__version__",
     "get_backend",
     "load_diffusers_state_dict",

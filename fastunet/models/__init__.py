@@ -6,6 +6,8 @@ from .unet_2d_blocks import UNET_2D_BLOCKS, UNetMidBlock2D, get_down_block, get_
 from .unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 from .unet_3d_blocks import UNET_3D_BLOCKS
 from .unet_3d_condition import UNet3DConditionModel, UNet3DConditionOutput
+from .unet_motion import MotionAdapter, UNetMotionModel, UNetMotionOutput
+from .unet_motion_blocks import UNET_MOTION_BLOCKS
 from .unet_2d_condition_blocks import (
     UNET_2D_CONDITION_BLOCKS,
     CrossAttnDownBlock2D,
@@ -27,6 +29,10 @@ __all__ = [
     "UNet3DConditionModel",
     "UNet3DConditionOutput",
     "UNET_3D_BLOCKS",
+    "UNET_MOTION_BLOCKS",
+    "MotionAdapter",
+    "UNetMotionModel",
+    "UNetMotionOutput",
     "UNetMidBlock2D",
     "UNetMidBlock2DCrossAttn",
     "get_down_block",
