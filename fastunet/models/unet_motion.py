@@ -107,19 +107,20 @@ class MotionAdapter(ModelMixin):
 
         self.conv_in = (nn.Conv2d(conv_in_channels, block_out_channels[0], kernel_size=3, padding=1)
                         if conv_in_channels else None)
-        self.down_blocks = nn.ModuleList(
-            MotionModules(width, layers_per_block=layers[i], transformer_layers_per_block=depths[i],
-                          num_attention_heads=heads[i], **common)
-            for i, width in enumerate(block_out_channels))
+        down_blocks = [MotionModules(width, layers_per_block=layers[i], transformer_layers_per_block=depths[i],
+                                     num_attention_heads=heads[i], **common)
+                       for i, width in enumerate(block_out_channels)]
+        up_blocks = [MotionModules(width, layers_per_block=layers[count - 1 - i] + 1,
+                                   transformer_layers_per_block=depths[count - 1 - i],
+                                   num_attention_heads=heads[count - 1 - i], **common)
+                     for i, width in enumerate(reversed(block_out_channels))]
+        # registered as diffusers does (conv_in, mid_block, down_blocks, up_blocks): the state-dict order
         self.mid_block = (MotionModules(block_out_channels[-1], layers_per_block=motion_mid_block_layers_per_block,
                                         transformer_layers_per_block=motion_transformer_layers_per_mid_block,
                                         num_attention_heads=heads[-1], **common)
                           if use_motion_mid_block else None)
-        self.up_blocks = nn.ModuleList(
-            MotionModules(width, layers_per_block=layers[count - 1 - i] + 1,
-                          transformer_layers_per_block=depths[count - 1 - i], num_attention_heads=heads[count - 1 - i],
-                          **common)
-            for i, width in enumerate(reversed(block_out_channels)))
+        self.down_blocks = nn.ModuleList(down_blocks)
+        self.up_blocks = nn.ModuleList(up_blocks)
 
     def forward(self, sample):
         """An adapter holds weights only; it is never called (diffusers' does nothing either)."""
