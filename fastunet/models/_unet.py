@@ -79,6 +79,19 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
     # -- construction --------------------------------------------------------------------------------
 
     @staticmethod
+    def _check_block_plan(down_block_types: Sequence[str], up_block_types: Sequence[str],
+                          block_out_channels: Sequence[int]) -> int:
+        """The number of blocks, after checking that the three per-block lists agree on it."""
+        num_blocks = len(down_block_types)
+        if len(up_block_types) != num_blocks:
+            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
+                             f"{len(down_block_types)} and {len(up_block_types)}")
+        if len(block_out_channels) != num_blocks:
+            raise ValueError(f"block_out_channels must have one entry per down block ({num_blocks}); got "
+                             f"{len(block_out_channels)}: {list(block_out_channels)}")
+        return num_blocks
+
+    @staticmethod
     def _down_plan(block_out_channels: Sequence[int]) -> Iterator[tuple[int, int, int, bool]]:
         """``(index, in_channels, out_channels, is_final)`` of each down block."""
         output_channel = block_out_channels[0]

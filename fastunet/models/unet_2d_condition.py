@@ -124,13 +124,7 @@ class UNet2DConditionModel(UNetSkeleton):
     ):
         super().__init__()
         self.sample_size = sample_size
-        num_blocks = len(down_block_types)
-        if len(up_block_types) != num_blocks:
-            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
-                             f"{len(down_block_types)} and {len(up_block_types)}")
-        if len(block_out_channels) != num_blocks:
-            raise ValueError(f"block_out_channels must have one entry per down block ({num_blocks}); got "
-                             f"{len(block_out_channels)}: {list(block_out_channels)}")
+        num_blocks = self._check_block_plan(down_block_types, up_block_types, block_out_channels)
         if dual_cross_attention:
             raise NotImplementedError("UNet2DConditionModel: dual_cross_attention=True (DualTransformer2DModel, "
                                       "Versatile Diffusion) is not supported by fastunet")

@@ -72,13 +72,7 @@ class UNet3DConditionModel(UNetSkeleton):
             raise NotImplementedError(
                 "UNet3DConditionModel: num_attention_heads cannot be set, as in diffusers (attention_head_dim holds "
                 f"the number of heads of each block); got num_attention_heads={num_attention_heads!r}")
-        num_blocks = len(down_block_types)
-        if len(up_block_types) != num_blocks:
-            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
-                             f"{len(down_block_types)} and {len(up_block_types)}")
-        if len(block_out_channels) != num_blocks:
-            raise ValueError(f"block_out_channels must have one entry per down block ({num_blocks}); got "
-                             f"{len(block_out_channels)}: {list(block_out_channels)}")
+        num_blocks = self._check_block_plan(down_block_types, up_block_types, block_out_channels)
         if isinstance(attention_head_dim, int):
             heads = [attention_head_dim] * num_blocks
         elif len(attention_head_dim) != num_blocks:
