@@ -175,13 +175,7 @@ class UNetMotionModel(UNetSkeleton):
     ):
         super().__init__()
         self.sample_size = sample_size
-        num_blocks = len(down_block_types)
-        if len(up_block_types) != num_blocks:
-            raise ValueError(f"down_block_types and up_block_types must have the same length; got "
-                             f"{len(down_block_types)} and {len(up_block_types)}")
-        if len(block_out_channels) != num_blocks:
-            raise ValueError(f"block_out_channels must have one entry per down block ({num_blocks}); got "
-                             f"{len(block_out_channels)}: {list(block_out_channels)}")
+        num_blocks = self._check_block_plan(down_block_types, up_block_types, block_out_channels)
         if norm_num_groups is None:
             raise ValueError("norm_num_groups=None is not supported: the resnets and motion modules need GroupNorm "
                              "groups (diffusers fails on it too); got None")
