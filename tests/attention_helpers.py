@@ -18,7 +18,3 @@ def processor_factories(slice_size: int) -> dict:
 def backend_for(processor_name: str) -> str:
     """The backend a processor runs under: the Triton one under 'triton' (the interpreter on CPU)."""
     return "triton" if processor_name == "triton" else "auto"
-
-
-def rel_err(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()

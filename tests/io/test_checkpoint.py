@@ -21,6 +21,7 @@ from fastunet.checkpoint import (
 )
 from fastunet.configuration import register_to_config
 from fastunet.modeling import ModelMixin
+from fastunet.testing import perturb_
 
 
 class TinyAttention(nn.Module):
@@ -83,14 +84,6 @@ class TiedModel(ModelMixin):
         self.transposed = nn.Parameter(torch.randn(dim, dim + 1).t())  # non-contiguous
 
 
-def perturbed(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor))
-    return model
-
-
 def public(config) -> dict:
     """Config entries without the private ones, lists and tuples alike."""
     return json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
@@ -105,7 +98,7 @@ def assert_state_dicts_bitwise_equal(a: dict, b: dict) -> None:
 
 @pytest.fixture
 def saved(tmp_path):
-    model = perturbed(TinyModel(hidden=8, block_types=("attn", "plain")))
+    model = perturb_(TinyModel(hidden=8, block_types=("attn", "plain")))
     model.save_pretrained(tmp_path / "tiny")
     return model, tmp_path / "tiny"
 
@@ -139,13 +132,13 @@ def test_config_json_layout_matches_diffusers(saved):
 
 
 def test_round_trip_bin_and_format_preference(tmp_path):
-    model = perturbed(TinyModel())
+    model = perturb_(TinyModel())
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
     assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     assert_state_dicts_bitwise_equal(model.state_dict(), TinyModel.from_pretrained(tmp_path).state_dict())
 
-    other = perturbed(TinyModel())
+    other = perturb_(TinyModel(), seed=1)
     save_file(other.state_dict(), str(tmp_path / "diffusion_pytorch_model.safetensors"))
     assert_state_dicts_bitwise_equal(other.state_dict(), TinyModel.from_pretrained(tmp_path).state_dict())
     from_bin = TinyModel.from_pretrained(tmp_path, use_safetensors=False)
@@ -155,7 +148,7 @@ def test_round_trip_bin_and_format_preference(tmp_path):
 
 
 def test_variant(tmp_path):
-    model = perturbed(TinyModel()).to(torch.float16)
+    model = perturb_(TinyModel()).to(torch.float16)
     model.save_pretrained(tmp_path, variant="fp16")
     assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
@@ -167,7 +160,7 @@ def test_variant(tmp_path):
 
 
 def test_tied_and_non_contiguous_tensors(tmp_path):
-    model = perturbed(TiedModel())
+    model = perturb_(TiedModel())
     assert not model.transposed.is_contiguous()
     model.save_pretrained(tmp_path)
     on_disk = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
@@ -184,7 +177,7 @@ def test_tied_and_non_contiguous_tensors(tmp_path):
 
 
 def test_sharded_checkpoint_and_stale_shards(tmp_path):
-    model = perturbed(TinyModel())
+    model = perturb_(TinyModel())
     state = model.state_dict()
     keys = list(state)
     shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[:5],
@@ -196,14 +189,14 @@ def test_sharded_checkpoint_and_stale_shards(tmp_path):
     (tmp_path / "config.json").write_text(config_to_json_string(model))
     assert_state_dicts_bitwise_equal(state, TinyModel.from_pretrained(tmp_path).state_dict())
 
-    other = perturbed(TinyModel())
+    other = perturb_(TinyModel(), seed=1)
     other.save_pretrained(tmp_path)  # the stale shards would shadow the new single file
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert_state_dicts_bitwise_equal(other.state_dict(), TinyModel.from_pretrained(tmp_path).state_dict())
 
 
 def test_subfolder_overrides_and_loading_info(tmp_path):
-    model = perturbed(TinyModel(eps=1e-3))
+    model = perturb_(TinyModel(eps=1e-3))
     model.save_pretrained(tmp_path / "unet")
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"pipeline directory: pass subfolder= one of \['unet'\]"):
@@ -233,7 +226,7 @@ class LayersOnly(ModelMixin):
 
 
 def test_loading_draws_no_random_numbers(tmp_path):
-    model = perturbed(LayersOnly())
+    model = perturb_(LayersOnly())
     model.save_pretrained(tmp_path)
     state = torch.random.get_rng_state()
     loaded = LayersOnly.from_pretrained(tmp_path)
@@ -284,7 +277,7 @@ def old_attention_names(state: dict, prefixes) -> dict:
 
 
 def test_deprecated_attention_names_converted_only_under_flagged_modules(tmp_path):
-    model = perturbed(TinyModel())
+    model = perturb_(TinyModel())
     old = old_attention_names(model.state_dict(), ["blocks.0", "blocks.1"])
     assert "blocks.0.query.weight" in old and "blocks.1.proj_attn.bias" in old
     assert "mid.query.weight" in old  # SelfAttention1d's own names, which must stay as they are
@@ -302,7 +295,7 @@ def test_deprecated_names_not_converted_for_unflagged_module():
     model = TinyModel()
     for block in model.blocks:
         block._from_deprecated_attn_block = False
-    old = old_attention_names(perturbed(TinyModel()).state_dict(), ["blocks.0"])
+    old = old_attention_names(perturb_(TinyModel()).state_dict(), ["blocks.0"])
     with pytest.raises(ValueError, match=r"blocks\.0\.query\.weight"):
         load_diffusers_state_dict(model, old)
 
@@ -319,9 +312,9 @@ def test_old_and_new_name_both_present_is_an_error():
 
 
 def test_key_errors_are_reported_together_and_nothing_is_loaded():
-    model = perturbed(TinyModel())
+    model = perturb_(TinyModel())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = dict(perturbed(TinyModel()).state_dict())
+    bad = dict(perturb_(TinyModel(), seed=1).state_dict())
     del bad["norm.weight"], bad["steps"]
     bad["extra.weight"] = torch.zeros(2)
     bad["proj_in.weight"] = torch.zeros(8, 4)
@@ -511,14 +504,6 @@ def model_pair(name: str):
     return getattr(importlib.import_module(case["module"]), name), getattr(diffusers, name), case
 
 
-def perturbed_unet(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor) * 0.1)
-    return model
-
-
 class DiffusersLog:
     """Collects what diffusers logs at WARNING and above."""
 
@@ -552,7 +537,7 @@ def outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
 @pytest.mark.parametrize("safe_serialization", [True, False])
 def test_diffusers_save_fastunet_load(tmp_path, name, safe_serialization):
     ours, theirs, case = model_pair(name)
-    reference = perturbed_unet(theirs(**case["config"])).eval()
+    reference = perturb_(theirs(**case["config"])).eval()
     reference.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     loaded = ours.from_pretrained(tmp_path)
     assert public(loaded.config) == public(reference.config)
@@ -564,7 +549,7 @@ def test_diffusers_save_fastunet_load(tmp_path, name, safe_serialization):
 @pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
 def test_fastunet_save_diffusers_load(tmp_path, name):
     ours, theirs, case = model_pair(name)
-    model = perturbed_unet(ours(**case["config"])).eval()
+    model = perturb_(ours(**case["config"])).eval()
     model.save_pretrained(tmp_path)
     theirs(**case["config"]).save_pretrained(tmp_path / "theirs")
     assert (tmp_path / "config.json").read_text() == (tmp_path / "theirs" / "config.json").read_text()
@@ -588,12 +573,12 @@ def test_fastunet_save_diffusers_load(tmp_path, name):
 @pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
 def test_diffusers_variant_and_shards(tmp_path, name):
     ours, theirs, case = model_pair(name)
-    reference = perturbed_unet(theirs(**case["config"])).to(torch.float16)
+    reference = perturb_(theirs(**case["config"])).to(torch.float16)
     reference.save_pretrained(tmp_path / "fp16", variant="fp16")
     loaded = ours.from_pretrained(tmp_path / "fp16", variant="fp16", torch_dtype=torch.float16)
     assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
 
-    reference = perturbed_unet(theirs(**case["config"]))
+    reference = perturb_(theirs(**case["config"]))
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     loaded = ours.from_pretrained(tmp_path / "sharded")
@@ -603,7 +588,7 @@ def test_diffusers_variant_and_shards(tmp_path, name):
 @pytest.mark.parametrize("name", list(DIFFUSERS_CASES))
 def test_diffusers_old_attention_names(tmp_path, name):
     ours, theirs, case = model_pair(name)
-    reference = perturbed_unet(theirs(**case["config"]))
+    reference = perturb_(theirs(**case["config"]))
     flagged = [path for path, module in reference.named_modules()
                if getattr(module, "_from_deprecated_attn_block", False)]
     reference.save_pretrained(tmp_path)

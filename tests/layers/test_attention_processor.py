@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-from attention_helpers import RTOL, backend_for, processor_factories, rel_err  # tests/ is on sys.path
+from attention_helpers import RTOL, backend_for, processor_factories  # tests/ is on sys.path
 from diffusers.models import attention_processor as dap
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel as DiffusersUNet2DCondition
 
@@ -20,18 +20,14 @@ from fastunet.layers.attention_processor import (
 )
 from fastunet.configuration import register_to_config
 from fastunet.modeling import AttentionMixin, ModelMixin
+from fastunet.testing import perturbed_pair, rel_err
 
 PROCESSORS = processor_factories(slice_size=3)
 
 
 def make_pair(query_dim, **kwargs):
-    """A diffusers Attention with perturbed weights and a fastunet twin, loaded strict both ways."""
-    ref = dap.Attention(query_dim, **kwargs)
-    ours = Attention(query_dim, **kwargs)
-    state = {k: v + 0.2 * torch.randn_like(v) for k, v in ref.state_dict().items()}
-    ref.load_state_dict(state, strict=True)
-    ours.load_state_dict(state, strict=True)
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    """A diffusers Attention with perturbed weights and a fastunet twin, loaded strict."""
+    ref, ours = perturbed_pair(dap.Attention(query_dim, **kwargs), Attention(query_dim, **kwargs))
     return ref.eval(), ours.eval()
 
 
@@ -47,7 +43,7 @@ def assert_matches(ref, ours, processor_name, *args, **kwargs):
     with torch.no_grad():
         expected = ref(*args, **kwargs)
     actual = run(ours, processor_name, *args, **kwargs)
-    assert rel_err(actual, expected) < RTOL
+    assert rel_err(actual, expected, norm="max") < RTOL
 
 
 def launches(op):
@@ -99,7 +95,7 @@ def test_self_attention_block_4d(processor, head_dim):
     actual = run(ours, processor, x)
     assert torch.equal(x, x_before)
     assert actual.shape == expected.shape
-    assert rel_err(actual, expected) < RTOL
+    assert rel_err(actual, expected, norm="max") < RTOL
     if processor == "triton":
         assert launches("attention") > attention_launches, "the Triton attention kernel did not run"
         assert launches("group_norm") > norm_launches, "the Triton group-norm kernel did not run"
@@ -179,11 +175,11 @@ def test_fused_projections(processor, cross):
     ours.fuse_projections()
     assert ours.fused_projections and list(ours.state_dict()) == list(ref.state_dict())
     assert rel_err(ours.state_dict()["to_kv.weight" if cross else "to_qkv.weight"],
-                   ref.state_dict()["to_kv.weight" if cross else "to_qkv.weight"]) == 0
+                   ref.state_dict()["to_kv.weight" if cross else "to_qkv.weight"], norm="max") == 0
     with torch.no_grad():  # the separate projections must no longer matter
         for linear in (ours.to_k, ours.to_v) if cross else (ours.to_q, ours.to_k, ours.to_v):
             linear.weight.zero_()
-    assert rel_err(run(ours, processor, x, context), expected) < RTOL
+    assert rel_err(run(ours, processor, x, context), expected, norm="max") < RTOL
     ours.unfuse_projections()
     assert not ours.fused_projections and "to_qkv" not in dict(ours.named_children())
 
@@ -196,14 +192,14 @@ def test_gradients_match_diffusers(backend):
     ref(x_ref).square().sum().backward()
     with fastunet.use_backend(backend):
         ours(x_ours).square().sum().backward()
-    assert rel_err(x_ours.grad, x_ref.grad) < RTOL
+    assert rel_err(x_ours.grad, x_ref.grad, norm="max") < RTOL
     expected = dict(ref.named_parameters())
     largest = max(p.grad.abs().max() for p in expected.values())
     for name, p in ours.named_parameters():
         if name == "to_k.bias":  # zero in exact arithmetic (softmax ignores a shift of all scores): rounding noise
             assert p.grad.abs().max() <= 1e-6 * largest
         else:
-            assert rel_err(p.grad, expected[name].grad) < RTOL, name
+            assert rel_err(p.grad, expected[name].grad, norm="max") < RTOL, name
 
 
 def test_set_attention_slice_on_the_layer():
@@ -214,7 +210,7 @@ def test_set_attention_slice_on_the_layer():
     ours.set_attention_slice(3)
     assert isinstance(ours.processor, SlicedAttnProcessor) and ours.processor.slice_size == 3
     with torch.no_grad():
-        assert rel_err(ours(x), expected) < RTOL
+        assert rel_err(ours(x), expected, norm="max") < RTOL
     ours.set_attention_slice(None)
     assert isinstance(ours.processor, TritonAttnProcessor)
     with pytest.raises(ValueError, match="slice_size 9 has to be smaller or equal to 8"):
@@ -231,8 +227,8 @@ def test_helpers_match_diffusers():
     b = torch.randn(6, 5, 16)
     assert torch.equal(ours.batch_to_head_dim(b), ref.batch_to_head_dim(b))
     q, k, m = torch.randn(6, 5, 16), torch.randn(6, 4, 16), torch.randn(6, 5, 4)
-    assert rel_err(ours.get_attention_scores(q, k, m), ref.get_attention_scores(q, k, m)) < 1e-6
-    assert rel_err(ours.get_attention_scores(q, k), ref.get_attention_scores(q, k)) < 1e-6
+    assert rel_err(ours.get_attention_scores(q, k, m), ref.get_attention_scores(q, k, m), norm="max") < 1e-6
+    assert rel_err(ours.get_attention_scores(q, k), ref.get_attention_scores(q, k), norm="max") < 1e-6
     mask = torch.randn(2, 1, 4)
     for out_dim in (3, 4):
         assert torch.equal(ours.prepare_attention_mask(mask, 4, 2, out_dim),
@@ -334,7 +330,7 @@ def test_mixin_processor_api():
     assert given == chosen, "set_attn_processor must not consume the caller's dict"
     assert model.attn_processors == chosen
     with torch.no_grad():
-        assert rel_err(model(x, context), expected) < RTOL
+        assert rel_err(model(x, context), expected, norm="max") < RTOL
 
     with pytest.raises(ValueError, match="the number of processors 1 does not match the number of attention "
                                          "layers: 2. Please make sure to pass 2 processor classes."):
@@ -351,7 +347,7 @@ def test_mixin_processor_api():
     assert "attn.to_qkv.weight" in model.state_dict() and "blocks.0.cross.to_kv.weight" in model.state_dict()
     assert all(isinstance(p, TritonAttnProcessor) for p in model.attn_processors.values())
     with torch.no_grad():
-        assert rel_err(model(x, context), expected) < RTOL
+        assert rel_err(model(x, context), expected, norm="max") < RTOL
     model.unfuse_qkv_projections()
     assert not model.attn.fused_projections and "attn.to_qkv.weight" not in model.state_dict()
     assert all(type(p) is dap.AttnProcessor2_0 for p in model.attn_processors.values())
@@ -359,7 +355,7 @@ def test_mixin_processor_api():
     model.fuse_qkv_projections()
     assert all(type(p) is SlicedAttnProcessor for p in model.attn_processors.values())
     with torch.no_grad():
-        assert rel_err(model(x, context), expected) < RTOL
+        assert rel_err(model(x, context), expected, norm="max") < RTOL
 
 
 def test_mixin_set_attention_slice_errors():

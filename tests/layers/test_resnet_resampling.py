@@ -20,29 +20,12 @@ from fastunet.layers.resampling import (
     upsample_2d,
 )
 from fastunet.layers.resnet import ResnetBlock2D
-
-
-def perturb_(module: torch.nn.Module) -> None:
-    """Give every parameter random values, zero-initialised ones included."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() == 1:  # biases around 0, norm scales around 1
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+from fastunet.testing import gradient_errors, named_gradients, perturb_, perturbed_pair, rel_err
 
 
 def twin(ours_cls, theirs_cls, *args, **kwargs):
-    """Build both layers, perturb diffusers' weights and load them strict into ours (and back)."""
-    theirs = theirs_cls(*args, **kwargs)
-    perturb_(theirs)
-    ours = ours_cls(*args, **kwargs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    """Build both layers, perturb diffusers' weights and load them strict into both."""
+    theirs, ours = perturbed_pair(theirs_cls(*args, **kwargs), ours_cls(*args, **kwargs))
     return ours, theirs
 
 
@@ -56,16 +39,12 @@ def check_parity(ours, theirs, inputs: list[torch.Tensor | None], call=None, tol
         out = call(model, *xs)
         cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         (out * cotangent).sum().backward()
-        grads = [x.grad for x in xs if x is not None and x.requires_grad]
-        grads += [p.grad for p in model.parameters() if p.requires_grad]
-        results.append((out, grads))
+        grads = {f"<input {i}>": x.grad for i, x in enumerate(xs) if x is not None and x.requires_grad}
+        results.append((out, {**grads, **named_gradients(model)}))
     (out_a, grads_a), (out_b, grads_b) = results
     assert out_a.shape == out_b.shape
-    assert rel(out_a, out_b) < tol, rel(out_a, out_b)
-    assert len(grads_a) == len(grads_b)
-    for ga, gb in zip(grads_a, grads_b):
-        assert ga is not None and gb is not None
-        assert rel(ga, gb) < grad_tol, rel(ga, gb)
+    assert rel_err(out_a, out_b) < tol, rel_err(out_a, out_b)
+    gradient_errors(grads_a, grads_b).check(grad_tol)
     return out_a
 
 
@@ -219,4 +198,4 @@ def test_resnet_block_triton_backend_matches_torch(time_embedding_norm):
         if backend == "triton":
             assert launch_counts["group_norm_act_fwd"] >= 2, dict(launch_counts)
     for got, expected in zip(results[1], results[0]):
-        assert rel(got, expected) < 1e-4
+        assert rel_err(got, expected) < 1e-4

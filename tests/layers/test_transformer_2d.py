@@ -12,31 +12,12 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel as D
 
 from fastunet.layers.attention import BasicTransformerBlock, FeedForward
 from fastunet.layers.transformer_2d import Transformer2DModel
+from fastunet.testing import gradient_errors, perturbed_pair, rel_err
 
 OUT_TOL, GRAD_TOL = 1e-4, 2e-3
 
 # diffusers' own Transformer2DModel builds its deprecated output class on every call
 pytestmark = pytest.mark.filterwarnings("ignore:.*Transformer2DModelOutput.*:FutureWarning")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def max_grad_error(grads_a: dict, grads_b: dict) -> tuple[float, str]:
-    """The worst relative gradient error and its parameter. Gradients that are zero in exact
-    arithmetic (an attention key bias shifts every score of a row equally) are rounding noise on
-    both sides, so each error is taken relative to at least 1e-4 of the largest gradient norm."""
-    floor = 1e-4 * max(g.double().norm().item() for g in grads_b.values())
-    return max((((grads_a[n].double() - grads_b[n].double()).norm().item()
-                 / max(grads_b[n].double().norm().item(), floor)), n) for n in grads_b)
-
-
-def load_pair(ours: torch.nn.Module, theirs: torch.nn.Module, scale: float = 0.2) -> None:
-    """Perturb every entry of ``ours``' state dict, load it strict into both models."""
-    state = {k: v + scale * torch.randn_like(v) for k, v in ours.state_dict().items()}
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
 
 
 def run_and_backward(model, x, weight, **kwargs):
@@ -58,11 +39,11 @@ def assert_parity(ours, theirs, x, **kwargs):
     out_a, dx_a, grads_a = run_and_backward(ours, x, weight, **kwargs)
     out_b, dx_b, grads_b = run_and_backward(theirs, x, weight, **kwargs)
     assert out_a.shape == out_b.shape
-    assert rel(out_a, out_b) < OUT_TOL, rel(out_a, out_b)
-    assert rel(dx_a, dx_b) < GRAD_TOL
-    assert grads_a.keys() == grads_b.keys()
-    worst = max_grad_error(grads_a, grads_b)
-    assert worst[0] < GRAD_TOL, worst
+    assert rel_err(out_a, out_b) < OUT_TOL, rel_err(out_a, out_b)
+    assert rel_err(dx_a, dx_b) < GRAD_TOL
+    # gradients that vanish in exact arithmetic (an attention key bias shifts every score of a row
+    # equally) are rounding noise on both sides: each is measured against 1e-4 of the largest gradient
+    gradient_errors(grads_a, grads_b, floor=1e-4).check(GRAD_TOL)
     return out_a
 
 
@@ -80,7 +61,7 @@ def test_transformer_2d_matches_diffusers(name):
     cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=32, norm_num_groups=8, cross_attention_dim=24)
     cfg.update(CONFIGS[name])
     ours, theirs = Transformer2DModel(**cfg), DiffusersTransformer2DModel(**cfg)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     batch, height, width, tokens = 2, 6, 5, 7
     x = torch.randn(batch, 32, height, width)
     kwargs = {}
@@ -102,7 +83,7 @@ def test_transformer_2d_bias_masks_pass_through():
     """Already-converted (B, 1, M) additive biases are used as they are (the UNet converts once)."""
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4, cross_attention_dim=8)
     ours, theirs = Transformer2DModel(**cfg), DiffusersTransformer2DModel(**cfg)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     x, context = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 8)
     bias = torch.zeros(2, 1, 5)
     bias[0, 0, 3:] = -10000.0
@@ -110,15 +91,15 @@ def test_transformer_2d_bias_masks_pass_through():
         a = ours(x, context, encoder_attention_mask=bias, return_dict=False)[0]
         b = theirs(x, context, encoder_attention_mask=bias, return_dict=False)[0]
         unmasked = ours(x, context).sample
-    assert rel(a, b) < OUT_TOL
-    assert rel(a, unmasked) > 1e-3  # the mask did something
+    assert rel_err(a, b) < OUT_TOL
+    assert rel_err(a, unmasked) > 1e-3  # the mask did something
 
 
 @pytest.mark.parametrize("dim,chunk", [(0, 1), (1, 5)])
 def test_chunked_feed_forward_same_result(dim, chunk):
     ours = BasicTransformerBlock(32, 2, 16, cross_attention_dim=12)
     theirs = DiffusersBlock(32, 2, 16, cross_attention_dim=12)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     x, context = torch.randn(2, 20, 32), torch.randn(2, 3, 12)
     with torch.no_grad():
         plain = ours(x, encoder_hidden_states=context)
@@ -126,14 +107,14 @@ def test_chunked_feed_forward_same_result(dim, chunk):
         theirs.set_chunk_feed_forward(chunk, dim)
         chunked = ours(x, encoder_hidden_states=context)
         reference = theirs(x, encoder_hidden_states=context)
-    assert rel(chunked, plain) < 1e-6
-    assert rel(chunked, reference) < OUT_TOL
+    assert rel_err(chunked, plain) < 1e-6
+    assert rel_err(chunked, reference) < OUT_TOL
     ours.set_chunk_feed_forward(3, 1)
     with pytest.raises(ValueError, match="multiple of chunk_size 3"):
         ours(x, encoder_hidden_states=context)
     ours.set_chunk_feed_forward(None)
     with torch.no_grad():
-        assert rel(ours(x, encoder_hidden_states=context), plain) < 1e-7
+        assert rel_err(ours(x, encoder_hidden_states=context), plain) < 1e-7
 
 
 def test_chunk_feed_forward_validation():
@@ -150,7 +131,7 @@ def test_feed_forward_variants(activation_fn):
     theirs = DiffusersFeedForward(16, dim_out=12, mult=2, activation_fn=activation_fn)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     assert "net.0.proj.weight" in ours.state_dict() and "net.2.weight" in ours.state_dict()
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     assert_parity(ours, theirs, torch.randn(3, 7, 16))
 
 
@@ -158,16 +139,15 @@ def test_gradient_checkpointing_same_gradients():
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
                cross_attention_dim=8, num_layers=2)
     model = Transformer2DModel(**cfg)
-    load_pair(model, Transformer2DModel(**cfg))
+    perturbed_pair(model, Transformer2DModel(**cfg))
     x, context = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 8)
     weight = torch.randn(2, 16, 4, 4)
     out_a, dx_a, grads_a = run_and_backward(model, x, weight, encoder_hidden_states=context)
     model.enable_gradient_checkpointing()
     assert model.is_gradient_checkpointing
     out_b, dx_b, grads_b = run_and_backward(model, x, weight, encoder_hidden_states=context)
-    assert rel(out_b, out_a) < 1e-6 and rel(dx_b, dx_a) < 1e-6
-    for name in grads_a:
-        assert rel(grads_b[name], grads_a[name]) < 1e-5, name
+    assert rel_err(out_b, out_a) < 1e-6 and rel_err(dx_b, dx_a) < 1e-6
+    gradient_errors(grads_b, grads_a).check(1e-5)
 
 
 def test_config_and_state_dict_names():

@@ -24,6 +24,7 @@ from fastunet.layers.transformer_temporal import (
     TransformerTemporalModel,
     TransformerTemporalModelOutput,
 )
+from fastunet.testing import gradient_errors, perturbed_pair, rel_err
 
 OUT_TOL, GRAD_TOL = 1e-5, 2e-3
 
@@ -31,17 +32,6 @@ PAIRS = {
     "temporal": (TransformerTemporalModel, DiffusersTemporal),
     "animatediff": (AnimateDiffTransformer3D, DiffusersAnimateDiff),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def load_pair(ours: torch.nn.Module, theirs: torch.nn.Module, scale: float = 0.2) -> None:
-    """Perturb every entry of ``ours``' state dict and load it strict into both."""
-    state = {k: v + scale * torch.randn_like(v) for k, v in ours.state_dict().items()}
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
 
 
 def forward_backward(model, x, weight, **kwargs):
@@ -60,14 +50,10 @@ def parity(ours, theirs, x, **kwargs) -> dict:
     out_a, dx_a, grads_a = forward_backward(ours, x, weight, **kwargs)
     out_b, dx_b, grads_b = forward_backward(theirs, x, weight, **kwargs)
     assert out_a.shape == out_b.shape == x.shape
-    assert grads_a.keys() == grads_b.keys()
     # gradients that vanish in exact arithmetic (a key bias shifts every score of a row alike) are rounding
     # noise on both sides: each error is relative to at least 1e-4 of the largest gradient
-    floor = 1e-4 * max(g.double().norm().item() for g in grads_b.values())
-    grad_errors = {n: (grads_a[n].double() - grads_b[n].double()).norm().item()
-                   / max(grads_b[n].double().norm().item(), floor) for n in grads_b}
-    worst = max(grad_errors, key=grad_errors.get)
-    errors = dict(out=rel(out_a, out_b), dx=rel(dx_a, dx_b), grad=grad_errors[worst], worst=worst)
+    grads = gradient_errors(grads_a, grads_b, floor=1e-4)
+    errors = dict(out=rel_err(out_a, out_b), dx=rel_err(dx_a, dx_b), grad=grads.max, worst=grads.worst)
     assert errors["out"] < OUT_TOL, errors
     assert errors["dx"] < GRAD_TOL, errors
     assert errors["grad"] < GRAD_TOL, errors
@@ -101,7 +87,7 @@ def build_transformers(pair: str, channels: int, groups: int, overrides: dict):
     cfg.update(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels, norm_num_groups=groups)
     ours_cls, theirs_cls = PAIRS[pair]
     ours, theirs = ours_cls(**cfg), theirs_cls(**cfg)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     return ours, theirs
 
 
@@ -135,7 +121,7 @@ def test_temporal_conv_layer_matches_diffusers(name):
     theirs = DiffusersTemporalConvLayer(channels, norm_num_groups=groups)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert ours.conv4[3].weight.abs().max() == 0 and ours.conv4[3].bias.abs().max() == 0
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     errors = parity(ours, theirs, torch.randn(2 * frames, channels, height, width), num_frames=frames)
     print(f"conv {name}: out {errors['out']:.2e}  dx {errors['dx']:.2e}  worst grad {errors['grad']:.2e} "
           f"({errors['worst']})")
@@ -145,11 +131,11 @@ def test_temporal_conv_layer_dropout_indices_and_eval():
     """Dropout sits at index 2 of conv2..conv4 as in diffusers; in eval mode it is the identity."""
     ours = TemporalConvLayer(16, dropout=0.3, norm_num_groups=4).eval()
     theirs = DiffusersTemporalConvLayer(16, dropout=0.3, norm_num_groups=4).eval()
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     assert all(isinstance(getattr(ours, f"conv{i}")[2], torch.nn.Dropout) for i in (2, 3, 4))
     x = torch.randn(6, 16, 3, 2)
     with torch.no_grad():
-        assert rel(ours(x, num_frames=3), theirs(x, num_frames=3)) < OUT_TOL
+        assert rel_err(ours(x, num_frames=3), theirs(x, num_frames=3)) < OUT_TOL
 
 
 def test_state_dict_names_and_sinusoidal_table():
@@ -169,7 +155,7 @@ def test_state_dict_names_and_sinusoidal_table():
 def test_outputs_layout_and_config():
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4)
     model = TransformerTemporalModel(**cfg)
-    load_pair(model, DiffusersTemporal(**cfg))
+    perturbed_pair(model, DiffusersTemporal(**cfg))
     x = torch.randn(6, 16, 3, 2)
     before = x.clone()
     with torch.no_grad():
@@ -189,28 +175,28 @@ def test_outputs_layout_and_config():
 def test_channels_last_input_keeps_its_layout():
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4)
     ours, theirs = TransformerTemporalModel(**cfg), DiffusersTemporal(**cfg)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     conv_ours, conv_theirs = TemporalConvLayer(16, norm_num_groups=4), DiffusersTemporalConvLayer(16, norm_num_groups=4)
-    load_pair(conv_ours, conv_theirs)
+    perturbed_pair(conv_ours, conv_theirs)
     x = torch.randn(6, 16, 3, 5).to(memory_format=torch.channels_last)
     with torch.no_grad():
         for a, b in ((ours(x, num_frames=2).sample, theirs(x, num_frames=2).sample),
                      (conv_ours(x, num_frames=2), conv_theirs(x, num_frames=2))):
             assert a.is_contiguous(memory_format=torch.channels_last)
-            assert rel(a, b) < OUT_TOL
+            assert rel_err(a, b) < OUT_TOL
 
 
 def test_gradient_checkpointing_same_gradients():
     cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4, num_layers=2,
                positional_embeddings="sinusoidal", num_positional_embeddings=4)
     model = AnimateDiffTransformer3D(**cfg)
-    load_pair(model, AnimateDiffTransformer3D(**cfg))
+    perturbed_pair(model, AnimateDiffTransformer3D(**cfg))
     x, weight = torch.randn(8, 16, 2, 3), torch.randn(8, 16, 2, 3)
     out_a, dx_a, grads_a = forward_backward(model, x, weight, num_frames=4)
     model.enable_gradient_checkpointing()
     out_b, dx_b, grads_b = forward_backward(model, x, weight, num_frames=4)
-    assert rel(out_b, out_a) < 1e-6 and rel(dx_b, dx_a) < 1e-6
-    assert all(rel(grads_b[n], grads_a[n]) < 1e-5 for n in grads_a)
+    assert rel_err(out_b, out_a) < 1e-6 and rel_err(dx_b, dx_a) < 1e-6
+    gradient_errors(grads_b, grads_a).check(1e-5)
 
 
 def test_block_positional_embedding_matches_diffusers():
@@ -219,7 +205,7 @@ def test_block_positional_embedding_matches_diffusers():
                                  num_positional_embeddings=10)
     theirs = DiffusersBlock(32, 2, 16, double_self_attention=True, positional_embeddings="sinusoidal",
                             num_positional_embeddings=10)
-    load_pair(ours, theirs)
+    perturbed_pair(ours, theirs)
     parity(ours, theirs, torch.randn(6, 7, 32))
 
 
@@ -235,7 +221,7 @@ def test_norm_act_out_layout():
     assert y.shape == x.shape and y.permute(0, 3, 4, 2, 1).is_contiguous()
     expected = torch.nn.functional.silu(torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(),
                                                                        norm.bias.double(), 1e-6))
-    assert rel(y, expected) < 1e-6
+    assert rel_err(y, expected) < 1e-6
     with pytest.raises(ValueError, match="out_layout"):
         norm_act(norm, x, out_layout=(0, 1, 2, 3))
 
@@ -245,13 +231,13 @@ def test_triton_backend_matches_torch_backend(layer):
     """The same layer on the Triton kernels (interpreter) and on the torch paths, forward and backward."""
     if layer == "conv":
         model = TemporalConvLayer(16, norm_num_groups=4)
-        load_pair(model, TemporalConvLayer(16, norm_num_groups=4))
+        perturbed_pair(model, TemporalConvLayer(16, norm_num_groups=4))
         expected_kernels = [("group_norm_act", "fwd"), ("group_norm_act", "bwd")]
     else:
         cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
                    positional_embeddings="sinusoidal", num_positional_embeddings=4)
         model = AnimateDiffTransformer3D(**cfg)
-        load_pair(model, AnimateDiffTransformer3D(**cfg))
+        perturbed_pair(model, AnimateDiffTransformer3D(**cfg))
         expected_kernels = [("group_norm_act", "fwd"), ("group_norm_act", "bwd"), ("attention_short", "fwd"),
                             ("attention_short", "bwd")]
     x = torch.randn(2 * 3, 16, 2, 2)
@@ -264,9 +250,9 @@ def test_triton_backend_matches_torch_backend(layer):
     launched = {name for name, n in launch_counts.items() if n > 0}
     for parts in expected_kernels:  # launch names are the kernels' names: match on their words
         assert any(all(p in name for p in parts) for name in launched), (parts, launched)
-    assert rel(result[0], reference[0]) < 1e-5
-    assert rel(result[1], reference[1]) < GRAD_TOL
-    assert all(rel(result[2][n], reference[2][n]) < GRAD_TOL for n in reference[2])
+    assert rel_err(result[0], reference[0]) < 1e-5
+    assert rel_err(result[1], reference[1]) < GRAD_TOL
+    gradient_errors(result[2], reference[2]).check(GRAD_TOL)
 
 
 def test_bad_inputs_raise_value_errors():

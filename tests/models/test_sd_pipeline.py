@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from fastunet import UNet2DConditionModel
+from fastunet.testing import perturbed_pair
 
 UNET_CONFIG = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                    norm_num_groups=8, attention_head_dim=4,
@@ -41,12 +42,7 @@ def test_stable_diffusion_pipeline_same_images(tmp_path):
         pad_token_id=tokenizer.eos_token_id))
     vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
-    theirs = DiffusersUNet(**UNET_CONFIG)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ours = UNet2DConditionModel(**UNET_CONFIG)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs, ours = perturbed_pair(DiffusersUNet(**UNET_CONFIG), UNet2DConditionModel(**UNET_CONFIG))
 
     images = []
     for unet in (theirs, ours):
