@@ -14,10 +14,10 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline
+from diffusers import DDIMScheduler, TextToVideoSDPipeline
 from diffusers import UNet3DConditionModel as DiffusersUNet3D
 from diffusers.models.attention_processor import AttnProcessor2_0 as DiffusersAttnProcessor2_0
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from pipeline_parts import tiny_text_encoder, tiny_tokenizer, tiny_vae  # tests/ is on sys.path
 
 import fastunet
 from fastunet import UNet3DConditionModel, UNet3DConditionOutput
@@ -265,27 +265,12 @@ def test_triton_backend_matches_torch_backend(tiny: Pair):
 # -- diffusers' text-to-video pipeline -----------------------------------------------------------------
 
 
-def _tiny_tokenizer(directory) -> CLIPTokenizer:
-    vocab = {}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
-
 
 def test_text_to_video_pipeline_same_frames(tmp_path):
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer(tmp_path)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id))
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    tokenizer = tiny_tokenizer(tmp_path)
+    text_encoder = tiny_text_encoder(tokenizer, 16)
+    vae = tiny_vae()
     cfg = {**CONFIGS["tiny"], "time_cond_proj_dim": None, "sample_size": 8}
     theirs, ours = perturbed_pair(DiffusersUNet3D(**cfg), UNet3DConditionModel(**cfg))
     videos = []

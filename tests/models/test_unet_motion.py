@@ -20,11 +20,11 @@ import json
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
+from diffusers import AnimateDiffPipeline, DDIMScheduler
 from diffusers import MotionAdapter as DiffusersMotionAdapter
 from diffusers import UNet2DConditionModel as DiffusersUNet2D
 from diffusers import UNetMotionModel as DiffusersUNetMotion
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from pipeline_parts import tiny_text_encoder, tiny_tokenizer, tiny_vae  # tests/ is on sys.path
 
 import fastunet
 from fastunet import MotionAdapter, UNet2DConditionModel, UNet3DConditionOutput, UNetMotionModel
@@ -291,27 +291,12 @@ def test_triton_backend_matches_torch_backend(tiny: Pair):
 # -- diffusers' AnimateDiff pipeline ------------------------------------------------------------------------
 
 
-def _tiny_tokenizer(directory) -> CLIPTokenizer:
-    vocab = {}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
-
 
 def test_animatediff_pipeline_same_frames(tmp_path):
     torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer(tmp_path)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CROSS, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    tokenizer = tiny_tokenizer(tmp_path)
+    text_encoder = tiny_text_encoder(tokenizer, CROSS)
+    vae = tiny_vae()
     adapter = perturb_(DiffusersMotionAdapter(**ADAPTER), seed=3)
     cfg = {**TINY, "sample_size": 8}
     theirs, ours = perturbed_pair(DiffusersUNetMotion(**cfg), UNetMotionModel(**cfg))
