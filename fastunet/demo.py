@@ -21,6 +21,7 @@ import torch
 from .kernels import launch_counts, use_backend
 from .kernels._backend import interpreter_enabled
 from .models.unet_2d import UNet2DModel
+from .testing import gradient_errors, perturb_, rel_err
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(channels: list[int], size: int) -> UNet2DModel:
+def build_model(channels: list[int], size: int, seed: int = 0) -> UNet2DModel:
     """A DDPM-like UNet: plain resnet blocks at full resolution, attention below, random weights."""
     n = len(channels)
     model = UNet2DModel(
@@ -46,13 +47,7 @@ def build_model(channels: list[int], size: int) -> UNet2DModel:
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (n - 1),
         up_block_types=("AttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
     )
-    with torch.no_grad():  # random values everywhere, the zero-initialised parameters included
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            else:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-    return model
+    return perturb_(model, seed=seed)  # random values everywhere, the zero-initialised parameters included
 
 
 def _sync(device: torch.device) -> None:
@@ -90,21 +85,13 @@ def run_backend(backend: str, model, sample, timestep, cotangent, steps: int):
     return out, grads, fwd, bwd, launches, kernels
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def report_parity(label: str, out, grads, out_ref, grads_ref) -> tuple[float, float]:
+    """Print and return the output's relative L2 error and the largest relative gradient error."""
     # gradients that vanish in exact arithmetic (attention key biases) are measured against a floor
-    floor = 1e-4 * max(g.double().norm().item() for g in grads_ref.values())
-    grad_errors = {name: ((grads[name].double() - g.double()).norm() / max(g.double().norm().item(), floor)).item()
-                   for name, g in grads_ref.items()}
-    worst = max(grad_errors, key=grad_errors.get)
-    out_error = relative_error(out, out_ref)
-    print(f"{label}: output rel. L2 error {out_error:.2e}; gradients ({len(grad_errors)} tensors) max rel. error "
-          f"{grad_errors[worst]:.2e} ({worst})")
-    return out_error, grad_errors[worst]
+    errors = gradient_errors(grads, grads_ref, floor=1e-4)
+    out_error = rel_err(out, out_ref)
+    print(f"{label}: output rel. L2 error {out_error:.2e}; {errors.table(limit=3)}")
+    return out_error, errors.max
 
 
 def compare_with_diffusers(model, sample, timestep, cotangent, out_ref, grads_ref) -> None:
@@ -139,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(args.seed)
-    model = build_model(args.channels, args.size).to(device, dtype)
+    model = build_model(args.channels, args.size, args.seed).to(device, dtype)
     sample = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
     timestep = torch.randint(0, 1000, (args.batch,), device=device)
     cotangent = torch.randn(args.batch, 3, args.size, args.size, device=device)

@@ -20,8 +20,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0 as DiffusersAt
 
 from fastunet.layers.attention_processor import AttnProcessor, SlicedAttnProcessor, TritonAttnProcessor
 from fastunet.models.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from fastunet.testing import gradient_errors, perturb_, perturbed_pair, rel_err
 
 OUT_TOL, GRAD_TOL = 1e-4, 2e-3
+GRAD_FLOOR = 1e-4  # each gradient's scale is at least 1e-4 of the largest gradient norm
 BATCH, TOKENS = 2, 9
 
 _TINY = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=8)
@@ -63,21 +65,6 @@ CONFIGS = {
 SAMPLE_HW = {"class_timestep": (15, 13)}
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def max_grad_error(grads_a: dict, grads_b: dict) -> tuple[float, str]:
-    """Worst relative gradient error, each relative to at least 1e-4 of the largest gradient norm."""
-    floor = 1e-4 * max(g.double().norm().item() for g in grads_b.values())
-    return max((((grads_a[n].double() - grads_b[n].double()).norm().item()
-                 / max(grads_b[n].double().norm().item(), floor)), n) for n in grads_b)
-
-
-def perturbed_state(model: torch.nn.Module, scale: float = 0.1) -> dict:
-    return {k: v + scale * torch.randn_like(v) for k, v in model.state_dict().items()}
-
-
 def skip_shapes(cfg: dict, height: int, width: int) -> tuple[list, tuple]:
     """Shapes (without batch) of the down path's skip connections and of the mid block's output."""
     channels = cfg["block_out_channels"]
@@ -113,9 +100,7 @@ class Pair:
     def __init__(self, name: str):
         self.name, self.cfg = name, CONFIGS[name]
         self.ours, self.theirs = UNet2DConditionModel(**self.cfg), DiffusersUNet(**self.cfg)
-        state = perturbed_state(self.theirs)
-        self.ours.load_state_dict(state, strict=True)
-        self.theirs.load_state_dict(state, strict=True)
+        perturbed_pair(self.theirs, self.ours)
         self.inputs = make_inputs(name, self.cfg)
         with torch.no_grad():
             self.base = self.theirs(**self.inputs).sample
@@ -127,7 +112,7 @@ class Pair:
             # diffusers pops residuals off the lists it is given: hand it copies
             b = self.theirs(**{k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}).sample
         assert a.shape == b.shape == self.inputs["sample"].shape[:1] + (4,) + self.inputs["sample"].shape[2:]
-        assert rel(a, b) < tol, rel(a, b)
+        assert rel_err(a, b) < tol, rel_err(a, b)
         return a
 
 
@@ -148,16 +133,15 @@ def test_outputs_and_gradients(pair: Pair):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         if model is pair.ours:
             ours_out = out.detach()
-    assert rel(ours_out, pair.base) < OUT_TOL, rel(ours_out, pair.base)
+    assert rel_err(ours_out, pair.base) < OUT_TOL, rel_err(ours_out, pair.base)
     assert grads[0].keys() == grads[1].keys()
     assert all(g is not None for g in grads[0].values())
-    worst = max_grad_error(*grads)
-    assert worst[0] < GRAD_TOL, worst
+    gradient_errors(*grads, floor=GRAD_FLOOR).check(GRAD_TOL)
     for model in (pair.ours, pair.theirs):
         model.zero_grad(set_to_none=True)
     with torch.no_grad():
         as_tuple = pair.ours(**inputs, return_dict=False)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and rel(as_tuple[0], pair.base) < OUT_TOL
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1 and rel_err(as_tuple[0], pair.base) < OUT_TOL
 
 
 def test_encoder_attention_mask(pair: Pair):
@@ -165,7 +149,7 @@ def test_encoder_attention_mask(pair: Pair):
     keep[0, 5:] = 0
     keep[1, :3] = 0
     masked = pair.compare(encoder_attention_mask=keep)
-    assert rel(masked, pair.base) > 1e-3  # the mask changed something
+    assert rel_err(masked, pair.base) > 1e-3  # the mask changed something
     if pair.cfg.get("only_cross_attention"):
         # attn1 attends to the text too, so attention_mask (its keep-mask) has text-token length
         pair.compare(attention_mask=keep, encoder_attention_mask=torch.flip(keep, [1]))
@@ -178,7 +162,7 @@ def test_controlnet_residuals(pair: Pair):
     mid = torch.randn(BATCH, *mid_shape)
     copies = [d.clone() for d in down]
     out = pair.compare(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    assert rel(out, pair.base) > 1e-3
+    assert rel_err(out, pair.base) > 1e-3
     assert all(torch.equal(a, b) for a, b in zip(down, copies))  # the caller's tensors are untouched
 
 
@@ -197,7 +181,7 @@ def test_t2i_adapter(pair: Pair):
     adapters.append(torch.randn(BATCH, cfg["block_out_channels"][-1], height, width))
     given = list(adapters)
     out = pair.compare(down_intrablock_additional_residuals=given)
-    assert rel(out, pair.base) > 1e-3
+    assert rel_err(out, pair.base) > 1e-3
     assert len(given) == len(adapters)  # the caller's list is not consumed
     # the deprecated form: adapter residuals in down_block_additional_residuals without a mid residual
     with warnings.catch_warnings():
@@ -237,7 +221,7 @@ def test_forward_chunking(pair: Pair, chunk_size, dim):
                 pair.ours(**pair.inputs)
         else:
             out = pair.compare()
-            assert rel(out, pair.base) < OUT_TOL
+            assert rel_err(out, pair.base) < OUT_TOL
     finally:
         pair.ours.disable_forward_chunking()
         _diffusers_chunking(pair.theirs, None, 0)
@@ -249,13 +233,13 @@ def test_freeu_on_then_off(pair: Pair):
         pair.theirs.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
         assert pair.ours.freeu is not None
         on = pair.compare()
-        assert rel(on, pair.base) > 1e-3
+        assert rel_err(on, pair.base) > 1e-3
     finally:
         pair.ours.disable_freeu()
         pair.theirs.disable_freeu()
     assert pair.ours.freeu is None
     off = pair.compare()
-    assert rel(off, pair.base) < OUT_TOL
+    assert rel_err(off, pair.base) < OUT_TOL
 
 
 def test_freeu_needs_all_four_factors(sdxl: Pair):
@@ -263,7 +247,7 @@ def test_freeu_needs_all_four_factors(sdxl: Pair):
     try:
         sdxl.ours.enable_freeu(s1=0.0, s2=0.2, b1=1.2, b2=1.4)
         sdxl.theirs.enable_freeu(s1=0.0, s2=0.2, b1=1.2, b2=1.4)
-        assert rel(sdxl.compare(), sdxl.base) < OUT_TOL
+        assert rel_err(sdxl.compare(), sdxl.base) < OUT_TOL
         with pytest.raises(TypeError, match="b2"):
             sdxl.ours.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2="1.4")
     finally:
@@ -303,8 +287,7 @@ def test_gradient_checkpointing_same_gradients(sdxl: Pair):
     finally:
         model.disable_gradient_checkpointing()
         model.zero_grad(set_to_none=True)
-    worst = max_grad_error(checkpointed, plain)
-    assert worst[0] < 1e-5, worst
+    gradient_errors(checkpointed, plain, floor=GRAD_FLOOR).check(1e-5)
 
 
 def test_attention_processor_api(sdxl: Pair):
@@ -348,7 +331,7 @@ def test_cross_attention_kwargs_reach_processors(sdxl: Pair):
     finally:
         sdxl.ours.set_default_attn_processor()
     assert recorder.seen == ["x"] * len(sdxl.ours.attn_processors)
-    assert rel(out, sdxl.base) < OUT_TOL
+    assert rel_err(out, sdxl.base) < OUT_TOL
 
 
 def test_fused_kernels_run_under_triton_backend():
@@ -361,9 +344,7 @@ def test_fused_kernels_run_under_triton_backend():
     torch.manual_seed(21)
     cfg = dict(CONFIGS["sd15"], layers_per_block=1, attention_head_dim=2)
     ours, theirs = UNet2DConditionModel(**cfg), DiffusersUNet(**cfg)
-    state = perturbed_state(theirs)
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
+    perturbed_pair(theirs, ours)
     inputs = dict(sample=torch.randn(BATCH, 4, 8, 8), timestep=torch.tensor([1, 500]),
                   encoder_hidden_states=torch.randn(BATCH, 5, 32))
     launch_counts.clear()
@@ -375,7 +356,7 @@ def test_fused_kernels_run_under_triton_backend():
     attentions = sum(isinstance(m, Attention) for m in ours.modules())
     assert launch_counts["group_norm_act_fwd"] == group_norms
     assert sum(n for k, n in launch_counts.items() if k.startswith("attention") and k.endswith("fwd")) == attentions
-    assert rel(out, reference) < OUT_TOL
+    assert rel_err(out, reference) < OUT_TOL
 
 
 def test_num_attention_heads_overrides_attention_head_dim():
@@ -383,13 +364,11 @@ def test_num_attention_heads_overrides_attention_head_dim():
     cfg = dict(CONFIGS["sd21"])
     theirs = DiffusersUNet(**cfg)
     ours = UNet2DConditionModel(**{**cfg, "attention_head_dim": 16, "num_attention_heads": (2, 4)})
-    state = perturbed_state(theirs)
-    theirs.load_state_dict(state)
-    ours.load_state_dict(state, strict=True)
+    perturbed_pair(theirs, ours)
     assert ours.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 4
     inputs = make_inputs("sd21", cfg)
     with torch.no_grad():
-        assert rel(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
+        assert rel_err(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
 
 
 @pytest.mark.parametrize("class_embed_type", ["simple_projection", "identity", "num_class_embeds"])
@@ -408,14 +387,12 @@ def test_other_class_embeddings(class_embed_type):
         cfg.update(num_class_embeds=5)
         labels = torch.tensor([4, 1])
     ours, theirs = UNet2DConditionModel(**cfg), DiffusersUNet(**cfg)
-    state = perturbed_state(theirs)
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
+    perturbed_pair(theirs, ours)
     inputs = make_inputs("sd15", cfg)
     with torch.no_grad():
         a = ours(**inputs, class_labels=labels).sample
         b = theirs(**inputs, class_labels=labels).sample
-    assert rel(a, b) < OUT_TOL
+    assert rel_err(a, b) < OUT_TOL
     with pytest.raises(ValueError, match="class_labels are required"):
         ours(**inputs)
 
@@ -426,9 +403,7 @@ def test_ddim_classifier_free_guidance_loop():
     torch.manual_seed(11)
     cfg = CONFIGS["sd15"]
     ours, theirs = UNet2DConditionModel(**cfg), DiffusersUNet(**cfg)
-    state = perturbed_state(theirs)
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
+    perturbed_pair(theirs, ours)
     text, uncond = torch.randn(1, TOKENS, 32), torch.randn(1, TOKENS, 32)
     context = torch.cat([uncond, text])
     start = torch.randn(1, 4, 16, 16)
@@ -447,20 +422,20 @@ def test_ddim_classifier_free_guidance_loop():
         return latents
 
     a, b = sample(ours), sample(theirs)
-    assert rel(a, b) < OUT_TOL, rel(a, b)
-    assert rel(a, start) > 1e-2
+    assert rel_err(a, b) < OUT_TOL, rel_err(a, b)
+    assert rel_err(a, start) > 1e-2
 
 
 def test_load_diffusers_checkpoint(tmp_path):
     torch.manual_seed(5)
     cfg = CONFIGS["sd21"]
     theirs = DiffusersUNet(**cfg)
-    theirs.load_state_dict(perturbed_state(theirs))
+    perturb_(theirs)
     theirs.save_pretrained(tmp_path / "unet")
     ours = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     inputs = make_inputs("sd21", cfg)
     with torch.no_grad():
-        assert rel(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
+        assert rel_err(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
 
 
 # -- real-size configs: same parameter names and shapes, built on the meta device --------------------
@@ -550,13 +525,11 @@ def test_nested_transformer_layers_with_reverse():
     cfg = dict(CONFIGS["sd21"], layers_per_block=2, transformer_layers_per_block=[[1, 2], [2, 1]],
                reverse_transformer_layers_per_block=[[1, 1, 2], [2, 1, 1]])
     ours, theirs = UNet2DConditionModel(**cfg), DiffusersUNet(**cfg)
-    state = perturbed_state(theirs)
-    ours.load_state_dict(state, strict=True)
-    theirs.load_state_dict(state, strict=True)
+    perturbed_pair(theirs, ours)
     assert len(ours.up_blocks[0].attentions[2].transformer_blocks) == 2
     inputs = make_inputs("sd21", cfg)
     with torch.no_grad():
-        assert rel(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
+        assert rel_err(ours(**inputs).sample, theirs(**inputs).sample) < OUT_TOL
     with torch.no_grad():
         out = ours(**inputs)
     assert isinstance(out, UNet2DConditionOutput) and out["sample"] is out[0] is out.sample
