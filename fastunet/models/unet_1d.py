@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..configuration import register_to_config
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
+from ..layers.normalization import auto_groups
 from ..layers.utils import maybe_checkpoint
 from ..modeling import AttentionMixin, ModelMixin
 from ..outputs import ModelOutput
@@ -132,7 +133,7 @@ class UNet1DModel(ModelMixin, AttentionMixin):
 
         self.out_block = get_out_block(
             out_block_type=out_block_type,
-            num_groups_out=norm_num_groups if norm_num_groups is not None else min(base // 4, 32),
+            num_groups_out=norm_num_groups if norm_num_groups is not None else auto_groups(base),
             embed_dim=base, out_channels=out_channels, act_fn=act_fn, fc_dim=top // 4)
 
         # every halving of the length before the deepest point: a length that divides 2**halvings always
