@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Callable, Union
+import math
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -236,12 +237,15 @@ class Attention(nn.Module):
             raise ValueError(
                 f"hidden_states must have query_dim={self.query_dim} channels; got shape {tuple(hidden_states.shape)}"
             )
-        if encoder_hidden_states is not None:
+        # IP-Adapter passes (text states, [image tokens per adapter]); the text states are checked here
+        text_states = encoder_hidden_states[0] if isinstance(encoder_hidden_states, tuple) else encoder_hidden_states
+        if text_states is not None:
+            encoder_hidden_states_shape = tuple(text_states.shape)
             expected = self.added_kv_proj_dim if self.added_kv_proj_dim is not None else self.cross_attention_dim
-            if encoder_hidden_states.shape[-1] != expected:
+            if encoder_hidden_states_shape[-1] != expected:
                 raise ValueError(
                     f"encoder_hidden_states must have {expected} features in its last dimension; "
-                    f"got shape {tuple(encoder_hidden_states.shape)}"
+                    f"got shape {encoder_hidden_states_shape}"
                 )
         accepted = _call_parameters(type(self.processor))
         unused = [k for k in cross_attention_kwargs if k not in accepted and k not in _QUIET_KWARGS]
@@ -344,6 +348,13 @@ class Attention(nn.Module):
         if self.to_k is None:
             raise ValueError("fuse_projections needs to_k/to_v; only_cross_attention=True has none")
         parts = (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+        for part in parts:
+            if type(part) is not nn.Linear:
+                # a fused copy would silently drop what the wrapper adds (a LoRA adapter's update)
+                raise ValueError(
+                    f"fuse_projections needs plain nn.Linear q/k/v projections; got {type(part).__module__}."
+                    f"{type(part).__name__} (a LoRA adapter is loaded: fuse_lora() then unload_lora() keeps its "
+                    f"effect in plain weights, unload_lora() drops it)")
         weight = torch.cat([p.weight for p in parts])
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=self.use_bias,
                           device=weight.device, dtype=weight.dtype)
@@ -421,8 +432,21 @@ class _AttnProcessorBase:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
+        if isinstance(encoder_hidden_states, tuple):
+            raise TypeError(
+                f"{type(self).__name__} takes encoder_hidden_states as one (B, M, C) tensor; got a (text, image) "
+                "tuple, which only IP-Adapter processors take (load_ip_adapter / _load_ip_adapter_weights set them)")
         if getattr(attn, "added_kv_proj_dim", None) is not None:
             return self._added_kv_call(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        tokens, encoder_hidden_states, residual, image_shape = self._tokens(attn, hidden_states,
+                                                                            encoder_hidden_states, temb)
+        query, key, value = self.project(attn, tokens, encoder_hidden_states)
+        out = self.attend(attn, query, key, value, attention_mask, query.shape[0])
+        return self._finish(attn, self.project_out(attn, out), residual, image_shape)
+
+    def _tokens(self, attn, hidden_states, encoder_hidden_states, temb):
+        """Spatial norm, ``(B, C, H, W)`` -> ``(B, H*W, C)`` tokens, group norm, cross norm; returns the
+        tokens, the (normed) encoder states, the residual and the image shape (``None`` for tokens)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -436,11 +460,10 @@ class _AttnProcessorBase:
             hidden_states = self.group_norm(attn.group_norm, hidden_states.transpose(1, 2)).transpose(1, 2)
         if encoder_hidden_states is not None and attn.norm_cross is not None:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states, residual, image_shape
 
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
-        hidden_states = self.attend(attn, query, key, value, attention_mask, query.shape[0])
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-
+    def _finish(self, attn, hidden_states, residual, image_shape):
+        """Back to the input's layout, then the residual and the output rescale."""
         if image_shape is not None:
             hidden_states = hidden_states.transpose(1, 2).reshape(image_shape[0], -1, *image_shape[2:])
         if attn.residual_connection:
@@ -448,6 +471,14 @@ class _AttnProcessorBase:
         if attn.rescale_output_factor != 1.0:
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    def project(self, attn, hidden_states, encoder_hidden_states):
+        """q ``(B, N, H*D)``, k and v ``(B, M, H*D)`` from ``(B, N, C)`` tokens and the encoder states."""
+        return _project(attn, hidden_states, encoder_hidden_states)
+
+    def project_out(self, attn, hidden_states):
+        """The output projection (and dropout) of ``(B, N, H*D)`` attention output."""
+        return attn.to_out[1](attn.to_out[0](hidden_states))
 
     def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         """``norm`` applied to ``(B, C, *)``."""
@@ -574,11 +605,189 @@ class SlicedAttnProcessor(_AttnProcessorBase):
         return attn.batch_to_head_dim(out)
 
 
+# -- IP-Adapter ------------------------------------------------------------------------------------
+
+
+def downsample_ip_adapter_mask(mask: torch.Tensor, batch: int, queries: int) -> torch.Tensor:
+    """One IP image's mask ``(1|B, h, w)`` -> ``(B, queries, 1)`` weights on the query tokens.
+
+    The mask is resized (bicubic) to the token grid of an attention layer: ``queries`` tokens in rows of
+    the mask's aspect ratio, the row count rounded up when it does not divide ``queries``. A grid of
+    another area (the image and the mask differ in aspect ratio) is zero-padded or cut to ``queries``.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"an IP-Adapter mask must be (1|batch, height, width); got shape {tuple(mask.shape)}")
+    height, width = mask.shape[1:]
+    rows = int(math.sqrt(queries / (width / height)))
+    rows = max(rows, 1)
+    rows += int(queries % rows != 0)
+    cols = queries // rows
+    resized = F.interpolate(mask.unsqueeze(0), size=(rows, cols), mode="bicubic").squeeze(0)
+    if resized.shape[0] < batch:
+        resized = resized.repeat(batch, 1, 1)
+    flat = resized.reshape(resized.shape[0], -1)
+    if flat.shape[1] < queries:
+        logger.warning("the IP-Adapter mask's aspect ratio differs from the image's; the mask is zero-padded")
+        flat = F.pad(flat, (0, queries - flat.shape[1]), value=0.0)
+    return flat[:, :queries].unsqueeze(-1)
+
+
+class _IPAdapterProcessor(nn.Module):
+    """Attention with IP-Adapter's decoupled image cross-attention (https://huggingface.co/papers/2308.06721).
+
+    ``encoder_hidden_states`` is the pair ``(text (B, M, C), [image tokens per adapter])``; each adapter's
+    tokens ``(B, I, T, C)`` (``I`` images of ``T`` tokens; or ``(B, T, C)``) get their own key/value
+    projections ``to_k_ip[i]``/``to_v_ip[i]``, and the query attends to them separately; the result is
+    added to the text attention's output times ``scale[i]`` (a float, or one per image), optionally
+    weighted per query by ``ip_adapter_masks[i]`` ``(1, I, h, w)``. Both attentions run through
+    :meth:`attend` of the processor class this is mixed with.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int | None = None,
+                 num_tokens: int | Sequence[int] = (4,), scale: float | Sequence = 1.0):
+        super().__init__()
+        num_tokens = [num_tokens] if isinstance(num_tokens, int) else list(num_tokens)
+        scale = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(num_tokens)
+        if len(scale) != len(num_tokens):
+            raise ValueError(f"scale must have one entry per IP-Adapter ({len(num_tokens)}); got {len(scale)}")
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim or hidden_size
+        self.num_tokens = num_tokens
+        #: one strength per adapter (a float, or a list with one per image); pipe.set_ip_adapter_scale writes it
+        self.scale = scale
+        self.to_k_ip = nn.ModuleList(
+            [nn.Linear(self.cross_attention_dim, hidden_size, bias=False) for _ in num_tokens])
+        self.to_v_ip = nn.ModuleList(
+            [nn.Linear(self.cross_attention_dim, hidden_size, bias=False) for _ in num_tokens])
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 scale: float = 1.0, ip_adapter_masks: torch.Tensor | list | None = None) -> torch.Tensor:
+        if not isinstance(encoder_hidden_states, tuple) or len(encoder_hidden_states) != 2:
+            raise TypeError(
+                f"{type(self).__name__} needs encoder_hidden_states=(text states, [image tokens]) from a UNet "
+                f"with encoder_hid_proj an IP-Adapter image projection; got {type(encoder_hidden_states).__name__}")
+        encoder_hidden_states, ip_states = encoder_hidden_states
+        if len(ip_states) != len(self.to_k_ip):
+            raise ValueError(f"got image tokens for {len(ip_states)} IP-Adapters; this processor has "
+                             f"{len(self.to_k_ip)}")
+        masks = self._check_masks(ip_adapter_masks, ip_states)
+        tokens, encoder_hidden_states, residual, image_shape = self._tokens(attn, hidden_states,
+                                                                            encoder_hidden_states, temb)
+        query, key, value = self.project(attn, tokens, encoder_hidden_states)
+        batch = query.shape[0]
+        out = self.attend(attn, query, key, value, attention_mask, batch)
+        for states, strength, to_k, to_v, mask in zip(ip_states, self.scale, self.to_k_ip, self.to_v_ip, masks):
+            strengths = strength if isinstance(strength, list) else None
+            if (all(s == 0 for s in strengths) if strengths is not None else strength == 0):
+                continue
+            if mask is None:
+                flat = states.reshape(batch, -1, states.shape[-1])
+                out = out + strength * self.attend(attn, query, to_k(flat), to_v(flat), None, batch)
+                continue
+            strengths = strengths if strengths is not None else [strength] * mask.shape[1]
+            for image in range(mask.shape[1]):
+                image_states = states[:, image]
+                image_out = self.attend(attn, query, to_k(image_states), to_v(image_states), None, batch)
+                weights = downsample_ip_adapter_mask(mask[:, image], batch, query.shape[1]).to(image_out)
+                out = out + strengths[image] * (image_out * weights)
+        return self._finish(attn, self.project_out(attn, out), residual, image_shape)
+
+    def _check_masks(self, masks, ip_states) -> list:
+        if masks is None:
+            return [None] * len(ip_states)
+        if torch.is_tensor(masks):
+            masks = list(masks.unsqueeze(1))
+        if len(masks) != len(ip_states):
+            raise ValueError(f"ip_adapter_masks must have one entry per IP-Adapter ({len(ip_states)}); "
+                             f"got {len(masks)}")
+        for index, (mask, states, strength) in enumerate(zip(masks, ip_states, self.scale)):
+            if mask is None:
+                continue
+            if not torch.is_tensor(mask) or mask.ndim != 4:
+                shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+                raise ValueError(f"ip_adapter_masks[{index}] must be a (1, images, height, width) tensor "
+                                 f"(IPAdapterMaskProcessor's output); got {shape}")
+            if states.ndim != 4 or mask.shape[1] != states.shape[1]:
+                raise ValueError(f"ip_adapter_masks[{index}] has {mask.shape[1]} masks; IP-Adapter {index} got "
+                                 f"image tokens of shape {tuple(states.shape)} (batch, images, tokens, dim)")
+            if isinstance(strength, list) and len(strength) != mask.shape[1]:
+                raise ValueError(f"ip_adapter_masks[{index}] has {mask.shape[1]} masks but IP-Adapter {index} "
+                                 f"has {len(strength)} scales")
+        return list(masks)
+
+
+class TritonIPAdapterAttnProcessor(_IPAdapterProcessor, TritonAttnProcessor):
+    """IP-Adapter attention (see :class:`_IPAdapterProcessor`) with the text and every image attention on
+    ``fastunet.kernels.attention``. Weights: ``to_k_ip.{i}.weight``, ``to_v_ip.{i}.weight``
+    ``(hidden_size, cross_attention_dim)``, as diffusers' ``IPAdapterAttnProcessor2_0``."""
+
+
+class IPAdapterAttnProcessor2_0(_IPAdapterProcessor, AttnProcessor2_0):
+    """IP-Adapter attention on ``torch.nn.functional.scaled_dot_product_attention``."""
+
+
+# -- Custom Diffusion ------------------------------------------------------------------------------
+
+
+class TritonCustomDiffusionAttnProcessor(nn.Module, TritonAttnProcessor):
+    """Custom Diffusion (https://huggingface.co/papers/2212.04488): fine-tuned copies of a cross-attention's
+    key/value projections (``train_kv``: ``to_k_custom_diffusion``, ``to_v_custom_diffusion``
+    ``(hidden_size, cross_attention_dim)``) and optionally of its query and output projections
+    (``train_q_out``: ``to_q_custom_diffusion``, ``to_out_custom_diffusion.0``), used instead of the
+    layer's own; attention on ``fastunet.kernels.attention``. In cross-attention the first (start)
+    token's key and value get no gradient, as in the paper. State-dict names are diffusers'."""
+
+    def __init__(self, train_kv: bool = True, train_q_out: bool = True, hidden_size: int | None = None,
+                 cross_attention_dim: int | None = None, out_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        if (train_kv or train_q_out) and hidden_size is None:
+            raise ValueError("train_kv / train_q_out need hidden_size; got None")
+        self.train_kv = train_kv
+        self.train_q_out = train_q_out
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        if train_kv:
+            self.to_k_custom_diffusion = nn.Linear(cross_attention_dim or hidden_size, hidden_size, bias=False)
+            self.to_v_custom_diffusion = nn.Linear(cross_attention_dim or hidden_size, hidden_size, bias=False)
+        if train_q_out:
+            self.to_q_custom_diffusion = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.to_out_custom_diffusion = nn.ModuleList(
+                [nn.Linear(hidden_size, hidden_size, bias=out_bias), nn.Dropout(dropout)])
+
+    # nn.Module's __call__ (which runs forward) would come first in the method order
+    __call__ = _AttnProcessorBase.__call__
+
+    def project(self, attn, hidden_states, encoder_hidden_states):
+        dtype = attn.to_q.weight.dtype
+        query = self.to_q_custom_diffusion(hidden_states).to(dtype) if self.train_q_out else attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if self.train_kv:
+            weight_dtype = self.to_k_custom_diffusion.weight.dtype
+            key = self.to_k_custom_diffusion(context.to(weight_dtype)).to(dtype)
+            value = self.to_v_custom_diffusion(context.to(weight_dtype)).to(dtype)
+        else:
+            key, value = attn.to_k(context), attn.to_v(context)
+        if encoder_hidden_states is not None:
+            key = torch.cat([key[:, :1].detach(), key[:, 1:]], dim=1)
+            value = torch.cat([value[:, :1].detach(), value[:, 1:]], dim=1)
+        return query, key, value
+
+    def project_out(self, attn, hidden_states):
+        if self.train_q_out:
+            return self.to_out_custom_diffusion[1](self.to_out_custom_diffusion[0](hidden_states))
+        return super().project_out(attn, hidden_states)
+
+
 __all__ = [
     "Attention",
     "AttnProcessor",
     "AttnProcessor2_0",
+    "IPAdapterAttnProcessor2_0",
     "SlicedAttnProcessor",
     "SpatialNorm",
     "TritonAttnProcessor",
+    "TritonCustomDiffusionAttnProcessor",
+    "TritonIPAdapterAttnProcessor",
+    "downsample_ip_adapter_mask",
 ]

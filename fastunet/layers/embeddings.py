@@ -1,10 +1,12 @@
 """Timestep embeddings: sinusoidal (``Timesteps``), Gaussian Fourier, and the MLP that follows them;
-and the fixed sinusoidal position table of the temporal transformers (``SinusoidalPositionalEmbedding``)."""
+the fixed sinusoidal position table of the temporal transformers (``SinusoidalPositionalEmbedding``); and
+IP-Adapter's image projections (``ImageProjection``, ``MultiIPAdapterImageProjection``)."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -168,3 +170,51 @@ def timesteps_to_tensor(timestep, batch_size: int, device: torch.device,
     elif t.shape[0] != batch_size:
         raise ValueError(f"timestep has {t.shape[0]} entries but the batch has {batch_size} samples")
     return t
+
+
+class ImageProjection(nn.Module):
+    """IP-Adapter's image projection: a CLIP image embedding ``(N, image_embed_dim)`` -> ``num_image_text_embeds``
+    tokens ``(N, num_image_text_embeds, cross_attention_dim)``, through one linear layer and a LayerNorm."""
+
+    def __init__(self, image_embed_dim: int = 768, cross_attention_dim: int = 768, num_image_text_embeds: int = 32):
+        super().__init__()
+        self.num_image_text_embeds = num_image_text_embeds
+        self.image_embeds = nn.Linear(image_embed_dim, num_image_text_embeds * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        if image_embeds.shape[-1] != self.image_embeds.in_features:
+            raise ValueError(f"image_embeds must be (N, {self.image_embeds.in_features}); "
+                             f"got {tuple(image_embeds.shape)}")
+        tokens = self.image_embeds(image_embeds.to(self.image_embeds.weight.dtype))
+        return self.norm(tokens.reshape(image_embeds.shape[0], self.num_image_text_embeds, -1))
+
+
+class MultiIPAdapterImageProjection(nn.Module):
+    """One image projection per loaded IP-Adapter (``image_projection_layers``).
+
+    ``forward(image_embeds)`` takes a list with one ``(B, I, ...)`` tensor per adapter (``I`` images each)
+    and returns a list of ``(B, I, tokens, cross_attention_dim)`` tensors.
+    """
+
+    def __init__(self, IPAdapterImageProjectionLayers: Sequence[nn.Module]):  # noqa: N803 (diffusers' name)
+        super().__init__()
+        self.image_projection_layers = nn.ModuleList(IPAdapterImageProjectionLayers)
+
+    @property
+    def num_ip_adapters(self) -> int:
+        return len(self.image_projection_layers)
+
+    def forward(self, image_embeds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if torch.is_tensor(image_embeds):
+            raise TypeError("image_embeds must be a list with one (batch, images, embed_dim) tensor per IP-Adapter; "
+                            f"got a tensor of shape {tuple(image_embeds.shape)}")
+        if len(image_embeds) != len(self.image_projection_layers):
+            raise ValueError(f"image_embeds must have one entry per IP-Adapter ({len(self.image_projection_layers)});"
+                             f" got {len(image_embeds)}")
+        projected = []
+        for embeds, projection in zip(image_embeds, self.image_projection_layers):
+            batch, images = embeds.shape[:2]
+            tokens = projection(embeds.reshape(batch * images, *embeds.shape[2:]))
+            projected.append(tokens.reshape(batch, images, *tokens.shape[1:]))
+        return projected

@@ -31,7 +31,9 @@ import torch.nn as nn
 from ..configuration import register_to_config, reject_unsupported
 from ..layers.activations import get_activation
 from ..layers.attention import mask_to_bias
-from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from ..layers.embeddings import (GaussianFourierProjection, ImageProjection, MultiIPAdapterImageProjection,
+                                 TimestepEmbedding, Timesteps)
+from ..loaders import PeftAdapterMixin, UNet2DConditionLoadersMixin, scales_lora
 from ..outputs import ModelOutput
 from ._unet import UNetSkeleton, class_embedding
 from .blocks import BlockContext
@@ -57,7 +59,7 @@ def _per_block(value, count: int, name: str, scalar_types=(int,)) -> list:
     return list(value)
 
 
-class UNet2DConditionModel(UNetSkeleton):
+class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapterMixin):
     """Conditional 2-D UNet ``(B, in_channels, H, W) -> (B, out_channels, H, W)`` (see the module
     docstring). Constructor arguments are diffusers'; as in diffusers, ``attention_head_dim`` is the
     number of heads of the cross-attention blocks (each head has ``channels // heads`` features);
@@ -67,6 +69,10 @@ class UNet2DConditionModel(UNetSkeleton):
     ``disable_forward_chunking``, ``set_attention_slice``, ``set_attn_processor``,
     ``fuse_qkv_projections``, ``enable_gradient_checkpointing``.
     """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
     def __init__(
@@ -180,9 +186,15 @@ class UNet2DConditionModel(UNetSkeleton):
             encoder_hid_dim_type = "text_proj"  # diffusers' default when only encoder_hid_dim is given
         if encoder_hid_dim_type is not None and encoder_hid_dim is None:
             raise ValueError(f"encoder_hid_dim_type={encoder_hid_dim_type!r} needs encoder_hid_dim; got None")
-        reject_unsupported("UNet2DConditionModel", "encoder_hid_dim_type", encoder_hid_dim_type, (None, "text_proj"))
-        self.encoder_hid_proj = (nn.Linear(encoder_hid_dim, cross_attention_dim)
-                                 if encoder_hid_dim_type == "text_proj" else None)
+        reject_unsupported("UNet2DConditionModel", "encoder_hid_dim_type", encoder_hid_dim_type,
+                           (None, "text_proj", "ip_image_proj"))
+        if encoder_hid_dim_type == "text_proj":
+            self.encoder_hid_proj = nn.Linear(encoder_hid_dim, cross_attention_dim)
+        elif encoder_hid_dim_type == "ip_image_proj":
+            self.encoder_hid_proj = ImageProjection(image_embed_dim=encoder_hid_dim,
+                                                    cross_attention_dim=cross_attention_dim)
+        else:
+            self.encoder_hid_proj = None
 
         self.class_embedding = class_embedding(class_embed_type, num_class_embeds, time_embed_dim,
                                                timestep_input_dim, act_fn, projection_class_embeddings_input_dim)
@@ -240,7 +252,7 @@ class UNet2DConditionModel(UNetSkeleton):
                                   padding=(conv_out_kernel - 1) // 2)
         self._out_act = act_fn
 
-        self._context_dim = encoder_hid_dim if self.encoder_hid_proj is not None else None
+        self._context_dim = encoder_hid_dim if encoder_hid_dim_type == "text_proj" else None
         self._attention_context_dims = sorted({
             dim for block, dim in [*zip(self.down_blocks, cross_dims), (self.mid_block, cross_dims[-1]),
                                    *zip(self.up_blocks, reversed(cross_dims))]
@@ -248,6 +260,7 @@ class UNet2DConditionModel(UNetSkeleton):
 
     # -- forward -----------------------------------------------------------------------------------
 
+    @scales_lora("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
@@ -269,7 +282,8 @@ class UNet2DConditionModel(UNetSkeleton):
 
         ``attention_mask`` / ``encoder_attention_mask``: ``(B, M)`` keep-masks (1 keep, 0 discard) for
         ``attn1`` / ``attn2``, turned into ``-10000`` biases. ``added_cond_kwargs``: ``text_embeds`` and
-        ``time_ids`` for SDXL's ``text_time``. ``down_block_additional_residuals`` (one per skip) and
+        ``time_ids`` for SDXL's ``text_time``, ``image_embeds`` (a list, one ``(B, images, D)`` tensor per
+        adapter) for IP-Adapter; ``cross_attention_kwargs["scale"]`` scales the LoRA adapters for this call. ``down_block_additional_residuals`` (one per skip) and
         ``mid_block_additional_residual``: ControlNet outputs; ``down_intrablock_additional_residuals``:
         T2I-Adapter features added inside the down blocks. Returns ``UNet2DConditionOutput`` or ``(sample,)``.
         """
@@ -291,8 +305,7 @@ class UNet2DConditionModel(UNetSkeleton):
             emb = emb + self._text_time_embedding(emb, added_cond_kwargs)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
-        if self.encoder_hid_proj is not None:
-            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+        encoder_hidden_states = self._project_encoder_states(encoder_hidden_states, added_cond_kwargs)
         context = BlockContext(temb=emb, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
                                cross_attention_kwargs=cross_attention_kwargs,
                                encoder_attention_mask=encoder_attention_mask)
@@ -346,11 +359,25 @@ class UNet2DConditionModel(UNetSkeleton):
         kwargs = dict(cross_attention_kwargs)
         if kwargs.pop("gligen", None) is not None:
             raise NotImplementedError("GLIGEN (cross_attention_kwargs['gligen']) is not supported by fastunet")
-        scale = kwargs.pop("scale", 1.0)
-        if scale != 1.0:
-            warnings.warn("cross_attention_kwargs['scale'] is a LoRA scale; fastunet has no LoRA layers, so it is "
-                          "ignored", UserWarning, stacklevel=3)
+        kwargs.pop("scale", None)  # a LoRA scale, applied (or warned about) by forward's scales_lora
         return kwargs
+
+    def _project_encoder_states(self, encoder_hidden_states, added_cond_kwargs):
+        """``encoder_hid_proj``: a text projection, or IP-Adapter's image projections, which make the
+        encoder states the pair ``(text states, [image tokens per adapter])`` the IP-Adapter processors take."""
+        projection = self.encoder_hid_proj
+        if projection is None:
+            return encoder_hidden_states
+        if not isinstance(projection, (ImageProjection, MultiIPAdapterImageProjection)):
+            return projection(encoder_hidden_states)
+        if not added_cond_kwargs or "image_embeds" not in added_cond_kwargs:
+            raise ValueError("this UNet has an IP-Adapter image projection (encoder_hid_proj); it needs "
+                             "added_cond_kwargs={'image_embeds': [...]}; got "
+                             f"{sorted(added_cond_kwargs) if added_cond_kwargs else added_cond_kwargs}")
+        text_projection = getattr(self, "text_encoder_hid_proj", None)
+        if text_projection is not None:
+            encoder_hidden_states = text_projection(encoder_hidden_states)
+        return encoder_hidden_states, projection(added_cond_kwargs["image_embeds"])
 
     def _text_time_embedding(self, emb, added_cond_kwargs) -> torch.Tensor:
         missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
