@@ -209,11 +209,6 @@ class Block(nn.Module):
         self.gradient_checkpointing = False
 
     @property
-    def stage_names(self) -> tuple[str, ...]:
-        """The stages of a layer in the order they run (``resnets`` first)."""
-        return ("resnets", *(s.name for s in self._stages))
-
-    @property
     def has_cross_attention(self) -> bool:
         return any(s.cross_attention for s in self._stages)
 
