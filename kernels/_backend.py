@@ -8,7 +8,15 @@ Three backends:
   says so.
 * ``"torch"``  -- always the plain-torch reference implementations.
 
-Launchers record every Triton launch in :data:`launch_counts`, so tests can prove a kernel really ran.
+Launchers record every Triton launch in :data:`launch_counts`, under the kernel's function name, so
+tests can prove a kernel really ran.
+
+This is the one place ``triton`` is imported. It is optional (pyproject installs it on Linux only): the
+op files take ``triton``, ``tl`` and ``HAS_TRITON`` from here, and without triton they get a stand-in
+under which their ``@triton.jit`` definitions still import as plain functions, never launched, because
+:func:`use_triton` sends every op to its torch path ("auto") or refuses ("triton").
+
+:func:`register_once` registers an op file's ``torch.library`` custom ops.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import types
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,12 +37,33 @@ _global_backend = "auto"
 #: Number of Triton launches per kernel name since import (tests reset and read it).
 launch_counts: Counter = Counter()
 
+
+class _Constexpr:
+    """Stand-in for ``tl.constexpr`` without triton: what kernel arguments are annotated with, and a
+    wrapper for module-level kernel constants."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+def _jit(fn=None, **_options):
+    """Stand-in for ``triton.jit`` without triton, bare (``@jit``) or with options (``@jit(...)``):
+    the kernel stays the plain Python function it was written as."""
+    return fn if fn is not None else (lambda f: f)
+
+
 try:  # triton is optional at import time (e.g. macOS, or a CPU-only install without it)
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is missing
+except Exception:  # pragma: no cover - not only a missing triton: a broken install leaves the torch paths too
     HAS_TRITON = False
+    # What the op files use of triton outside their kernels: the decorator, tl.constexpr, and the
+    # integer helpers of the config functions.
+    triton = types.SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b),
+                                   next_power_of_2=lambda n: 1 if n <= 1 else 1 << (int(n) - 1).bit_length())
+    tl = types.SimpleNamespace(constexpr=_Constexpr)
 
 
 def interpreter_enabled() -> bool:
@@ -95,5 +125,21 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
 
 def record_launch(name: str) -> None:
-    """Count one launch of the Triton kernel ``name``."""
+    """Count one launch of the Triton kernel whose function is named ``name``."""
     launch_counts[name] += 1
+
+
+def register_once(module_name: str, op: str, register: Callable[[], object]) -> None:
+    """Call ``register`` (which defines an op file's ``torch.library`` custom ops) when ``module_name``,
+    the calling file's ``__name__``, is that file inside the package (``fastunet.kernels.<file>``) and
+    the custom op ``op`` (``"fastunet::<name>"``, one of those it defines) does not exist yet.
+
+    Only the package's own module registers: with the repository root on sys.path (``python -m
+    pytest``) kernels/ is also importable as a bare top-level ``kernels``, which transformers imports
+    while probing for the PyPI ``kernels`` project. That copy has its own module state (backend
+    choice included) and must neither register the ops over the package's nor instead of them; its
+    public functions call the ``torch.ops.fastunet`` ops, which stay the package's.
+    """
+    namespace, name = op.split("::")
+    if module_name.startswith("fastunet.kernels.") and not hasattr(getattr(torch.ops, namespace), name):
+        register()

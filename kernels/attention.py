@@ -36,7 +36,7 @@ Short sequences (``N, M <= 32``, e.g. temporal attention over 8 to 32 frames wit
 tens of thousands) use a second pair of kernels: one square ``16`` or ``32`` tile covers a whole
 sequence, so the softmax is a single pass, and each program loops over several (batch, head)
 sequences. Its backward computes ``dQ, dK, dV`` of a sequence in one go (fp32 with large heads
-takes the main kernels, see ``attention_short_config``).
+takes the main kernels, see ``_attention_short_config``).
 
 Head dims ``1 .. 256`` on the Triton path (padded to a power of two ``>= 64`` and masked); the torch
 reference takes any. Both paths register as ``torch.library`` custom ops (``fastunet::attention_fwd``
@@ -61,10 +61,8 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from fastunet.kernels._backend import interpreter_enabled, record_launch, use_triton
+from ._backend import interpreter_enabled, record_launch, register_once, tl, triton, use_triton
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -72,11 +70,16 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 #: Longest query and key length handled by the short-sequence kernels.
-SHORT_SEQ_MAX = 32
+_SHORT_SEQ_MAX = 32
 
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Helpers: under Triton's interpreter (the CPU tests) each @triton.jit helper call costs about 0.15 ms
+# on top of its body (measured: a 1000-step loop of a trivial op took 35 us a step inlined, 190 us
+# through a helper); on a GPU they are inlined. The kernels therefore call helpers per program or
+# per tile, where a tile's loads and dots cost far more, and never per element.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -109,40 +112,73 @@ def _attention_masked_scores(s, bias_ptrs, valid, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _attention_batch_head(bh, num_heads):
+    """Batch and head index (int64, for pointer offsets) of the (batch, head) sequence ``bh``."""
+    return (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64)
+
+
+@triton.jit
+def _attention_load_keys(k_base, v_base, cols, offs_d, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """Key-side tiles of the backward for keys ``cols`` of one (batch, head): ``k``, ``v``
+    ``(len(cols), BLOCK_D)`` and which keys exist."""
+    col_ok = cols < seqlen_k
+    k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_k_m, stride_k_d),
+                mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_v_m, stride_v_d),
+                mask=col_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :], other=0.0)
+    return k, v, col_ok
+
+
+@triton.jit
+def _attention_load_queries(q_base, do_base, lse_base, delta_base, rows, offs_d, seqlen_q, stride_q_n, stride_q_d,
+                            stride_do_n, stride_do_d, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """Query-side tiles of the backward for queries ``rows`` of one (batch, head): ``q``, ``dO``
+    ``(len(rows), BLOCK_D)``, the log-sum-exp in log2 units and ``delta`` ``(len(rows),)``, and which
+    queries exist."""
+    row_ok = rows < seqlen_q
+    q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_q_n, stride_q_d),
+                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_do_n, stride_do_d),
+                 mask=row_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    return q, do, lse, delta, row_ok
+
+
+@triton.jit
 def _attention_fwd_kernel(
-    Q,  # (B, H, N, D)
-    K,  # (B, H, M, D)
-    V,  # (B, H, M, DV)
-    Mask,  # additive bias, broadcast view (B, H, N, M), q's dtype or fp32; unused without HAS_MASK
-    Out,  # (B, H, N, DV)
-    Lse,  # (B*H, N) fp32, natural log
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_mb, stride_mh, stride_mn, stride_mm,
-    stride_ob, stride_oh, stride_on, stride_od,
+    q_ptr,  # (B, H, N, D)
+    k_ptr,  # (B, H, M, D)
+    v_ptr,  # (B, H, M, Dv)
+    mask_ptr,  # additive bias, broadcast view (B, H, N, M), q's dtype or fp32; unused without HAS_MASK
+    out_ptr,  # (B, H, N, Dv)
+    lse_ptr,  # (B*H, N) fp32, natural log
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_m, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_m, stride_v_d,
+    stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
+    stride_out_b, stride_out_h, stride_out_n, stride_out_d,
     num_heads, seqlen_q, seqlen_k,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h = _attention_batch_head(bh, num_heads)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_d < HEAD_DIM_V
 
-    q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
+    q = tl.load(_attention_tile_ptrs(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d),
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    m_base = Mask + b * stride_mb + h * stride_mh
+    k_base = k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -150,10 +186,10 @@ def _attention_fwd_kernel(
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd),
+        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_k_m, stride_k_d),
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm),
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
                                      row_ok[:, None] & col_ok[None, :], HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
@@ -161,62 +197,61 @@ def _attention_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd),
+        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_v_m, stride_v_d),
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(_attention_tile_ptrs(out_ptr + b * stride_out_b + h * stride_out_h, rows, offs_d, stride_out_n,
+                                  stride_out_d),
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    Out,  # (B, H, N, DV)
-    DOut,  # (B, H, N, DV)
-    Delta,  # (B*H, N) fp32: rowsum(dO * O)
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
+    out_ptr,  # (B, H, N, Dv)
+    do_ptr,  # (B, H, N, Dv)
+    delta_ptr,  # (B*H, N) fp32 out: rowsum(dO * O)
+    stride_out_b, stride_out_h, stride_out_n, stride_out_d,
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d,
     num_heads, seqlen_q,
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h = _attention_batch_head(bh, num_heads)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM_V)
-    o = tl.load(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
-                mask=ok, other=0.0)
-    do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
-                 mask=ok, other=0.0)
+    o = tl.load(_attention_tile_ptrs(out_ptr + b * stride_out_b + h * stride_out_h, rows, offs_d, stride_out_n,
+                                     stride_out_d), mask=ok, other=0.0)
+    do = tl.load(_attention_tile_ptrs(do_ptr + b * stride_do_b + h * stride_do_h, rows, offs_d, stride_do_n,
+                                      stride_do_d), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+    tl.store(delta_ptr + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q,  # (B, H, N, D)
-    K,  # (B, H, M, D)
-    V,  # (B, H, M, DV)
-    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
-    DOut,  # (B, H, N, DV)
-    Lse,  # (B*H, N) fp32
-    Delta,  # (B*H, N) fp32
-    DK,  # (B, H, M, D)
-    DV,  # (B, H, M, DV)
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_mb, stride_mh, stride_mn, stride_mm,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvm, stride_dvd,
+    q_ptr,  # (B, H, N, D)
+    k_ptr,  # (B, H, M, D)
+    v_ptr,  # (B, H, M, Dv)
+    mask_ptr,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    do_ptr,  # (B, H, N, Dv)
+    lse_ptr,  # (B*H, N) fp32
+    delta_ptr,  # (B*H, N) fp32
+    dk_ptr,  # (B, H, M, D) out
+    dv_ptr,  # (B, H, M, Dv) out
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_m, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_m, stride_v_d,
+    stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d,
+    stride_dk_b, stride_dk_h, stride_dk_m, stride_dk_d,
+    stride_dv_b, stride_dv_h, stride_dv_m, stride_dv_d,
     num_heads, seqlen_q, seqlen_k,
     sm_scale,  # softmax scale (natural units)
     qk_scale,  # sm_scale * log2(e)
@@ -225,39 +260,29 @@ def _attention_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys along dim 0) so that no register tile needs transposing.
-    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, h = _attention_batch_head(bh, num_heads)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < seqlen_k
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_d < HEAD_DIM_V
-
-    k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DOut + b * stride_dob + h * stride_doh
-    m_base = Mask + b * stride_mb + h * stride_mh
+    k, v, col_ok = _attention_load_keys(k_ptr + b * stride_k_b + h * stride_k_h,
+                                        v_ptr + b * stride_v_b + h * stride_v_h, cols, offs_d, seqlen_k,
+                                        stride_k_m, stride_k_d, stride_v_m, stride_v_d, HEAD_DIM, HEAD_DIM_V)
+    q_base = q_ptr + b * stride_q_b + h * stride_q_h
+    do_base = do_ptr + b * stride_do_b + h * stride_do_h
+    m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
     stat_base = bh.to(tl.int64) * seqlen_q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, seqlen_q, BLOCK_M):
         rows = start_m + offs_m
-        row_ok = rows < seqlen_q
-        q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_qn, stride_qd),
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_don, stride_dod),
-                     mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(Delta + stat_base + rows, mask=row_ok, other=0.0)
+        q, do, lse, delta, row_ok = _attention_load_queries(q_base, do_base, lse_ptr + stat_base,
+                                                            delta_ptr + stat_base, rows, offs_d, seqlen_q,
+                                                            stride_q_n, stride_q_d, stride_do_n, stride_do_d,
+                                                            HEAD_DIM, HEAD_DIM_V)
         s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mm, stride_mn),
+        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mask_m, stride_mask_n),
                                        col_ok[:, None] & row_ok[None, :], HAS_MASK)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
@@ -265,28 +290,28 @@ def _attention_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
 
-    tl.store(_attention_tile_ptrs(DK + b * stride_dkb + h * stride_dkh, cols, offs_d, stride_dkm, stride_dkd),
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(_attention_tile_ptrs(DV + b * stride_dvb + h * stride_dvh, cols, offs_d, stride_dvm, stride_dvd),
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+    tl.store(_attention_tile_ptrs(dk_ptr + b * stride_dk_b + h * stride_dk_h, cols, offs_d, stride_dk_m, stride_dk_d),
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(_attention_tile_ptrs(dv_ptr + b * stride_dv_b + h * stride_dv_h, cols, offs_d, stride_dv_m, stride_dv_d),
+             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :])
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q,  # (B, H, N, D)
-    K,  # (B, H, M, D)
-    V,  # (B, H, M, DV)
-    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
-    DOut,  # (B, H, N, DV)
-    Lse,  # (B*H, N) fp32
-    Delta,  # (B*H, N) fp32
-    DQ,  # (B, H, N, D)
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_mb, stride_mh, stride_mn, stride_mm,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    q_ptr,  # (B, H, N, D)
+    k_ptr,  # (B, H, M, D)
+    v_ptr,  # (B, H, M, Dv)
+    mask_ptr,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    do_ptr,  # (B, H, N, Dv)
+    lse_ptr,  # (B*H, N) fp32
+    delta_ptr,  # (B*H, N) fp32
+    dq_ptr,  # (B, H, N, D) out
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_m, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_m, stride_v_d,
+    stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
     num_heads, seqlen_q, seqlen_k,
     sm_scale,  # softmax scale (natural units)
     qk_scale,  # sm_scale * log2(e)
@@ -294,60 +319,80 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h = _attention_batch_head(bh, num_heads)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_d < HEAD_DIM_V
-
-    q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    m_base = Mask + b * stride_mb + h * stride_mh
+    stat_base = bh.to(tl.int64) * seqlen_q
+    q, do, lse, delta, row_ok = _attention_load_queries(q_ptr + b * stride_q_b + h * stride_q_h,
+                                                        do_ptr + b * stride_do_b + h * stride_do_h,
+                                                        lse_ptr + stat_base, delta_ptr + stat_base, rows, offs_d,
+                                                        seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
+                                                        HEAD_DIM, HEAD_DIM_V)
+    k_base = k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_km, stride_kd),
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_vm, stride_vd),
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        k, v, col_ok = _attention_load_keys(k_base, v_base, cols, offs_d, seqlen_k, stride_k_m, stride_k_d,
+                                            stride_v_m, stride_v_d, HEAD_DIM, HEAD_DIM_V)
         s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mn, stride_mm),
+        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
                                      row_ok[:, None] & col_ok[None, :], HAS_MASK)
         p = tl.exp2(s - lse[:, None])
         dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
 
-    tl.store(_attention_tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, rows, offs_d, stride_dqn, stride_dqd),
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(_attention_tile_ptrs(dq_ptr + b * stride_dq_b + h * stride_dq_h, rows, offs_d, stride_dq_n, stride_dq_d),
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _attention_short_tiles(rows, cols, offs_d, seqlen_q, seqlen_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """Validity masks of the short kernels' whole-sequence tiles: rows (queries), cols (keys), q/dq
+    ``(rows, D)``, k/dk ``(cols, D)``, v/dv ``(cols, Dv)``, out/dO ``(rows, Dv)`` and the scores
+    ``(rows, cols)``."""
+    row_ok = rows < seqlen_q
+    col_ok = cols < seqlen_k
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    v_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
+    return row_ok, q_mask, k_mask, v_mask, o_mask, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _attention_short_scores(q_base, k_base, v_base, m_base, rows, cols, offs_d,
+                            stride_q_n, stride_q_d, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                            stride_mask_n, stride_mask_m, q_mask, k_mask, v_mask, valid, qk_scale,
+                            HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q``, ``k``, ``v`` of one whole (batch, head) sequence and its masked log2-unit scores."""
+    q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_q_n, stride_q_d), mask=q_mask, other=0.0)
+    k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_k_m, stride_k_d), mask=k_mask, other=0.0)
+    v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_v_m, stride_v_d), mask=v_mask, other=0.0)
+    s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+    s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m), valid,
+                                 HAS_MASK)
+    return q, k, v, s
 
 
 @triton.jit
 def _attention_short_fwd_kernel(
-    Q,  # (B, H, N, D), N <= BLOCK_M
-    K,  # (B, H, M, D), M <= BLOCK_N
-    V,  # (B, H, M, DV)
-    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
-    Out,  # (B, H, N, DV)
-    Lse,  # (B*H, N) fp32, natural log
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_mb, stride_mh, stride_mn, stride_mm,
-    stride_ob, stride_oh, stride_on, stride_od,
+    q_ptr,  # (B, H, N, D), N <= BLOCK_M
+    k_ptr,  # (B, H, M, D), M <= BLOCK_N
+    v_ptr,  # (B, H, M, Dv)
+    mask_ptr,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    out_ptr,  # (B, H, N, Dv)
+    lse_ptr,  # (B*H, N) fp32, natural log
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_m, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_m, stride_v_d,
+    stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
+    stride_out_b, stride_out_h, stride_out_n, stride_out_d,
     num_heads, batch_heads, seqlen_q, seqlen_k,
     qk_scale,  # softmax scale * log2(e)
     seqs_per_program,  # (batch, head) sequences handled by one program
@@ -358,29 +403,17 @@ def _attention_short_fwd_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seqlen_q
-    col_ok = cols < seqlen_k
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    v_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
-    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
-    valid = row_ok[:, None] & col_ok[None, :]
+    row_ok, q_mask, k_mask, v_mask, o_mask, valid = _attention_short_tiles(rows, cols, offs_d, seqlen_q, seqlen_k,
+                                                                           HEAD_DIM, HEAD_DIM_V)
     first = tl.program_id(0) * seqs_per_program
     last = tl.minimum(first + seqs_per_program, batch_heads)
     for bh in range(first, last):
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
-        stat_base = (b * num_heads + h) * seqlen_q
-        q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
-                    mask=q_mask, other=0.0)
-        k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
-                    mask=k_mask, other=0.0)
-        v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
-                    mask=v_mask, other=0.0)
-        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(
-            s, _attention_tile_ptrs(Mask + b * stride_mb + h * stride_mh, rows, cols, stride_mn, stride_mm),
-            valid, HAS_MASK)
+        b, h = _attention_batch_head(bh, num_heads)
+        q, k, v, s = _attention_short_scores(
+            q_ptr + b * stride_q_b + h * stride_q_h, k_ptr + b * stride_k_b + h * stride_k_h,
+            v_ptr + b * stride_v_b + h * stride_v_h, mask_ptr + b * stride_mask_b + h * stride_mask_h,
+            rows, cols, offs_d, stride_q_n, stride_q_d, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+            stride_mask_n, stride_mask_m, q_mask, k_mask, v_mask, valid, qk_scale, HAS_MASK, DOT_PRECISION)
         # The whole row is in the tile: a plain (not online) softmax.
         m = tl.max(s, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -388,33 +421,34 @@ def _attention_short_fwd_kernel(
         l = tl.sum(p, 1)
         empty = l == 0.0
         out = _attention_dot(p.to(v.dtype), v, None, DOT_PRECISION) / tl.where(empty, 1.0, l)[:, None]
-        tl.store(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
-                 out.to(Out.dtype.element_ty), mask=o_mask)
+        tl.store(_attention_tile_ptrs(out_ptr + b * stride_out_b + h * stride_out_h, rows, offs_d, stride_out_n,
+                                      stride_out_d),
+                 out.to(out_ptr.dtype.element_ty), mask=o_mask)
         lse = tl.where(empty, float("inf"), (m + tl.log2(tl.where(empty, 1.0, l))) * LN2)
-        tl.store(Lse + stat_base + rows, lse, mask=row_ok)
+        tl.store(lse_ptr + (b * num_heads + h) * seqlen_q + rows, lse, mask=row_ok)
 
 
 @triton.jit
 def _attention_short_bwd_kernel(
-    Q,  # (B, H, N, D), N <= BLOCK_M
-    K,  # (B, H, M, D), M <= BLOCK_N
-    V,  # (B, H, M, DV)
-    Mask,  # broadcast view (B, H, N, M); unused without HAS_MASK
-    Out,  # (B, H, N, DV)
-    DOut,  # (B, H, N, DV)
-    Lse,  # (B*H, N) fp32
-    DQ,  # (B, H, N, D)
-    DK,  # (B, H, M, D)
-    DV,  # (B, H, M, DV)
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_km, stride_kd,
-    stride_vb, stride_vh, stride_vm, stride_vd,
-    stride_mb, stride_mh, stride_mn, stride_mm,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkm, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvm, stride_dvd,
+    q_ptr,  # (B, H, N, D), N <= BLOCK_M
+    k_ptr,  # (B, H, M, D), M <= BLOCK_N
+    v_ptr,  # (B, H, M, Dv)
+    mask_ptr,  # broadcast view (B, H, N, M); unused without HAS_MASK
+    out_ptr,  # (B, H, N, Dv)
+    do_ptr,  # (B, H, N, Dv)
+    lse_ptr,  # (B*H, N) fp32
+    dq_ptr,  # (B, H, N, D) out
+    dk_ptr,  # (B, H, M, D) out
+    dv_ptr,  # (B, H, M, Dv) out
+    stride_q_b, stride_q_h, stride_q_n, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_m, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_m, stride_v_d,
+    stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
+    stride_out_b, stride_out_h, stride_out_n, stride_out_d,
+    stride_do_b, stride_do_h, stride_do_n, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
+    stride_dk_b, stride_dk_h, stride_dk_m, stride_dk_d,
+    stride_dv_b, stride_dv_h, stride_dv_m, stride_dv_d,
     num_heads, batch_heads, seqlen_q, seqlen_k,
     sm_scale,  # softmax scale (natural units)
     qk_scale,  # sm_scale * log2(e)
@@ -426,47 +460,35 @@ def _attention_short_bwd_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seqlen_q
-    col_ok = cols < seqlen_k
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    v_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
-    o_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
-    valid = row_ok[:, None] & col_ok[None, :]
+    row_ok, q_mask, k_mask, v_mask, o_mask, valid = _attention_short_tiles(rows, cols, offs_d, seqlen_q, seqlen_k,
+                                                                           HEAD_DIM, HEAD_DIM_V)
     first = tl.program_id(0) * seqs_per_program
     last = tl.minimum(first + seqs_per_program, batch_heads)
     for bh in range(first, last):
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
-        stat_base = (b * num_heads + h) * seqlen_q
-        q = tl.load(_attention_tile_ptrs(Q + b * stride_qb + h * stride_qh, rows, offs_d, stride_qn, stride_qd),
-                    mask=q_mask, other=0.0)
-        k = tl.load(_attention_tile_ptrs(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_km, stride_kd),
-                    mask=k_mask, other=0.0)
-        v = tl.load(_attention_tile_ptrs(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vm, stride_vd),
-                    mask=v_mask, other=0.0)
-        o = tl.load(_attention_tile_ptrs(Out + b * stride_ob + h * stride_oh, rows, offs_d, stride_on, stride_od),
-                    mask=o_mask, other=0.0)
-        do = tl.load(_attention_tile_ptrs(DOut + b * stride_dob + h * stride_doh, rows, offs_d, stride_don, stride_dod),
-                     mask=o_mask, other=0.0)
-        lse = tl.load(Lse + stat_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        b, h = _attention_batch_head(bh, num_heads)
+        o = tl.load(_attention_tile_ptrs(out_ptr + b * stride_out_b + h * stride_out_h, rows, offs_d, stride_out_n,
+                                         stride_out_d), mask=o_mask, other=0.0)
+        do = tl.load(_attention_tile_ptrs(do_ptr + b * stride_do_b + h * stride_do_h, rows, offs_d, stride_do_n,
+                                          stride_do_d), mask=o_mask, other=0.0)
+        lse = tl.load(lse_ptr + (b * num_heads + h) * seqlen_q + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(
-            s, _attention_tile_ptrs(Mask + b * stride_mb + h * stride_mh, rows, cols, stride_mn, stride_mm),
-            valid, HAS_MASK)
+        q, k, v, s = _attention_short_scores(
+            q_ptr + b * stride_q_b + h * stride_q_h, k_ptr + b * stride_k_b + h * stride_k_h,
+            v_ptr + b * stride_v_b + h * stride_v_h, mask_ptr + b * stride_mask_b + h * stride_mask_h,
+            rows, cols, offs_d, stride_q_n, stride_q_d, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+            stride_mask_n, stride_mask_m, q_mask, k_mask, v_mask, valid, qk_scale, HAS_MASK, DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         dv = _attention_dot(tl.trans(p.to(do.dtype)), do, None, DOT_PRECISION)
         dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(q.dtype)
         dq = _attention_dot(ds, k, None, DOT_PRECISION) * sm_scale
         dk = _attention_dot(tl.trans(ds), q, None, DOT_PRECISION) * sm_scale
-        tl.store(_attention_tile_ptrs(DQ + b * stride_dqb + h * stride_dqh, rows, offs_d, stride_dqn, stride_dqd),
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
-        tl.store(_attention_tile_ptrs(DK + b * stride_dkb + h * stride_dkh, cols, offs_d, stride_dkm, stride_dkd),
-                 dk.to(DK.dtype.element_ty), mask=k_mask)
-        tl.store(_attention_tile_ptrs(DV + b * stride_dvb + h * stride_dvh, cols, offs_d, stride_dvm, stride_dvd),
-                 dv.to(DV.dtype.element_ty), mask=v_mask)
+        tl.store(_attention_tile_ptrs(dq_ptr + b * stride_dq_b + h * stride_dq_h, rows, offs_d, stride_dq_n,
+                                      stride_dq_d), dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(_attention_tile_ptrs(dk_ptr + b * stride_dk_b + h * stride_dk_h, cols, offs_d, stride_dk_m,
+                                      stride_dk_d), dk.to(dk_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(_attention_tile_ptrs(dv_ptr + b * stride_dv_b + h * stride_dv_h, cols, offs_d, stride_dv_m,
+                                      stride_dv_d), dv.to(dv_ptr.dtype.element_ty), mask=v_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -474,7 +496,7 @@ def _attention_short_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-class AttentionConfig(NamedTuple):
+class _AttentionConfig(NamedTuple):
     """Tile sizes and launch settings of one attention kernel launch."""
 
     block_m: int  # queries per tile
@@ -508,36 +530,36 @@ _DQ_CONFIGS = {"half": {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 
                "fp32": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (16, 16, 8, 1)}}
 
 
-def _lookup(table, block_d: int, dtype: torch.dtype) -> AttentionConfig:
-    return AttentionConfig(*table["fp32" if dtype == torch.float32 else "half"][block_d])
+def _lookup(table, block_d: int, dtype: torch.dtype) -> _AttentionConfig:
+    return _AttentionConfig(*table["fp32" if dtype == torch.float32 else "half"][block_d])
 
 
-def attention_fwd_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
+def _attention_fwd_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
     """Config of ``_attention_fwd_kernel``; ``block_d`` is the padded max(D, Dv)."""
     return _lookup(_FWD_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
+def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
     """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step)."""
     return _lookup(_DKDV_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_dq_config(block_d: int, dtype: torch.dtype) -> AttentionConfig:
+def _attention_bwd_dq_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
     """Config of ``_attention_bwd_dq_kernel`` (block_m queries per program, block_n keys per step)."""
     return _lookup(_DQ_CONFIGS, block_d, dtype)
 
 
-def attention_bwd_preprocess_config(block_d: int) -> AttentionConfig:
+def _attention_bwd_preprocess_config(block_d: int) -> _AttentionConfig:
     """Config of ``_attention_bwd_preprocess_kernel`` (block_n unused)."""
-    return AttentionConfig(block_m=64 if block_d <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
+    return _AttentionConfig(block_m=64 if block_d <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
 
 
-def attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
-                           backward: bool = False) -> Optional[AttentionConfig]:
+def _attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
+                           backward: bool = False) -> Optional[_AttentionConfig]:
     """Config of the short-sequence kernels, whose square 16 or 32 tile covers a whole sequence; None
-    where they do not apply: sequences longer than ``SHORT_SEQ_MAX``, and fp32 tiles whose FMA dots
+    where they do not apply: sequences longer than ``_SHORT_SEQ_MAX``, and fp32 tiles whose FMA dots
     would spill (there the main kernels run)."""
-    if seqlen_q > SHORT_SEQ_MAX or seqlen_k > SHORT_SEQ_MAX:
+    if seqlen_q > _SHORT_SEQ_MAX or seqlen_k > _SHORT_SEQ_MAX:
         return None
     block = _pad16(max(seqlen_q, seqlen_k))
     tile = block_d * block
@@ -545,12 +567,12 @@ def attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: to
         if tile > (2048 if backward else 4096):
             return None
         warps = 8 if (backward and block == 32) or (not backward and tile > 2048 and block == 32) else 4
-        return AttentionConfig(block, block, warps, 1)
+        return _AttentionConfig(block, block, warps, 1)
     warps = 4 if tile <= (1024 if backward else 4096) else 8
-    return AttentionConfig(block, block, warps, 1 if backward and block_d == 256 else 2)
+    return _AttentionConfig(block, block, warps, 1 if backward and block_d == 256 else 2)
 
 
-def short_seqs_per_program(batch_heads: int) -> int:
+def _short_seqs_per_program(batch_heads: int) -> int:
     """(batch, head) sequences per program of the short kernels: enough programs to fill a GPU
     several times over, and no more, so each program amortises its set-up over many sequences."""
     return max(1, min(32, triton.next_power_of_2(batch_heads) // 2048))
@@ -632,7 +654,7 @@ def _batch_chunks(batch: int, heads: int) -> list[slice]:
     sequences (4096 images of 16 heads) a single grid ``(blocks, B * H)`` would fail to launch."""
     if heads > _MAX_GRID_Y:
         raise ValueError(f"the Triton attention kernels take up to {_MAX_GRID_Y} heads for sequences longer than "
-                         f"{SHORT_SEQ_MAX}; got H={heads}")
+                         f"{_SHORT_SEQ_MAX}; got H={heads}")
     step = _MAX_GRID_Y // heads
     return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
 
@@ -658,24 +680,24 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, HAS_MASK=has_mask,
                   DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
-    cfg = attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype)
+    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype)
     if cfg is not None:
-        per_program = short_seqs_per_program(batch * heads)
+        per_program = _short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_fwd_kernel[grid](
             q, k, v, mask, out, lse, *strides, heads, batch * heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
             per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **common)
-        record_launch("attention_short_fwd")
+        record_launch("_attention_short_fwd_kernel")
         return out, lse
-    cfg = attention_fwd_config(block_d, q.dtype)
+    cfg = _attention_fwd_config(block_d, q.dtype)
     for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
         grid = (triton.cdiv(seqlen_q, cfg.block_m), (bs.stop - bs.start) * heads)
         _attention_fwd_kernel[grid](
             q[bs], k[bs], v[bs], mask[bs], out[bs], lse[bs], *strides, heads, seqlen_q, seqlen_k,
             scale * math.log2(math.e), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **common)
-        record_launch("attention_fwd")
+        record_launch("_attention_fwd_kernel")
     return out, lse
 
 
@@ -695,9 +717,9 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     qk_scale = scale * math.log2(math.e)
     if seqlen_q == 0 or seqlen_k == 0:  # no scores: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, backward=True)
+    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, backward=True)
     if cfg is not None:
-        per_program = short_seqs_per_program(batch * heads)
+        per_program = _short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_bwd_kernel[grid](
             q, k, v, mask, out, do, lse, dq, dk, dv,
@@ -705,35 +727,35 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
             *dq.stride(), *dk.stride(), *dv.stride(),
             heads, batch * heads, seqlen_q, seqlen_k, scale, qk_scale, per_program,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-        record_launch("attention_short_bwd")
+        record_launch("_attention_short_bwd_kernel")
         return dq, dk, dv
 
     delta = _alloc_stats(q, (batch, heads, seqlen_q))
-    pre = attention_bwd_preprocess_config(block_d)
+    pre = _attention_bwd_preprocess_config(block_d)
     inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
-    dkdv_cfg = attention_bwd_dkdv_config(block_d, q.dtype)
-    dq_cfg = attention_bwd_dq_config(block_d, q.dtype)
+    dkdv_cfg = _attention_bwd_dkdv_config(block_d, q.dtype)
+    dq_cfg = _attention_bwd_dq_config(block_d, q.dtype)
     for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
         seqs = (bs.stop - bs.start) * heads
         _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), seqs)](
             out[bs], do[bs], delta[bs], *out.stride(), *do.stride(), heads, seqlen_q,
             HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
             num_stages=pre.num_stages)
-        record_launch("attention_bwd_preprocess")
+        record_launch("_attention_bwd_preprocess_kernel")
 
         cfg = dkdv_cfg
         _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), seqs)](
             q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dk[bs], dv[bs], *inputs, *dk.stride(),
             *dv.stride(), heads, seqlen_q, seqlen_k, scale, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-        record_launch("attention_bwd_dkdv")
+        record_launch("_attention_bwd_dkdv_kernel")
 
         cfg = dq_cfg
         _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
             q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dq[bs], *inputs, *dq.stride(),
             heads, seqlen_q, seqlen_k, scale, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
-        record_launch("attention_bwd_dq")
+        record_launch("_attention_bwd_dq_kernel")
     return dq, dk, dv
 
 
@@ -926,28 +948,19 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, attn_mask, ctx.scale)
+    dq, dk, dv = torch.ops.fastunet.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, ctx.scale)
     return dq, dk, dv, None, None
 
 
-def _register_ops():
+def _register_ops() -> None:
     fwd = torch.library.custom_op("fastunet::attention_fwd", _attention_fwd_op, mutates_args=())
     fwd.register_fake(_attention_fwd_fake)
     bwd = torch.library.custom_op("fastunet::attention_bwd", _attention_bwd_op, mutates_args=())
     bwd.register_fake(_attention_bwd_fake)
     fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-    return fwd, bwd
 
 
-# The ops are registered once per process. This file can be executed a second time as the bare
-# top-level module ``kernels.attention`` (the repository root is on sys.path under ``python -m pytest``,
-# and transformers probes for the PyPI ``kernels`` project); re-registering would silently route every
-# call to that copy. The copy reuses the ops instead, and the absolute import of the backend module
-# above makes either copy read the one backend state.
-if hasattr(torch.ops.fastunet, "attention_fwd"):
-    attention_fwd, attention_bwd = torch.ops.fastunet.attention_fwd.default, torch.ops.fastunet.attention_bwd.default
-else:
-    attention_fwd, attention_bwd = _register_ops()
+register_once(__name__, "fastunet::attention_fwd", _register_ops)
 
 
 def _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES) -> None:
@@ -1000,4 +1013,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise ValueError("attention does not differentiate attn_mask; pass attn_mask.detach()")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return attention_fwd(q, k, v, attn_mask, scale)[0]
+    return torch.ops.fastunet.attention_fwd(q, k, v, attn_mask, scale)[0]

@@ -27,7 +27,9 @@ Inputs are read in their own dtype (fp16, bf16, fp32; any strides) and the outpu
 
 The map ``x -> Re(IDFT(1_S DFT(x)))`` is self-adjoint on real planes (the DFT matrix is symmetric,
 so the real part of ``A^H D A / (H W)`` is a symmetric matrix), so the backward pass is the same
-filter applied to the incoming gradient.
+filter applied to the incoming gradient. The filter is a ``torch.library`` custom op
+(``fastunet::fourier_filter``) with a fake implementation and that backward registered as its
+autograd, so ``torch.compile(fullgraph=True)`` traces it; the backend is picked inside the op.
 
 Limits: the kernel takes up to 8 scaled frequencies per axis (``threshold <= 4``; FreeU uses 1) and
 planes up to 2048 on a side.  Wider masks, larger planes and float64 inputs run
@@ -41,10 +43,8 @@ import math
 import numbers
 
 import torch
-import triton
-import triton.language as tl
 
-from ._backend import record_launch, use_triton
+from ._backend import record_launch, register_once, tl, triton, use_triton
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_FREQS = 8  # scaled frequencies per axis the kernel takes
@@ -81,6 +81,15 @@ def _fourier_filter_row_twiddles(rows, u0, n_rows, H, R_PAD: tl.constexpr):
     cos, sin = _fourier_filter_sincos((u[:, None] * rows[None, :]) % H, H)
     valid = (j < n_rows)[:, None]
     return tl.where(valid, cos, 0.0), tl.where(valid, sin, 0.0)
+
+
+@triton.jit
+def _fourier_filter_row_block(x_base, rows, cols, H, W, stride_x_h, stride_x_w, u0, n_rows, R_PAD: tl.constexpr):
+    """A block of full rows of one plane: its mask, its values in fp32 and its row twiddles."""
+    mask = (rows[:, None] < H) & (cols[None, :] < W)
+    xt = tl.load(x_base + rows[:, None] * stride_x_h + cols[None, :] * stride_x_w, mask=mask, other=0.0)
+    row_cos, row_sin = _fourier_filter_row_twiddles(rows, u0, n_rows, H, R_PAD)
+    return xt.to(tl.float32), mask, row_cos, row_sin
 
 
 @triton.jit
@@ -148,11 +157,8 @@ def _fourier_filter_fwd_kernel(
     coef_re = tl.zeros((R_PAD, K_PAD), dtype=tl.float32)
     coef_im = tl.zeros((R_PAD, K_PAD), dtype=tl.float32)
     if ONE_TILE:
-        mask = (offs_h[:, None] < H) & (offs_w[None, :] < W)
-        x_raw = tl.load(x_base + offs_h[:, None] * stride_x_h + offs_w[None, :] * stride_x_w, mask=mask,
-                        other=0.0)
-        xt = x_raw.to(tl.float32)
-        row_cos, row_sin = _fourier_filter_row_twiddles(offs_h, u0, n_rows, H, R_PAD)
+        xt, mask, row_cos, row_sin = _fourier_filter_row_block(x_base, offs_h, offs_w, H, W, stride_x_h, stride_x_w,
+                                                               u0, n_rows, R_PAD)
         coef_re, coef_im = _fourier_filter_analyze(xt, offs_w, row_cos, row_sin, v0, n_cols, W, coef_re,
                                                    coef_im, K_PAD)
         corr = _fourier_filter_synthesize(offs_w, row_cos, row_sin, v0, n_cols, W, coef_re, coef_im,
@@ -162,26 +168,20 @@ def _fourier_filter_fwd_kernel(
                  yt.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # pass 1: the |R| x |K| coefficients over the whole plane, BLOCK_H full rows at a time
-        cols = offs_w
         for h0 in range(0, H, BLOCK_H):
-            rows = h0 + offs_h
-            row_cos, row_sin = _fourier_filter_row_twiddles(rows, u0, n_rows, H, R_PAD)
-            mask = (rows[:, None] < H) & (cols[None, :] < W)
-            xt = tl.load(x_base + rows[:, None] * stride_x_h + cols[None, :] * stride_x_w, mask=mask,
-                         other=0.0).to(tl.float32)
-            coef_re, coef_im = _fourier_filter_analyze(xt, cols, row_cos, row_sin, v0, n_cols, W, coef_re,
+            xt, mask, row_cos, row_sin = _fourier_filter_row_block(x_base, h0 + offs_h, offs_w, H, W, stride_x_h,
+                                                                   stride_x_w, u0, n_rows, R_PAD)
+            coef_re, coef_im = _fourier_filter_analyze(xt, offs_w, row_cos, row_sin, v0, n_cols, W, coef_re,
                                                        coef_im, K_PAD)
         # pass 2: y = x + (scale - 1) / (H W) * correction (the plane's second read mostly hits L2)
         for h0 in range(0, H, BLOCK_H):
             rows = h0 + offs_h
-            row_cos, row_sin = _fourier_filter_row_twiddles(rows, u0, n_rows, H, R_PAD)
-            mask = (rows[:, None] < H) & (cols[None, :] < W)
-            xt = tl.load(x_base + rows[:, None] * stride_x_h + cols[None, :] * stride_x_w, mask=mask,
-                         other=0.0).to(tl.float32)
-            corr = _fourier_filter_synthesize(cols, row_cos, row_sin, v0, n_cols, W, coef_re, coef_im,
+            xt, mask, row_cos, row_sin = _fourier_filter_row_block(x_base, rows, offs_w, H, W, stride_x_h,
+                                                                   stride_x_w, u0, n_rows, R_PAD)
+            corr = _fourier_filter_synthesize(offs_w, row_cos, row_sin, v0, n_cols, W, coef_re, coef_im,
                                               BLOCK_H, BLOCK_W, K_PAD)
             yt = xt + factor * corr
-            tl.store(y_base + rows[:, None] * stride_y_h + cols[None, :] * stride_y_w,
+            tl.store(y_base + rows[:, None] * stride_y_h + offs_w[None, :] * stride_y_w,
                      yt.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -294,16 +294,51 @@ def fourier_filter_reference(x: torch.Tensor, threshold: int, scale: float) -> t
     return y.view(B, C, H, W).to(x.dtype)
 
 
-class _FourierFilter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, scale):
-        ctx.threshold, ctx.scale = threshold, scale
-        return _fourier_filter_fwd(x, threshold, scale)
+# ----------------------------------------------------------------------------------------------
+# Custom op, autograd, public function
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, grad):
-        # self-adjoint: the gradient goes through the same filter (itself differentiable again)
-        return fourier_filter(grad, ctx.threshold, ctx.scale), None, None
+
+def _fits_kernel(x: torch.Tensor, threshold: int) -> bool:
+    """Whether the kernel takes ``x`` and ``threshold`` (see the module docstring's limits)."""
+    n_rows = _scaled_frequencies(x.shape[2], threshold)[1]
+    n_cols = _scaled_frequencies(x.shape[3], threshold)[1]
+    return (x.dtype in _KERNEL_DTYPES and max(n_rows, n_cols) <= _MAX_FREQS
+            and max(x.shape[2], x.shape[3]) <= _MAX_SIDE)
+
+
+def _fourier_filter_op(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """The filtered ``x``, laid out as ``torch.empty_like(x)`` on every path (as the fake promises): the
+    kernel where it applies and the backend says Triton, else the reference."""
+    if _fits_kernel(x, threshold) and use_triton(x):
+        return _fourier_filter_fwd(x, threshold, scale)
+    y = fourier_filter_reference(x, threshold, scale)
+    if y.stride() == torch.empty_like(x, device="meta").stride():
+        return y
+    return torch.empty_like(x).copy_(y)  # the reference computes in (B*C*H, W) rows
+
+
+def _fourier_filter_fake(x, threshold, scale):
+    return torch.empty_like(x)
+
+
+def _fourier_filter_setup_context(ctx, inputs, output):
+    _, ctx.threshold, ctx.scale = inputs
+
+
+def _fourier_filter_backward(ctx, grad):
+    # self-adjoint: the gradient goes through the same filter (itself differentiable again)
+    return torch.ops.fastunet.fourier_filter(grad, ctx.threshold, ctx.scale), None, None
+
+
+def _register_ops() -> None:
+    op = torch.library.custom_op("fastunet::fourier_filter", _fourier_filter_op, mutates_args=(),
+                                 schema="(Tensor x, int threshold, float scale) -> Tensor")
+    op.register_fake(_fourier_filter_fake)
+    op.register_autograd(_fourier_filter_backward, setup_context=_fourier_filter_setup_context)
+
+
+register_once(__name__, "fastunet::fourier_filter", _register_ops)
 
 
 def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
@@ -315,17 +350,11 @@ def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tenso
         scale: real number the scaled frequencies are multiplied by.
 
     Returns:
-        A new ``(B, C, H, W)`` tensor in ``x``'s dtype.  Equals
+        A new ``(B, C, H, W)`` tensor in ``x``'s dtype, laid out like ``torch.empty_like(x)``.  Equals
         ``diffusers.utils.torch_utils.fourier_filter`` on every plane size; computed in fp32 whatever
-        the input dtype (float64 in float64).  Differentiable with respect to ``x``.
+        the input dtype (float64 in float64).  Differentiable with respect to ``x`` (twice, too).  A
+        ``torch.library`` custom op (``fastunet::fourier_filter``, with a fake implementation and
+        autograd), so ``torch.compile(fullgraph=True)`` traces through it.
     """
     _check_inputs(x, threshold, scale)
-    threshold = int(threshold)
-    scale = float(scale)
-    n_rows = _scaled_frequencies(x.shape[2], threshold)[1]
-    n_cols = _scaled_frequencies(x.shape[3], threshold)[1]
-    fits_kernel = (x.dtype in _KERNEL_DTYPES and max(n_rows, n_cols) <= _MAX_FREQS
-                   and max(x.shape[2], x.shape[3]) <= _MAX_SIDE)
-    if fits_kernel and use_triton(x):
-        return _FourierFilter.apply(x, threshold, scale)
-    return fourier_filter_reference(x, threshold, scale)
+    return torch.ops.fastunet.fourier_filter(x, int(threshold), float(scale))

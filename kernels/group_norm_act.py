@@ -49,19 +49,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, record_launch, use_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-else:  # pragma: no cover - exercised only where triton is missing
-    from types import SimpleNamespace
-
-    def _no_jit(fn=None, **_):
-        return fn if fn is not None else (lambda f: f)
-
-    triton = SimpleNamespace(jit=_no_jit, cdiv=lambda a, b: -(-a // b))
-    tl = SimpleNamespace(constexpr=None)
+from ._backend import record_launch, register_once, tl, triton, use_triton
 
 _ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,26 +78,88 @@ _SPLIT_ARGS = ["n_bg", "G", "Cg", "cb_per_prog", "lt_per_prog", "split_l", "n_sp
 # pointer, each made ptxas keep a 64-bit address per element live (2.5x the registers). Tiles are
 # 1024 elements over 4 warps: 16 elements per thread took up to 255 registers in the backward.
 #
-# The activation, its derivative and the per-channel coefficients are written out in each kernel
-# rather than called as @triton.jit helpers: Triton's CPU interpreter, which runs these kernels in
-# the tests, re-patches triton.language on every device-function call (milliseconds each).
+# Helpers: Triton's CPU interpreter, which runs these kernels in the tests, re-patches
+# triton.language on every @triton.jit helper call (on a GPU they are inlined). Measured on the 2-core
+# CPU VM under TRITON_INTERPRET=1: a trivial loop step took 35 us inlined and 190 us through a helper;
+# the per-channel coefficient loads 640 us per channel block inlined, 910 us as a helper; the whole
+# backward of (2, 320, 16, 16) fp16 with every option took 4.5 s of CPU written out, 5.0 s with the
+# coefficient helper and 5.2 s with the tile helper too (forward: no measurable change). So the helpers
+# run once per program (its range), per channel block (the coefficients) or per tile (the activation
+# gradient), never per element, at about 15% more interpreter time in the backward tests.
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l, BLOCK_C: tl.constexpr,
+                                  BLOCK_L: tl.constexpr):
+    """``(c_lo, c_hi, l_lo, l_hi)``: the channels (within the group) and positions that program
+    ``pid_s`` along grid dim 1 covers (channel-block ranges times spatial ranges)."""
+    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
+    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
+    return c_lo, tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg), l_lo, tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+
+
+@triton.jit
+def _group_norm_act_channel_coefs(weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch, bc, c_lanes, cmask, mean,
+                                  HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 per-channel coefficients of channels ``ch + c_lanes`` (``bc + c_lanes`` in the (B, C)
+    vectors): ``(gain, offset, centre)`` with ``u = (x - centre) * gain * rstd + offset``,
+    ``gain = w (1 + scale)``, ``offset = bias (1 + scale) + shift``, ``centre = mean - add``."""
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    bia = tl.full([BLOCK_C], 0.0, tl.float32)
+    s1p = tl.full([BLOCK_C], 1.0, tl.float32)
+    centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bia = tl.load(bias_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1p += tl.load(scale_ptr + bc + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    offset = bia * s1p
+    if HAS_SHIFT:
+        offset += tl.load(shift_ptr + bc + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        centre -= tl.load(add_ptr + bc + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    return w * s1p, offset, centre
+
+
+@triton.jit
+def _group_norm_act_grad_u(x_ptrs, dy_ptrs, mask, centre, gain_r, offset, ACTIVATION: tl.constexpr):
+    """One tile of the backward: ``xc = x - centre`` and ``du = dL/du`` from ``dL/dy``, with
+    ``u = xc * gain_r + offset`` recomputed. Masked lanes get ``du = 0`` (and an arbitrary ``xc``)."""
+    xc = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32) - centre
+    du = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = xc * gain_r + offset
+    if ACTIVATION == "silu":
+        sig = 1.0 / (1.0 + tl.exp(-u))
+        du *= sig * (1.0 + u * (1.0 - sig))
+    elif ACTIVATION == "gelu":
+        du *= 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+    elif ACTIVATION == "mish":
+        # mish'(u) = t + u sigmoid(u) (1 - t^2), t = n / (n + 2), n = e^u (e^u + 2); with
+        # sigmoid(u) = e / (1 + e) and n + 1 = (e + 1)^2 it is (n d + 4 u e (e + 1)) / d^2,
+        # d = n + 2. u is clamped at 20 where the second term no longer counts in fp32.
+        uc = tl.minimum(u, 20.0)
+        e = tl.exp(uc)
+        n = e * (e + 2.0)
+        d = n + 2.0
+        du *= (n * d + 4.0 * uc * e * (e + 1.0)) / (d * d)
+    return xc, du
 
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _group_norm_act_stats_kernel(
-    X,     # (B, C, L) contiguous input
-    ADD,   # (B, C) per-channel addend, read when HAS_ADD
-    PART,  # (3, B*G, n_split) fp32 out: count, mean, M2 of each program's elements
+    x_ptr,     # (B, C, L) contiguous input
+    add_ptr,   # (B, C) per-channel addend, read when HAS_ADD
+    part_ptr,  # (3, B*G, n_split) fp32 out: count, mean, M2 of each program's elements
     n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
     HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_bg = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
-    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
-    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
-    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
+                                                           BLOCK_C, BLOCK_L)
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile = c_lanes[:, None] * L + l_lanes[None, :]
@@ -120,9 +170,9 @@ def _group_norm_act_stats_kernel(
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = (c_lanes < (c_hi - c0))[:, None]
         if HAS_ADD:
-            addv = tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=c_lanes < (c_hi - c0),
+            addv = tl.load(add_ptr + pid_bg * Cg + c0 + c_lanes, mask=c_lanes < (c_hi - c0),
                            other=0.0).to(tl.float32)[:, None]
-        x_row = X + (pid_bg * Cg + c0) * L
+        x_row = x_ptr + (pid_bg * Cg + c0) * L
         for l0 in range(l_lo, l_hi, BLOCK_L):
             mask = cmask & (l_lanes < (l_hi - l0))[None, :]
             tile_offs = l0 + tile
@@ -137,7 +187,7 @@ def _group_norm_act_stats_kernel(
     prog_mean = tl.sum(count * mean) / total
     dev = mean - prog_mean
     prog_m2 = tl.sum(m2 + count * dev * dev)
-    out = PART + pid_bg * n_split + pid_s
+    out = part_ptr + pid_bg * n_split + pid_s
     tl.store(out, total)
     tl.store(out + n_bg * n_split, prog_mean)
     tl.store(out + 2 * n_bg * n_split, prog_m2)
@@ -145,16 +195,16 @@ def _group_norm_act_stats_kernel(
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _group_norm_act_fwd_kernel(
-    X,      # (B, C, L) contiguous input
-    ADD,    # (B, C) addend, read when HAS_ADD
-    W,      # (C,) weight, read when HAS_WEIGHT
-    BIAS,   # (C,) bias, read when HAS_BIAS
-    SCALE,  # (B, C) scale, read when HAS_SCALE
-    SHIFT,  # (B, C) shift, read when HAS_SHIFT
-    Y,      # (B, C, L) contiguous output, x's dtype
-    PART,   # (3, B*G, n_split) fp32 partial count/mean/M2 from the stats kernel
-    MEAN,   # (B*G,) fp32 out: group mean
-    RSTD,   # (B*G,) fp32 out: 1 / sqrt(var + eps)
+    x_ptr,       # (B, C, L) contiguous input
+    add_ptr,     # (B, C) addend, read when HAS_ADD
+    weight_ptr,  # (C,) weight, read when HAS_WEIGHT
+    bias_ptr,    # (C,) bias, read when HAS_BIAS
+    scale_ptr,   # (B, C) scale, read when HAS_SCALE
+    shift_ptr,   # (B, C) shift, read when HAS_SHIFT
+    y_ptr,       # (B, C, L) contiguous output, x's dtype
+    part_ptr,    # (3, B*G, n_split) fp32 partial count/mean/M2 from the stats kernel
+    mean_ptr,    # (B*G,) fp32 out: group mean
+    rstd_ptr,    # (B*G,) fp32 out: 1 / sqrt(var + eps)
     n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split, eps,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -167,7 +217,7 @@ def _group_norm_act_fwd_kernel(
     # merge the group's partial moments (Chan, all at once)
     offs = tl.arange(0, BLOCK_SPLIT)
     smask = offs < n_split
-    part = PART + pid_bg * n_split + offs
+    part = part_ptr + pid_bg * n_split + offs
     p_count = tl.load(part, mask=smask, other=0.0)
     p_mean = tl.load(part + n_bg * n_split, mask=smask, other=0.0)
     p_m2 = tl.load(part + 2 * n_bg * n_split, mask=smask, other=0.0)
@@ -177,41 +227,26 @@ def _group_norm_act_fwd_kernel(
     var = tl.maximum(tl.sum(p_m2 + p_count * dev * dev) / total, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
     if pid_s == 0:
-        tl.store(MEAN + pid_bg, mean)
-        tl.store(RSTD + pid_bg, rstd)
+        tl.store(mean_ptr + pid_bg, mean)
+        tl.store(rstd_ptr + pid_bg, rstd)
 
-    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
-    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
-    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
-    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
+                                                           BLOCK_C, BLOCK_L)
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile = c_lanes[:, None] * L + l_lanes[None, :]
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = c_lanes < (c_hi - c0)
-        ch = ch_base + c0
-        # u = (x - (mean - add)) * gain + offset, gain = w (1 + scale) rstd, offset = bias (1 + scale) + shift
-        gain = tl.full([BLOCK_C], 1.0, tl.float32)
-        offset = tl.full([BLOCK_C], 0.0, tl.float32)
-        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
-        if HAS_WEIGHT:
-            gain = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            offset = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s1p = 1.0 + tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-            gain *= s1p
-            offset *= s1p
-        if HAS_SHIFT:
-            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        # u = (x - centre) * gain * rstd + offset
+        gain, offset, centre = _group_norm_act_channel_coefs(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch_base + c0, pid_bg * Cg + c0, c_lanes, cmask, mean,
+            HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         gain = (gain * rstd)[:, None]
         offset = offset[:, None]
         centre = centre[:, None]
         cmask = cmask[:, None]
-        x_row = X + (pid_bg * Cg + c0) * L
-        y_row = Y + (pid_bg * Cg + c0) * L
+        x_row = x_ptr + (pid_bg * Cg + c0) * L
+        y_row = y_ptr + (pid_bg * Cg + c0) * L
         for l0 in range(l_lo, l_hi, BLOCK_L):
             mask = cmask & (l_lanes < (l_hi - l0))[None, :]
             tile_offs = l0 + tile
@@ -225,22 +260,22 @@ def _group_norm_act_fwd_kernel(
                 e = tl.exp(tl.minimum(u, 20.0))
                 n = e * (e + 2.0)
                 u = u * (n / (n + 2.0))
-            tl.store(y_row + tile_offs, u.to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_row + tile_offs, u.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _group_norm_act_bwd_reduce_kernel(
-    X,      # (B, C, L) contiguous input
-    ADD,    # (B, C) addend, read when HAS_ADD
-    DY,     # (B, C, L) contiguous gradient of y
-    W,      # (C,) weight, read when HAS_WEIGHT
-    BIAS,   # (C,) bias, read when HAS_BIAS
-    SCALE,  # (B, C) scale, read when HAS_SCALE
-    SHIFT,  # (B, C) shift, read when HAS_SHIFT
-    MEAN,   # (B*G,) fp32 group mean
-    RSTD,   # (B*G,) fp32 group 1 / sqrt(var + eps)
-    GPART,  # (2, B*G, n_split) fp32 out: per-program sums of gain*du and gain*du*xhat
-    CPART,  # (2 or 3, B*C, split_l) fp32 out: per-channel, per-spatial-range sums of du, du*xhat, xhat
+    x_ptr,       # (B, C, L) contiguous input
+    add_ptr,     # (B, C) addend, read when HAS_ADD
+    dy_ptr,      # (B, C, L) contiguous gradient of y
+    weight_ptr,  # (C,) weight, read when HAS_WEIGHT
+    bias_ptr,    # (C,) bias, read when HAS_BIAS
+    scale_ptr,   # (B, C) scale, read when HAS_SCALE
+    shift_ptr,   # (B, C) shift, read when HAS_SHIFT
+    mean_ptr,    # (B*G,) fp32 group mean
+    rstd_ptr,    # (B*G,) fp32 group 1 / sqrt(var + eps)
+    gpart_ptr,   # (2, B*G, n_split) fp32 out: per-program sums of gain*du and gain*du*xhat
+    cpart_ptr,   # (2 or 3, B*C, split_l) fp32 out: per-channel, per-spatial-range sums of du, du*xhat, xhat
     n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -249,12 +284,10 @@ def _group_norm_act_bwd_reduce_kernel(
     pid_bg = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     ch_base = (pid_bg % G) * Cg
-    mean = tl.load(MEAN + pid_bg)
-    rstd = tl.load(RSTD + pid_bg)
-    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
-    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
-    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
-    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    mean = tl.load(mean_ptr + pid_bg)
+    rstd = tl.load(rstd_ptr + pid_bg)
+    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
+                                                           BLOCK_C, BLOCK_L)
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile = c_lanes[:, None] * L + l_lanes[None, :]
@@ -264,88 +297,60 @@ def _group_norm_act_bwd_reduce_kernel(
     g_du_xhat = tl.full([], 0.0, tl.float32)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = c_lanes < (c_hi - c0)
-        ch = ch_base + c0
-        gain = tl.full([BLOCK_C], 1.0, tl.float32)
-        offset = tl.full([BLOCK_C], 0.0, tl.float32)
-        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
-        if HAS_WEIGHT:
-            gain = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            offset = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s1p = 1.0 + tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-            gain *= s1p
-            offset *= s1p
-        if HAS_SHIFT:
-            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+        gain, offset, centre = _group_norm_act_channel_coefs(
+            weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch_base + c0, pid_bg * Cg + c0, c_lanes, cmask, mean,
+            HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         gain_r = (gain * rstd)[:, None]
         offset2 = offset[:, None]
         centre = centre[:, None]
         cmask2 = cmask[:, None]
-        x_row = X + (pid_bg * Cg + c0) * L
-        dy_row = DY + (pid_bg * Cg + c0) * L
+        x_row = x_ptr + (pid_bg * Cg + c0) * L
+        dy_row = dy_ptr + (pid_bg * Cg + c0) * L
         acc_du = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
         acc_du_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
         acc_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
         for l0 in range(l_lo, l_hi, BLOCK_L):
             mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
             tile_offs = l0 + tile
-            xc = tl.where(mask, tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre, 0.0)
-            du = tl.load(dy_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
-            u = xc * gain_r + offset2
-            if ACTIVATION == "silu":
-                sig = 1.0 / (1.0 + tl.exp(-u))
-                du *= sig * (1.0 + u * (1.0 - sig))
-            elif ACTIVATION == "gelu":
-                du *= 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-            elif ACTIVATION == "mish":
-                # mish'(u) = t + u sigmoid(u) (1 - t^2), t = n / (n + 2), n = e^u (e^u + 2); with
-                # sigmoid(u) = e / (1 + e) and n + 1 = (e + 1)^2 it is (n d + 4 u e (e + 1)) / d^2,
-                # d = n + 2. u is clamped at 20 where the second term no longer counts in fp32.
-                uc = tl.minimum(u, 20.0)
-                e = tl.exp(uc)
-                n = e * (e + 2.0)
-                d = n + 2.0
-                du *= (n * d + 4.0 * uc * e * (e + 1.0)) / (d * d)
+            xc, du = _group_norm_act_grad_u(x_row + tile_offs, dy_row + tile_offs, mask, centre, gain_r, offset2,
+                                            ACTIVATION)
             acc_du += du
             acc_du_xc += du * xc
             if HAS_ADD:
-                acc_xc += xc
+                acc_xc += tl.where(mask, xc, 0.0)
         s_du = tl.sum(acc_du, axis=1)
         s_du_xhat = tl.sum(acc_du_xc, axis=1) * rstd
-        out = CPART + (pid_bg * Cg + c0) * split_l + pid_s % split_l + cpart_lanes
+        out = cpart_ptr + (pid_bg * Cg + c0) * split_l + pid_s % split_l + cpart_lanes
         tl.store(out, s_du, mask=cmask)
         tl.store(out + cpart_stride, s_du_xhat, mask=cmask)
         if HAS_ADD:
             tl.store(out + 2 * cpart_stride, tl.sum(acc_xc, axis=1) * rstd, mask=cmask)
         g_du += tl.sum(gain * s_du)
         g_du_xhat += tl.sum(gain * s_du_xhat)
-    out = GPART + pid_bg * n_split + pid_s
+    out = gpart_ptr + pid_bg * n_split + pid_s
     tl.store(out, g_du)
     tl.store(out + n_bg * n_split, g_du_xhat)
 
 
 @triton.jit(do_not_specialize=_SPLIT_ARGS)
 def _group_norm_act_bwd_dx_kernel(
-    X,        # (B, C, L) contiguous input
-    ADD,      # (B, C) addend, read when HAS_ADD
-    DY,       # (B, C, L) contiguous gradient of y
-    W,        # (C,) weight, read when HAS_WEIGHT
-    BIAS,     # (C,) bias, read when HAS_BIAS
-    SCALE,    # (B, C) scale, read when HAS_SCALE
-    SHIFT,    # (B, C) shift, read when HAS_SHIFT
-    MEAN,     # (B*G,) fp32 group mean
-    RSTD,     # (B*G,) fp32 group 1 / sqrt(var + eps)
-    GPART,    # (2, B*G, n_split) fp32 per-program group sums from the reduce kernel
-    CPART,    # (2 or 3, B*C, split_l) fp32 per-channel partial sums from the reduce kernel
-    DX,       # (B, C, L) contiguous out: gradient of x, x's dtype
-    DADD,     # (B, C) fp32 out when HAS_ADD: gradient of add
-    DSCALE,   # (B, C) fp32 out when HAS_SCALE: gradient of scale
-    DSHIFT,   # (B, C) fp32 out when HAS_SHIFT: gradient of shift
-    DWEIGHT,  # (B, C) fp32 out when HAS_WEIGHT: per-sample gradient of weight
-    DBIAS,    # (B, C) fp32 out when HAS_BIAS: per-sample gradient of bias
+    x_ptr,        # (B, C, L) contiguous input
+    add_ptr,      # (B, C) addend, read when HAS_ADD
+    dy_ptr,       # (B, C, L) contiguous gradient of y
+    weight_ptr,   # (C,) weight, read when HAS_WEIGHT
+    bias_ptr,     # (C,) bias, read when HAS_BIAS
+    scale_ptr,    # (B, C) scale, read when HAS_SCALE
+    shift_ptr,    # (B, C) shift, read when HAS_SHIFT
+    mean_ptr,     # (B*G,) fp32 group mean
+    rstd_ptr,     # (B*G,) fp32 group 1 / sqrt(var + eps)
+    gpart_ptr,    # (2, B*G, n_split) fp32 per-program group sums from the reduce kernel
+    cpart_ptr,    # (2 or 3, B*C, split_l) fp32 per-channel partial sums from the reduce kernel
+    dx_ptr,       # (B, C, L) contiguous out: gradient of x, x's dtype
+    dadd_ptr,     # (B, C) fp32 out when HAS_ADD: gradient of add
+    dscale_ptr,   # (B, C) fp32 out when HAS_SCALE: gradient of scale
+    dshift_ptr,   # (B, C) fp32 out when HAS_SHIFT: gradient of shift
+    dweight_ptr,  # (B, C) fp32 out when HAS_WEIGHT: per-sample gradient of weight
+    dbias_ptr,    # (B, C) fp32 out when HAS_BIAS: per-sample gradient of bias
     n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -354,92 +359,80 @@ def _group_norm_act_bwd_dx_kernel(
     pid_bg = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     ch_base = (pid_bg % G) * Cg
-    mean = tl.load(MEAN + pid_bg)
-    rstd = tl.load(RSTD + pid_bg)
+    mean = tl.load(mean_ptr + pid_bg)
+    rstd = tl.load(rstd_ptr + pid_bg)
     n_elem = (Cg * L).to(tl.float32)
 
     # c1 = mean over the group of gain*du, c2 = mean of gain*du*xhat
     offs = tl.arange(0, BLOCK_SPLIT)
     smask = offs < n_split
-    gpart = GPART + pid_bg * n_split + offs
+    gpart = gpart_ptr + pid_bg * n_split + offs
     c1 = tl.sum(tl.load(gpart, mask=smask, other=0.0)) / n_elem
     c2 = tl.sum(tl.load(gpart + n_bg * n_split, mask=smask, other=0.0)) / n_elem
     # dx = rstd (gain du - c1 - xhat c2) = du gain_r - xc q - r
     q = rstd * rstd * c2
     r = rstd * c1
 
-    c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
-    c_hi = tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg)
-    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
-    l_hi = tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
+                                                           BLOCK_C, BLOCK_L)
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile = c_lanes[:, None] * L + l_lanes[None, :]
     owner = pid_s % split_l == 0
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = c_lanes < (c_hi - c0)
+        # _group_norm_act_channel_coefs written out: through the helper, ptxas spilled 8 bytes here
+        # (sm_90, fp16, gelu, BLOCK_C 16 x BLOCK_L 64: STL.64/LDL.64 of an address, 96 registers)
         ch = ch_base + c0
         w = tl.full([BLOCK_C], 1.0, tl.float32)
         bia = tl.full([BLOCK_C], 0.0, tl.float32)
         s1p = tl.full([BLOCK_C], 1.0, tl.float32)
         centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
         if HAS_WEIGHT:
-            w = tl.load(W + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            w = tl.load(weight_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            bia = tl.load(BIAS + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            bia = tl.load(bias_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            s1p += tl.load(SCALE + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            s1p += tl.load(scale_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
         gain = w * s1p
         offset = bia * s1p
         if HAS_SHIFT:
-            offset += tl.load(SHIFT + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            offset += tl.load(shift_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
         if HAS_ADD:
-            centre -= tl.load(ADD + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            centre -= tl.load(add_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
         if owner:
             # this program owns channels c0 + c_lanes: merge their spatial partial sums, store small grads
             j_lanes = tl.arange(0, BLOCK_SPLIT_L)
             pmask = cmask[:, None] & (j_lanes < split_l)[None, :]
-            part = CPART + (pid_bg * Cg + c0) * split_l + ((c_lanes * split_l)[:, None] + j_lanes[None, :])
+            part = cpart_ptr + (pid_bg * Cg + c0) * split_l + ((c_lanes * split_l)[:, None] + j_lanes[None, :])
             cpart_stride = n_bg * Cg * split_l
             s_du = tl.sum(tl.load(part, mask=pmask, other=0.0), axis=1)
             s_du_xhat = tl.sum(tl.load(part + cpart_stride, mask=pmask, other=0.0), axis=1)
             out = pid_bg * Cg + c0 + c_lanes
             if HAS_ADD:
                 s_xhat = tl.sum(tl.load(part + 2 * cpart_stride, mask=pmask, other=0.0), axis=1)
-                tl.store(DADD + out, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
+                tl.store(dadd_ptr + out, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
             if HAS_SCALE:
-                tl.store(DSCALE + out, w * s_du_xhat + bia * s_du, mask=cmask)
+                tl.store(dscale_ptr + out, w * s_du_xhat + bia * s_du, mask=cmask)
             if HAS_SHIFT:
-                tl.store(DSHIFT + out, s_du, mask=cmask)
+                tl.store(dshift_ptr + out, s_du, mask=cmask)
             if HAS_WEIGHT:
-                tl.store(DWEIGHT + out, s1p * s_du_xhat, mask=cmask)
+                tl.store(dweight_ptr + out, s1p * s_du_xhat, mask=cmask)
             if HAS_BIAS:
-                tl.store(DBIAS + out, s1p * s_du, mask=cmask)
+                tl.store(dbias_ptr + out, s1p * s_du, mask=cmask)
         gain_r = (gain * rstd)[:, None]
         offset = offset[:, None]
         centre = centre[:, None]
         cmask2 = cmask[:, None]
-        x_row = X + (pid_bg * Cg + c0) * L
-        dy_row = DY + (pid_bg * Cg + c0) * L
-        dx_row = DX + (pid_bg * Cg + c0) * L
+        x_row = x_ptr + (pid_bg * Cg + c0) * L
+        dy_row = dy_ptr + (pid_bg * Cg + c0) * L
+        dx_row = dx_ptr + (pid_bg * Cg + c0) * L
         for l0 in range(l_lo, l_hi, BLOCK_L):
             mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
             tile_offs = l0 + tile
-            xc = tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre
-            du = tl.load(dy_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
-            u = xc * gain_r + offset
-            if ACTIVATION == "silu":
-                sig = 1.0 / (1.0 + tl.exp(-u))
-                du *= sig * (1.0 + u * (1.0 - sig))
-            elif ACTIVATION == "gelu":
-                du *= 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-            elif ACTIVATION == "mish":
-                uc = tl.minimum(u, 20.0)
-                e = tl.exp(uc)
-                n = e * (e + 2.0)
-                d = n + 2.0
-                du *= (n * d + 4.0 * uc * e * (e + 1.0)) / (d * d)
-            tl.store(dx_row + tile_offs, (du * gain_r - xc * q - r).to(DX.dtype.element_ty), mask=mask)
+            xc, du = _group_norm_act_grad_u(x_row + tile_offs, dy_row + tile_offs, mask, centre, gain_r, offset,
+                                            ACTIVATION)
+            tl.store(dx_row + tile_offs, (du * gain_r - xc * q - r).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,14 +518,14 @@ def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act
     _group_norm_act_stats_kernel[grid](
         xc, add_c, part, *dims,
         HAS_ADD=add is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
-    record_launch("group_norm_act_stats")
+    record_launch("_group_norm_act_stats_kernel")
     _group_norm_act_fwd_kernel[grid](
         xc, add_c, *(_contiguous_or_dummy(t, xc) for t in (weight, bias, scale, shift)), y, part, mean, rstd,
         *dims, eps,
         HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
         BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], BLOCK_SPLIT=_MAX_SPLIT, num_warps=cfg["num_warps"])
-    record_launch("group_norm_act_fwd")
+    record_launch("_group_norm_act_fwd_kernel")
     return y, mean, rstd
 
 
@@ -563,11 +556,11 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
                  BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
     _group_norm_act_bwd_reduce_kernel[grid](xc, *ins, *dims, **flags)
-    record_launch("group_norm_act_bwd_reduce")
+    record_launch("_group_norm_act_bwd_reduce_kernel")
     dadd, dscale, dshift, dweight_rows, dbias_rows = (small_grad(t) for t in (add, scale, shift, weight, bias))
     _group_norm_act_bwd_dx_kernel[grid](xc, *ins, dx, dadd, dscale, dshift, dweight_rows, dbias_rows, *dims,
                                         **flags, BLOCK_SPLIT=_MAX_SPLIT, BLOCK_SPLIT_L=_MAX_SPLIT_L)
-    record_launch("group_norm_act_bwd_dx")
+    record_launch("_group_norm_act_bwd_dx_kernel")
     return (
         dx,
         dweight_rows.sum(0).to(weight.dtype) if weight is not None else None,
@@ -773,12 +766,7 @@ def _register_ops() -> None:
     bwd.register_fake(_group_norm_act_bwd_fake)
 
 
-# Only the package's own module registers the ops. With the repository root on sys.path
-# (``python -m pytest``), kernels/ is also importable as a bare top-level ``kernels``, and
-# transformers imports that name while probing for the PyPI ``kernels`` package: that second copy,
-# with its own backend state, must not re-register the ops over these ones.
-if __name__.startswith("fastunet.kernels."):
-    _register_ops()
+register_once(__name__, "fastunet::group_norm_act_fwd", _register_ops)
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift):

@@ -70,7 +70,8 @@ def forward(model, args, backend="auto", **kwargs):
 
 
 def attention_launches():
-    return sum(n for name, n in K.launch_counts.items() if name.startswith("attention") and name.endswith("fwd"))
+    return sum(n for name, n in K.launch_counts.items()
+               if name.startswith("_attention") and name.endswith("fwd_kernel"))
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))

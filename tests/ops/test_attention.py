@@ -26,8 +26,9 @@ attn = sys.modules["fastunet.kernels.attention"]  # the package attribute `atten
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-MAIN = ("attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq")
-SHORT = ("attention_short_fwd", "attention_short_bwd")
+MAIN = ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+        "_attention_bwd_dq_kernel")
+SHORT = ("_attention_short_fwd_kernel", "_attention_short_bwd_kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +73,7 @@ def check(q, k, v, mask=None, scale=None, backend="triton", expect=None):
         assert not launched, f"the torch path launched {dict(launched)}"
     else:
         if expect is None:
-            expect = SHORT if max(q.shape[2], k.shape[2]) <= attn.SHORT_SEQ_MAX else MAIN
+            expect = SHORT if max(q.shape[2], k.shape[2]) <= attn._SHORT_SEQ_MAX else MAIN
         missing = [name for name in expect if launched[name] == 0]
         assert not missing, f"kernels that did not run: {missing}; launches: {dict(launched)}"
     exact = sdpa(q.double(), k.double(), v.double(), None if mask is None else (
@@ -157,7 +158,7 @@ def test_fully_masked_rows_give_zero_output_and_gradients():
         out, dq, _, _ = check(q, k, v, mask, backend=backend)[0]
         assert (out[:, :, 7] == 0).all() and (dq[:, :, 7] == 0).all()
         with fastunet.use_backend(backend):
-            _, lse = attn.attention_fwd(q, k, v, mask, 0.125)
+            _, lse = torch.ops.fastunet.attention_fwd(q, k, v, mask, 0.125)
         assert torch.isinf(lse[:, :, 7]).all() and torch.isfinite(lse[:, :, :7]).all()
 
 
@@ -194,19 +195,19 @@ def test_unaligned_inputs_and_stride_zero_gradient():
 def test_short_sequences_pack_many_per_program(monkeypatch, seqlen_q, seqlen_k, head_dim, dtype):
     """Temporal attention: many (batch, head) sequences of 8 to 32 frames. Three sequences per
     program (a tail program gets fewer) exercise the packing loop at a size the interpreter runs."""
-    monkeypatch.setattr(attn, "short_seqs_per_program", lambda batch_heads: 3)
+    monkeypatch.setattr(attn, "_short_seqs_per_program", lambda batch_heads: 3)
     q, k, v = qkv(20, 2, seqlen_q, seqlen_k, head_dim, dtype)
     mask = torch.rand(20, 1, 1, seqlen_k) > 0.2 if seqlen_q == 8 else None
-    fwd_short = attn.attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype) is not None
-    bwd_short = attn.attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype, True) is not None
+    fwd_short = attn._attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype) is not None
+    bwd_short = attn._attention_short_config(attn._block_d(head_dim), seqlen_q, seqlen_k, dtype, True) is not None
     assert fwd_short and (bwd_short or dtype == torch.float32)
-    expect = (("attention_short_fwd",) + (SHORT[1:] if bwd_short else MAIN[1:]))
+    expect = (("_attention_short_fwd_kernel",) + (SHORT[1:] if bwd_short else MAIN[1:]))
     check(q, k, v, mask, expect=expect)
 
 
 def test_large_fp32_heads_fall_back_to_main_kernels_for_short_backward():
     q, k, v = qkv(3, 2, 16, 16, 160, torch.float32)
-    check(q, k, v, expect=("attention_short_fwd",) + MAIN[1:])
+    check(q, k, v, expect=("_attention_short_fwd_kernel",) + MAIN[1:])
 
 
 def test_launch_grids_fit_cuda_limits_past_65535_sequences(monkeypatch):
@@ -229,7 +230,7 @@ def test_launch_grids_fit_cuda_limits_past_65535_sequences(monkeypatch):
         monkeypatch.setattr(attn, name, Stub(name))
     batch, heads = 4097, 16
     q = randn(1, 1, 1, 8, dtype=torch.float16).expand(batch, heads, 1, 8)
-    k = randn(1, 1, attn.SHORT_SEQ_MAX + 1, 8, dtype=torch.float16).expand(batch, heads, -1, 8)
+    k = randn(1, 1, attn._SHORT_SEQ_MAX + 1, 8, dtype=torch.float16).expand(batch, heads, -1, 8)
     out, lse = attn._attention_fwd(q, k, k, None, 1.0)
     attn._attention_bwd(out, q, k, k, out, lse, None, 1.0)
     assert len(grids) == 4
@@ -377,14 +378,15 @@ def test_custom_ops_pass_opcheck(backend):
     q, k, v = qkv(1, 2, 40, 36, 40, torch.float32)
     q_bnhd = randn(1, 40, 2, 40, dtype=torch.float32).transpose(1, 2)
     odd = qkv(1, 2, 8, 8, 33, torch.float16)
+    fwd, bwd = torch.ops.fastunet.attention_fwd.default, torch.ops.fastunet.attention_bwd.default
     with fastunet.use_backend(backend):
-        torch.library.opcheck(attn.attention_fwd, (q.clone().requires_grad_(), k, v, None, 0.2))
+        torch.library.opcheck(fwd, (q.clone().requires_grad_(), k, v, None, 0.2))
         mask = torch.rand(40, 36) > 0.5
-        torch.library.opcheck(attn.attention_fwd, (q_bnhd, k.clone().requires_grad_(), v, mask, 0.2))
-        torch.library.opcheck(attn.attention_fwd, (*odd, None, 0.2))
+        torch.library.opcheck(fwd, (q_bnhd, k.clone().requires_grad_(), v, mask, 0.2))
+        torch.library.opcheck(fwd, (*odd, None, 0.2))
         for args in ((q_bnhd, k, v), odd):
-            out, lse = attn.attention_fwd(*args, None, 0.2)
-            torch.library.opcheck(attn.attention_bwd, (torch.randn_like(out), *args, out, lse, None, 0.2))
+            out, lse = fwd(*args, None, 0.2)
+            torch.library.opcheck(bwd, (torch.randn_like(out), *args, out, lse, None, 0.2))
 
 
 # --------------------------------------------------------------------------------------------------

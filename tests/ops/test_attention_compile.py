@@ -47,18 +47,18 @@ def config_space():
         prec = "fp32" if dtype == torch.float32 else "half"
         bd = attn._block_d(d)
         for n, m in itertools.product(LENGTHS, LENGTHS):
-            short = attn.attention_short_config(bd, n, m, dtype)
+            short = attn._attention_short_config(bd, n, m, dtype)
             if short is not None:
                 seen.add(("short_fwd", prec, bd, short))
             else:
-                seen.add(("fwd", prec, bd, attn.attention_fwd_config(bd, dtype)))
-            short = attn.attention_short_config(bd, n, m, dtype, backward=True)
+                seen.add(("fwd", prec, bd, attn._attention_fwd_config(bd, dtype)))
+            short = attn._attention_short_config(bd, n, m, dtype, backward=True)
             if short is not None:
                 seen.add(("short_bwd", prec, bd, short))
             else:
-                seen.add(("preprocess", prec, bd, attn.attention_bwd_preprocess_config(bd)))
-                seen.add(("dkdv", prec, bd, attn.attention_bwd_dkdv_config(bd, dtype)))
-                seen.add(("dq", prec, bd, attn.attention_bwd_dq_config(bd, dtype)))
+                seen.add(("preprocess", prec, bd, attn._attention_bwd_preprocess_config(bd)))
+                seen.add(("dkdv", prec, bd, attn._attention_bwd_dkdv_config(bd, dtype)))
+                seen.add(("dq", prec, bd, attn._attention_bwd_dq_config(bd, dtype)))
     return sorted(seen)
 
 
@@ -74,12 +74,12 @@ def _case(entry, cc: int, head_dim: int, half_dtype: str, has_mask: bool) -> dic
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.startswith("stride_") and (name.endswith("d") or name == "stride_mm"):
+        elif name.startswith("stride_") and (name.endswith("_d") or name == "stride_mask_m"):
             signature[name] = "constexpr"
             constexprs[name] = 1
-        elif name in ("Lse", "Delta", "Mask"):
+        elif name in ("lse_ptr", "delta_ptr", "mask_ptr"):
             signature[name] = "*fp32"
-        elif name[0].isupper():
+        elif name.endswith("_ptr"):
             signature[name] = ptr
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"

@@ -23,8 +23,8 @@ KERNELS = ("_group_norm_act_stats_kernel", "_group_norm_act_fwd_kernel", "_group
            "_group_norm_act_bwd_dx_kernel")
 # x's dtype -> (dtype of the (C,) and (B, C) vectors, activation)
 VARIANTS = {"fp32": ("fp32", "mish"), "fp16": ("fp16", "gelu"), "bf16": ("fp32", "silu")}
-DATA = {"X", "Y", "DY", "DX"}
-VECTORS = {"ADD", "W", "BIAS", "SCALE", "SHIFT"}
+DATA = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+VECTORS = {"add_ptr", "weight_ptr", "bias_ptr", "scale_ptr", "shift_ptr"}
 
 
 def make_case(kernel: str, cfg: dict, dtype: str, cc: int) -> dict:
@@ -65,8 +65,9 @@ def test_every_config_compiles_without_spills():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_signature_covers_every_argument(kernel):
     """Every kernel argument gets a type above (a renamed argument must not slip through as *fp32)."""
-    known = DATA | VECTORS | set(gna._SPLIT_ARGS) | {"L", "eps", "PART", "MEAN", "RSTD", "GPART", "CPART",
-                                                     "DADD", "DSCALE", "DSHIFT", "DWEIGHT", "DBIAS"}
+    known = DATA | VECTORS | set(gna._SPLIT_ARGS) | {"L", "eps", "part_ptr", "mean_ptr", "rstd_ptr", "gpart_ptr",
+                                                     "cpart_ptr", "dadd_ptr", "dscale_ptr", "dshift_ptr",
+                                                     "dweight_ptr", "dbias_ptr"}
     constexprs = {"HAS_ADD", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "ACTIVATION", "BLOCK_C", "BLOCK_L",
                   "BLOCK_SPLIT", "BLOCK_SPLIT_L"}
     assert set(getattr(gna, kernel).arg_names) <= known | constexprs
