@@ -18,9 +18,13 @@ from before diffusers renamed the attention weights (``query``/``key``/``value``
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
+import struct
+import threading
 import warnings
 import zipfile
 from pathlib import PurePath
@@ -51,6 +55,9 @@ _DEPRECATED_ATTENTION_NAMES = (("query", "to_q"), ("key", "to_k"), ("value", "to
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_dir")
 _NO_EFFECT_KWARGS = ("local_files_only", "low_cpu_mem_usage")
 
+DEFAULT_MAX_SHARD_SIZE = "10GB"
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,44 +65,157 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                    variant: str | None = None) -> None:
+                    variant: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
     """Write ``model`` to ``save_directory`` (created if needed) as diffusers' ``save_pretrained`` does.
 
     Args:
         model: a config-registered model (``model.config`` holds its constructor arguments).
         save_directory: the directory to write ``config.json`` and the weights into.
-        safe_serialization: write ``.safetensors`` (default) or a ``torch.save`` pickle ``.bin``.
+        safe_serialization: write ``.safetensors`` (default) or ``torch.save`` pickles ``.bin``.
         variant: optional weights-name variant, e.g. ``"fp16"`` -> ``diffusion_pytorch_model.fp16.safetensors``.
+        max_shard_size: the largest weights file, in bytes or as a string with a decimal unit (``"200MB"``,
+            ``"10GB"``; KB, MB, GB, TB). Larger weights are split as diffusers splits them: tensors in state-dict
+            order, a new shard whenever the next tensor would overflow the current one (a tensor larger than
+            the limit gets a shard of its own), written as ``diffusion_pytorch_model-00001-of-00003.safetensors``
+            (``diffusion_pytorch_model.fp16-00001-of-00003.safetensors`` for a variant) and listed by
+            ``diffusion_pytorch_model.safetensors.index.json`` (``...safetensors.index.fp16.json``):
+            ``{"metadata": {"total_size": bytes}, "weight_map": {name: shard file}}``.
 
     Tensors that share memory (tied weights) are each written in full, and non-contiguous ones made
-    contiguous, so that diffusers reads the result as it is.
+    contiguous, so that diffusers reads the result as it is. Weights files of an earlier save in the same
+    format and variant that the new save does not overwrite are removed, so they cannot shadow it.
     """
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path (str or os.PathLike); got {type(save_directory).__name__}")
     _check_variant(variant)
+    limit = parse_shard_size(max_shard_size)
     directory = os.fspath(save_directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"save_directory {directory!r} exists and is not a directory")
 
     config_text = config_to_json_string(model)
-    state_dict = _saveable_state_dict(model.state_dict())
+    original = model.state_dict()
+    state_dict = _saveable_state_dict(original)
+    single = _add_variant(SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
+    shards, total_size = _plan_shards(original, limit)
+    if len(shards) == 1:
+        files = {single: shards[0]}
+    else:
+        stem, extension = single.rsplit(".", 1)
+        files = {f"{stem}-{i:05d}-of-{len(shards):05d}.{extension}": names for i, names in enumerate(shards, 1)}
     os.makedirs(directory, exist_ok=True)
 
     _write_atomically(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, config_text))
-    if safe_serialization:
-        name = _add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
-        _write_atomically(os.path.join(directory, name),
-                          lambda tmp: save_file(state_dict, tmp, metadata={"format": "pt"}))
-    else:
-        name = _add_variant(WEIGHTS_NAME, variant)
-        _write_atomically(os.path.join(directory, name), lambda tmp: torch.save(state_dict, tmp))
-        shadowing = _add_variant(SAFETENSORS_WEIGHTS_NAME, variant)
-        if os.path.isfile(os.path.join(directory, shadowing)):
+    for name, names in files.items():
+        shard = {key: state_dict[key] for key in names}
+        if safe_serialization:
+            write = lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"})  # noqa: E731
+        else:
+            write = lambda tmp, shard=shard: torch.save(shard, tmp)  # noqa: E731
+        _write_atomically(os.path.join(directory, name), write)
+    index_name = _add_variant(SAFETENSORS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total_size},
+                 "weight_map": {key: name for name, names in files.items() for key in names}}
+        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        _write_atomically(os.path.join(directory, index_name), lambda tmp: _write_text(tmp, index_text))
+    _remove_stale_weights(directory, safe_serialization, variant, keep=set(files) | ({index_name} if len(files) > 1
+                                                                                     else set()))
+    if not safe_serialization:
+        shadowing = [n for n in (_add_variant(SAFETENSORS_INDEX_NAME, variant),
+                                 _add_variant(SAFETENSORS_WEIGHTS_NAME, variant))
+                     if os.path.isfile(os.path.join(directory, n))]
+        if shadowing:
             warnings.warn(
-                f"{directory} also holds {shadowing}, which loaders (diffusers' and fastunet's) read in "
-                f"preference to the {name} just written", UserWarning, stacklevel=3,
+                f"{directory} also holds {shadowing[0]}, which loaders (diffusers' and fastunet's) read in "
+                f"preference to the {index_name if len(files) > 1 else single} just written", UserWarning,
+                stacklevel=3,
             )
-    _remove_stale_shards(directory, safe_serialization, variant)
+
+
+def save_config(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Write ``model``'s ``config.json`` (as :func:`save_pretrained` writes it) into ``save_directory``."""
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path (str or os.PathLike); got {type(save_directory).__name__}")
+    directory = os.fspath(save_directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_directory {directory!r} exists and is not a directory")
+    text = config_to_json_string(model)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomically(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
+
+
+def load_config(path: str | os.PathLike, subfolder: str | None = None,
+                **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config, unused)``: the entries of ``path/[subfolder/]config.json`` (or of ``path`` when it is the
+    file itself) as written, and the keyword arguments other than diffusers' download options."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        config_file = os.fspath(path)
+    else:
+        directory = _resolve_directory(path, subfolder)
+        config_file = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}{_describe_directory(directory)}")
+    unused = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS + _NO_EFFECT_KWARGS + ("mirror", "user_agent")}
+    return _read_config(config_file), unused
+
+
+def parse_shard_size(size: int | str) -> int:
+    """``max_shard_size`` in bytes: a positive int, or a string of a number and a decimal unit
+    (``"200MB"`` = 200 * 10**6, ``"10GB"``, ``"1.5GB"``; KB, MB, GB, TB, any case), as diffusers reads it."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive; got {size}")
+        return size
+    if not isinstance(size, str):
+        raise TypeError(f"max_shard_size must be an int (bytes) or a string such as '10GB'; got {size!r}")
+    text = size.strip()
+    unit = text[-2:].upper()
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"max_shard_size must end in one of {list(_SIZE_UNITS)} (e.g. '200MB'); got {size!r}")
+    try:
+        value = float(text[:-2].strip())
+    except ValueError:
+        raise ValueError(f"max_shard_size must be a number followed by a unit (e.g. '200MB'); got {size!r}") from None
+    if not value > 0:
+        raise ValueError(f"max_shard_size must be positive; got {size!r}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _plan_shards(state_dict: Mapping[str, torch.Tensor], limit: int) -> tuple[list[list[str]], int]:
+    """The names in each shard, and the total bytes, as diffusers (through huggingface_hub) plans them.
+
+    Sizes are those of each tensor's storage; names sharing one storage go into the shard of the first
+    and are counted once. A tensor larger than ``limit`` gets a shard of its own, placed before the shard
+    being filled.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = total = 0
+    first_of_storage: dict[tuple, str] = {}
+    followers: dict[str, list[str]] = {}
+    for key, tensor in state_dict.items():
+        storage = tensor.untyped_storage()
+        storage_id = (tensor.device, storage.data_ptr(), storage.nbytes())
+        if storage_id in first_of_storage:
+            followers[first_of_storage[storage_id]].append(key)
+            continue
+        first_of_storage[storage_id] = key
+        followers[key] = []
+        size = storage.nbytes()
+        total += size
+        if size > limit:
+            shards.append([key])
+            continue
+        if current_size + size > limit:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(key)
+        current_size += size
+    if current:
+        shards.append(current)
+    shards = [[k for key in shard for k in (key, *followers[key])] for shard in shards] or [[]]
+    return shards, total
 
 
 def config_to_json_string(model: nn.Module) -> str:
@@ -161,15 +281,17 @@ def _write_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
-def _remove_stale_shards(directory: str, safe_serialization: bool, variant: str | None) -> None:
-    """Delete an earlier sharded save of the same format and variant: its index would take precedence
-    over the single file just written."""
+def _remove_stale_weights(directory: str, safe_serialization: bool, variant: str | None, keep: set[str]) -> None:
+    """Delete the weights files of an earlier save in this format and variant (the single file, its
+    shards and their index) that are not in ``keep``: an index left behind would take precedence over a
+    new single file, and a single file would sit unused beside new shards."""
     extension = "safetensors" if safe_serialization else "bin"
+    single = _add_variant(SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
     index = _add_variant(SAFETENSORS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
-    suffix = re.escape(f".{variant}" if variant else "")
-    shard = re.compile(rf"^diffusion_pytorch_model-\d+-of-\d+{suffix}\.{extension}$")
+    stem = re.escape(single.rsplit(".", 1)[0])
+    shard = re.compile(rf"^{stem}-\d+-of-\d+\.{extension}$")
     for name in os.listdir(directory):
-        if name == index or shard.match(name):
+        if name not in keep and (name in (single, index) or shard.match(name)):
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 os.remove(path)
@@ -218,17 +340,20 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
     init_kwargs.update(overrides)
 
     weight_files = _find_weight_files(directory, variant, use_safetensors)
-    state_dict = _read_weight_files(weight_files)
 
     try:
-        with _SkipRandomInit():
+        with _SkipRandomInit(), _parameters_on_meta():
             model = cls(**init_kwargs)
     except (TypeError, ValueError) as error:
         error.add_note(f"while building {cls.__name__} from {config_file}")
         raise
     if torch_dtype is not None:
-        model.to(dtype=torch_dtype)
-    load_diffusers_state_dict(model, state_dict, source=weight_files[0] if len(weight_files) == 1 else directory)
+        _cast_floating(model, torch_dtype, keep_in_fp32=getattr(cls, "_keep_in_fp32_modules", None) or ())
+    # each tensor is cast to the dtype of the model entry it loads into as soon as it is read
+    targets = {key: t.dtype for key, t in model.state_dict(keep_vars=True).items()}
+    state_dict = _read_weight_files(weight_files, model=model, targets=targets)
+    load_diffusers_state_dict(model, state_dict, source=weight_files[0] if len(weight_files) == 1 else directory,
+                              assign=True)
     model.eval()
     model._set_config_metadata(_name_or_path=os.fspath(pretrained_model_name_or_path))
     if output_loading_info:
@@ -238,10 +363,10 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
 
 class _SkipRandomInit(TorchFunctionMode):
     """Within this mode (on this thread only), random weight initialisation is skipped, leaving the freshly
-    allocated values as they are: the strict load that follows overwrites every parameter and persistent
-    buffer. Drawing them costs more than reading the checkpoint, and would advance the caller's random
-    stream. (A non-persistent buffer drawn at random in ``__init__`` would stay uninitialised; no UNet
-    has one: theirs are computed, like positional tables.)"""
+    allocated values as they are: the strict load that follows replaces every parameter and persistent
+    buffer. Drawing them would advance the caller's random stream. (A non-persistent buffer drawn at
+    random in ``__init__`` would stay uninitialised; no UNet has one: theirs are computed, like positional
+    tables.)"""
 
     _SKIPPED = frozenset({
         torch.Tensor.uniform_, torch.Tensor.normal_, nn.init.uniform_, nn.init.normal_, nn.init.trunc_normal_,
@@ -253,6 +378,52 @@ class _SkipRandomInit(TorchFunctionMode):
         if func in self._SKIPPED:
             return args[0] if args else kwargs["tensor"]
         return func(*args, **(kwargs or {}))
+
+
+_meta_thread = threading.local()
+_meta_lock = threading.Lock()
+_meta_users = 0
+_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    """``nn.Module.register_parameter``, moving the parameter to the meta device inside
+    :func:`_parameters_on_meta` on this thread."""
+    _register_parameter(module, name, param)
+    if param is not None and getattr(_meta_thread, "depth", 0) and param.device.type != "meta":
+        module._parameters[name] = type(param)(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Within this context (on this thread), modules built register their parameters on the meta device:
+    no memory is allocated for weights that the load replaces. Buffers are built as usual, on the CPU, so
+    computed tables (non-persistent buffers included) hold their real values. Other threads building
+    modules meanwhile are unaffected."""
+    global _meta_users
+    with _meta_lock:
+        if _meta_users == 0:
+            nn.Module.register_parameter = _register_parameter_on_meta
+        _meta_users += 1
+    _meta_thread.depth = getattr(_meta_thread, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _meta_thread.depth -= 1
+        with _meta_lock:
+            _meta_users -= 1
+            if _meta_users == 0:
+                nn.Module.register_parameter = _register_parameter
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype, keep_in_fp32: tuple[str, ...] | list[str]) -> None:
+    """``model.to(dtype)`` (cheap here: parameters are on meta), except that modules whose path contains
+    one of ``keep_in_fp32`` stay in float32, as diffusers' ``from_pretrained`` keeps them."""
+    model.to(dtype=dtype)
+    if keep_in_fp32 and dtype != torch.float32:
+        for path, module in model.named_modules():
+            if any(pattern in path.split(".") for pattern in keep_in_fp32):
+                module.to(dtype=torch.float32)
 
 
 def _split_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -402,27 +573,54 @@ def _read_shard_index(index_file: str) -> list[str]:
     return shards
 
 
-def _read_weight_files(files: list[str]) -> dict[str, torch.Tensor]:
+def _read_weight_files(files: list[str], model: nn.Module | None = None,
+                       targets: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files`` (shards of one checkpoint), each floating-point one cast as soon as it
+    is read to ``targets[name]`` (``name`` after renaming old attention names under ``model``)."""
     state_dict: dict[str, torch.Tensor] = {}
     for path in files:
-        shard = load_weights_file(path)
-        repeated = sorted(set(shard) & set(state_dict))
+        names = _weights_file_names(path)
+        repeated = sorted(set(names) & set(state_dict))
         if repeated:
             raise ValueError(f"{path} repeats weights already read from another shard: {repeated}")
-        state_dict.update(shard)
+        dtype_of = {}
+        if targets:
+            renamed = (convert_deprecated_attention_names(model, {n: n for n in names}) if model is not None
+                       else {n: n for n in names})
+            dtype_of = {old: targets[new] for new, old in renamed.items() if new in targets}
+        state_dict.update(load_weights_file(path, dtype_of=dtype_of))
     return state_dict
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _weights_file_names(path: str) -> list[str]:
+    """The tensor names in a weights file (read from the header alone for safetensors)."""
+    if path.endswith(".safetensors"):
+        try:
+            with open(path, "rb") as f:
+                return list(_read_safetensors_header(f, os.fstat(f.fileno()).st_size)[1])
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise OSError(f"cannot read weights file {path}: {_unreadable_reason(path, error)}") from error
+    return []  # a .bin's names come with its tensors; repeats are caught by the caller's next shard
+
+
+def load_weights_file(path: str | os.PathLike,
+                      dtype_of: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """Read one ``.safetensors`` or ``.bin`` weights file onto the CPU, as a ``{name: tensor}`` dict.
 
-    ``.bin`` files are unpickled with ``weights_only=True``: they cannot run code. A file that cannot be
-    read (truncated, not a checkpoint, a Git LFS pointer) raises OSError naming it.
+    ``dtype_of`` maps names to the dtype a floating-point tensor is cast to as it is read (integer tensors
+    keep theirs), so that a cast load never holds the file's copy of more than one tensor. Safetensors
+    tensors are read straight into their own memory (no memory map kept): a file costs its size once.
+    ``.bin`` files are unpickled with ``weights_only=True`` (they cannot run code), memory-mapped when they
+    are zip archives, and each tensor copied out of the map. A file that cannot be read (truncated, not a
+    checkpoint, a Git LFS pointer) raises OSError naming it.
     """
     path = os.fspath(path)
+    dtype_of = dtype_of or {}
     try:
         if path.endswith(".safetensors"):
-            state_dict = load_file(path, device="cpu")
+            state_dict = _read_safetensors(path, dtype_of)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
@@ -434,7 +632,83 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"{path} holds entries that are not tensors: {not_tensors}")
-    return dict(state_dict)
+    if path.endswith(".safetensors"):
+        return dict(state_dict)
+    # copied out of the memory map: the model must not depend on the file staying as it is
+    return {k: v.to(dtype=_cast_target(v.dtype, dtype_of.get(k)), copy=True) for k, v in state_dict.items()}
+
+
+def _cast_target(stored: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    return wanted if wanted is not None and stored.is_floating_point and wanted.is_floating_point else stored
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+# Larger headers are refused, as the safetensors library refuses them (a corrupt length would otherwise
+# ask for an absurd read).
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _read_safetensors_header(f, file_size: int) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """``(data start, {name: (dtype, shape, begin, end)})`` of an open safetensors file, every entry checked
+    against the file's size. Format: an 8-byte little-endian header length, a JSON header
+    ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the data."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", head)
+    if length > min(_MAX_SAFETENSORS_HEADER, file_size - 8):
+        raise ValueError(f"the header length {length} does not fit in the file ({file_size} bytes)")
+    header = json.loads(f.read(length).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    data_start, data_size = 8 + length, file_size - 8 - length
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        if (dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"the header entry of {name!r} is malformed: {entry!r}")
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"the data of {name!r} ({offsets}) does not match its shape {shape} and dtype "
+                             f"{entry['dtype']} or lies past the end of the file")
+        entries[name] = (dtype, shape, begin, end)
+    return data_start, entries
+
+
+def _read_safetensors(path: str, dtype_of: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Read a safetensors file tensor by tensor into freshly allocated memory (``readinto``, no memory
+    map), casting floating-point tensors to ``dtype_of[name]`` as they arrive."""
+    state_dict = {}
+    with open(path, "rb", buffering=0) as f:
+        data_start, entries = _read_safetensors_header(f, os.fstat(f.fileno()).st_size)
+        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda item: item[1][2]):
+            tensor = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                f.seek(data_start + begin)
+                filled = 0
+                while filled < end - begin:
+                    count = f.readinto(buffer[filled:])
+                    if not count:
+                        raise ValueError(f"the file ends inside the data of {name!r}")
+                    filled += count
+            target = _cast_target(dtype, dtype_of.get(name))
+            state_dict[name] = tensor if target == dtype else tensor.to(target)
+    return state_dict
 
 
 def _unreadable_reason(path: str, error: Exception) -> str:
@@ -469,7 +743,7 @@ def convert_deprecated_attention_names(model: nn.Module, state_dict: Mapping[str
 
 
 def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                              source: str | None = None) -> None:
+                              source: str | None = None, assign: bool = False) -> None:
     """Load a diffusers-format state dict into ``model``, strictly, converting old attention names.
 
     Every entry is checked before any is copied: if a weight is missing, unexpected or of the wrong shape,
@@ -481,6 +755,9 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         model: the module to load into.
         state_dict: ``{name: tensor}`` as diffusers' ``model.state_dict()`` would give.
         source: where ``state_dict`` came from, for the error message.
+        assign: make the (cast) tensors of ``state_dict`` the model's parameters and buffers instead of
+            copying them in (``load_state_dict(assign=True)``): a model built on the meta device is
+            filled without a second copy. Tied weights stay tied; ``requires_grad`` is kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -519,4 +796,22 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         if not_tensors:
             parts.append(f"{len(not_tensors)} value(s) that are not tensors: {not_tensors}")
         raise ValueError("\n".join(parts))
-    model.load_state_dict(converted, strict=True)
+    if not assign:
+        model.load_state_dict(converted, strict=True)
+        return
+    assigned = {}
+    for names in names_of.values():
+        want = expected[names[0]]
+        value = converted[names[0]].detach()
+        value = value.to(dtype=_cast_target(value.dtype, want.dtype) if want.is_floating_point() else want.dtype)
+        if isinstance(want, nn.Parameter):
+            # one Parameter object for every name of a tied weight, so the assignment keeps them tied
+            value = type(want)(value, requires_grad=want.requires_grad)
+        for name in names:
+            assigned[name] = value
+    model.load_state_dict(assigned, strict=True, assign=True)
+    left = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"{type(model).__name__} still has tensors on the meta device after loading (they are "
+                         f"not in its state dict, so no checkpoint can fill them): {left}")

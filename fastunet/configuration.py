@@ -2,7 +2,11 @@
 
 A model class decorates its ``__init__`` with :func:`register_to_config`; the bound arguments (with
 defaults filled in) become ``model.config``, which is written to ``config.json`` by
-``save_pretrained`` and read back by ``from_config``/``from_pretrained``.
+``save_pretrained``/``save_config`` and read back by ``from_config``/``from_pretrained``.
+
+The decorator *sets* a new instance's config; the method of the same name,
+:meth:`ConfigMixin.register_to_config`, *updates* an existing one (diffusers' semantics: the entries
+given are added or replaced, nothing is rebuilt).
 """
 
 from __future__ import annotations
@@ -80,9 +84,29 @@ def reject_unsupported(owner: str, name: str, value, supported: tuple) -> None:
 
 
 class ConfigMixin:
-    """``config`` and ``from_config`` for classes whose ``__init__`` uses :func:`register_to_config`."""
+    """``config``, ``register_to_config`` and ``from_config`` for classes whose ``__init__`` uses the
+    :func:`register_to_config` decorator."""
 
     config_name = "config.json"
+
+    def register_to_config(self, **entries: Any) -> None:
+        """Add or replace entries of ``self.config`` (the model itself is not rebuilt).
+
+        diffusers' ``ConfigMixin.register_to_config``: ``model.register_to_config(sample_size=96)`` makes
+        ``model.config.sample_size == 96`` and ``save_pretrained``/``save_config`` write it. A ``kwargs``
+        entry is dropped, as diffusers does.
+        """
+        entries.pop("kwargs", None)
+        current = self.__dict__.get("_config") or {}
+        object.__setattr__(self, "_config", FrozenConfig({**current, **entries}))
+
+    def _config_entry(self, name: str) -> tuple[bool, Any]:
+        """``(True, value)`` when ``name`` is a config entry, else ``(False, None)``; for diffusers'
+        deprecated ``model.<config entry>`` reads."""
+        config = self.__dict__.get("_config")
+        if config is not None and name in config:
+            return True, config[name]
+        return False, None
 
     @property
     def config(self) -> FrozenConfig:
@@ -98,7 +122,7 @@ class ConfigMixin:
         public = sorted(k for k in entries if not k.startswith("_"))
         if public:
             raise ValueError(f"config metadata names start with '_'; got {public}")
-        object.__setattr__(self, "_config", FrozenConfig({**self.config, **entries}))
+        self.register_to_config(**entries)
 
     @classmethod
     def extract_init_kwargs(cls, config: Mapping[str, Any], warn: bool = True) -> dict[str, Any]:
@@ -123,8 +147,34 @@ class ConfigMixin:
         return kwargs
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides):
-        """Build a model from a config mapping (e.g. another model's ``.config``) plus keyword overrides."""
-        kwargs = cls.extract_init_kwargs(dict(config or {}))
-        kwargs.update(cls.extract_init_kwargs(overrides))
-        return cls(**kwargs)
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False,
+                    **overrides):
+        """Build a model from a config mapping (e.g. another model's ``.config`` or ``load_config``'s dict)
+        plus keyword overrides, as diffusers' ``from_config``.
+
+        Entries the class does not accept are ignored with a warning; private entries (``_class_name``,
+        ``_name_or_path``, ...) are recorded in the new model's config, ``_class_name`` naming ``cls``;
+        entries listed in ``_use_default_values`` (diffusers records those it filled from defaults) take
+        ``cls``'s defaults. ``return_unused_kwargs=True`` returns ``(model, unused)``: the ignored and the
+        private entries.
+        """
+        if config is None:
+            config = {}
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (dict or model.config; read a directory with "
+                            f"{cls.__name__}.load_config first); got {type(config).__name__}")
+        config = dict(config)
+        defaults_used = set(config.pop("_use_default_values", None) or ())
+        config = {k: v for k, v in config.items() if k not in defaults_used}
+        accepted = set(init_parameter_names(cls))
+        kwargs = cls.extract_init_kwargs(config)
+        kwargs.update(cls.extract_init_kwargs(overrides, warn=not return_unused_kwargs))
+        model = cls(**kwargs)
+        private = {k: v for k, v in config.items() if k.startswith("_")}
+        if "_class_name" in private:
+            private["_class_name"] = cls.__name__
+        model.register_to_config(**private)
+        if not return_unused_kwargs:
+            return model
+        unused = {k: v for k, v in {**config, **overrides}.items() if k not in accepted and not k.startswith("_")}
+        return model, {**unused, **private}

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Union
 
 import torch
@@ -24,27 +26,61 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     Sub-modules that support activation checkpointing carry a boolean attribute
     ``gradient_checkpointing``; :meth:`enable_gradient_checkpointing` flips all of them.
+
+    The class attributes below carry diffusers' values for the model of the same name (tools such as
+    accelerate and diffusers' own hooks read them); the defaults are diffusers' ``ModelMixin`` defaults.
     """
 
-    _supports_gradient_checkpointing = True
+    _supports_gradient_checkpointing = False
+    #: sub-module names that stay in float32 whatever ``torch_dtype`` a load asks for
+    _keep_in_fp32_modules: list[str] | None = None
+    #: sub-module classes that a device map must not split across devices
+    _no_split_modules: list[str] | None = None
+    #: name patterns of sub-modules that layerwise casting leaves in their compute dtype
+    _skip_layerwise_casting_patterns: list[str] | None = None
+
+    def __getattr__(self, name: str):
+        """Sub-modules, parameters and buffers as ``nn.Module`` finds them; then, as diffusers still allows
+        with a ``FutureWarning``, a config entry read as an attribute (``unet.in_channels``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            found, value = self._config_entry(name)
+            if not found:
+                raise
+        warnings.warn(
+            f"reading the config entry {name!r} as an attribute of a {type(self).__name__} is deprecated "
+            f"(diffusers drops it in 1.0.0); read model.config.{name} instead", FutureWarning, stacklevel=2,
+        )
+        return value
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point parameter (float32 for a model without any)."""
-        for p in self.parameters():
-            if p.is_floating_point():
+        """The dtype of the first floating-point parameter outside ``_keep_in_fp32_modules`` (else of the first
+        floating-point buffer, else of the last tensor seen; float32 for a model without any)."""
+        keep = self._keep_in_fp32_modules or ()
+        last = None
+        for name, p in self.named_parameters():
+            last = p.dtype
+            if p.is_floating_point() and not any(m in name for m in keep):
                 return p.dtype
-        return torch.float32
+        for b in self.buffers():
+            last = b.dtype
+            if b.is_floating_point():
+                return b.dtype
+        return last if last is not None else torch.float32
 
     @property
     def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
+        """The device of the first parameter (else buffer; the CPU for a model without tensors)."""
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            return t.device
         return torch.device("cpu")
 
     def _set_gradient_checkpointing(self, value: bool) -> None:
         if not self._supports_gradient_checkpointing:
-            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing "
+                             f"(_supports_gradient_checkpointing is False)")
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = value
@@ -60,27 +96,66 @@ class ModelMixin(nn.Module, ConfigMixin):
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The number of parameter elements (each shared parameter counted once); ``only_trainable`` counts
+        those with ``requires_grad``, ``exclude_embeddings`` leaves out the weights of ``nn.Embedding`` layers."""
+        skipped = set()
+        if exclude_embeddings:
+            skipped = {f"{path}.weight" for path, m in self.named_modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if name not in skipped and (p.requires_grad or not only_trainable))
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None) -> None:
-        """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` as diffusers does.
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters, plus the buffers unless ``return_buffers=False``."""
+        tensors = itertools.chain(self.parameters(), self.buffers() if return_buffers else ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-        ``safe_serialization=False`` writes a ``.bin`` pickle instead; ``variant="fp16"`` names the weights
-        ``diffusion_pytorch_model.fp16.safetensors``.
+    def save_config(self, save_directory) -> None:
+        """Write ``config.json`` alone into ``save_directory`` (created if needed), as ``save_pretrained`` does."""
+        checkpoint.save_config(self, save_directory)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, subfolder: str | None = None,
+                    return_unused_kwargs: bool = False, return_commit_hash: bool = False, **kwargs):
+        """The ``config.json`` of a local model directory (or the file itself) as a dict, as diffusers'
+        ``load_config``; build the model with :meth:`from_config`. Download options are accepted and
+        ignored; ``return_unused_kwargs``/``return_commit_hash`` append the other keyword arguments and
+        ``None`` (a local directory has no commit) to the result, as diffusers does."""
+        config, unused = checkpoint.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not (return_unused_kwargs or return_commit_hash):
+            return config
+        result = (config,)
+        if return_unused_kwargs:
+            result += (unused,)
+        if return_commit_hash:
+            result += (None,)
+        return result
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB") -> None:
+        """Write ``config.json`` and the weights as diffusers does.
+
+        ``safe_serialization=False`` writes ``.bin`` pickles instead of ``.safetensors``; ``variant="fp16"``
+        names the weights ``diffusion_pytorch_model.fp16.safetensors``; weights larger than
+        ``max_shard_size`` (bytes, or a string such as ``"200MB"``, ``"10GB"``) are split into shards
+        ``diffusion_pytorch_model-00001-of-0000N.safetensors`` listed by
+        ``diffusion_pytorch_model.safetensors.index.json``.
         """
-        checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, variant=variant)
+        checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, variant=variant,
+                                   max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, **kwargs):
         """Load a model from a local directory written by diffusers or fastunet.
 
-        Keyword arguments: ``variant``, ``use_safetensors``, ``output_loading_info``, and config entries
-        that override ``config.json``; see :func:`fastunet.checkpoint.from_pretrained`.
+        The model is built with its parameters on the meta device and the checkpoint's tensors become its
+        parameters, so a load holds about one copy of the weights; ``torch_dtype`` casts them as they are
+        read. Keyword arguments: ``variant``, ``use_safetensors``, ``output_loading_info``, and config
+        entries that override ``config.json``; see :func:`fastunet.checkpoint.from_pretrained`.
         """
         return checkpoint.from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder,
-                               torch_dtype=torch_dtype, **kwargs)
+                                          torch_dtype=torch_dtype, **kwargs)
 
 
 def _attention_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -52,6 +52,10 @@ class Transformer2DModel(ModelMixin):
     docstring), with diffusers' constructor arguments and parameter names (``norm``, ``proj_in``,
     ``transformer_blocks``, ``proj_out``)."""
 
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["latent_image_embedding", "norm"]
+
     @register_to_config
     def __init__(self, num_attention_heads: int = 16, attention_head_dim: int = 88, in_channels: int | None = None,
                  out_channels: int | None = None, num_layers: int = 1, dropout: float = 0.0,

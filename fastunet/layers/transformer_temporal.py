@@ -57,6 +57,10 @@ class TransformerTemporalModel(ModelMixin):
     block; more frames than that raise ``ValueError``.
     """
 
+    # diffusers' class says False; fastunet's blocks implement checkpointing (same gradients, tested)
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
     @register_to_config
     def __init__(self, num_attention_heads: int = 16, attention_head_dim: int = 88, in_channels: int | None = None,
                  out_channels: int | None = None, num_layers: int = 1, dropout: float = 0.0,

@@ -37,8 +37,8 @@ _PLANNING_BLOCKS = (DownResnetBlock1D, UpResnetBlock1D, MidResTemporalBlock1D, V
 @dataclass
 class UNet1DOutput(ModelOutput):
     """Output of :class:`UNet1DModel`: ``sample`` is ``(B, out_channels, L)``, or ``(B, 1)`` for a value
-    function. Like diffusers' outputs (and ``UNet2DOutput``) it also reads as ``output[0]``,
-    ``output["sample"]`` and ``output.to_tuple()``, and unpacks as ``(sample,) = output``."""
+    function. Like diffusers' outputs (and ``UNet2DOutput``) it is a dict that also reads as
+    ``output[0]``, ``output["sample"]`` and ``output.to_tuple()``."""
 
     sample: torch.Tensor
 
@@ -56,6 +56,10 @@ class UNet1DModel(ModelMixin, AttentionMixin):
     The audio blocks' ``SelfAttention1d`` layers run through attention processors: ``attn_processors``,
     ``set_attn_processor``, ``set_attention_slice`` and ``fuse_qkv_projections`` work as on the 2-D UNets.
     """
+
+    # diffusers' class says False; fastunet's blocks implement checkpointing (same gradients, tested)
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
     def __init__(

@@ -49,6 +49,7 @@ class UNet2DModel(UNetSkeleton):
     """
 
     _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
     def __init__(

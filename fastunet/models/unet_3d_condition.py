@@ -44,6 +44,10 @@ class UNet3DConditionModel(UNetSkeleton):
     """Conditional 3-D UNet ``(B, in_channels, F, H, W) -> (B, out_channels, F, H, W)`` (see the module
     docstring); constructor arguments are diffusers'."""
 
+    # diffusers' class says False; fastunet's blocks implement checkpointing (same gradients, tested)
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm", "time_embedding"]
+
     @register_to_config
     def __init__(
         self,

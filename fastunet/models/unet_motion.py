@@ -135,6 +135,9 @@ class UNetMotionModel(UNetSkeleton):
     docstring). Constructor arguments are diffusers'; ``reverse_motion_num_attention_heads`` is accepted
     and, as in diffusers, unused (the up blocks take the reversed ``motion_num_attention_heads``)."""
 
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
     @register_to_config
     def __init__(
         self,

@@ -534,5 +534,5 @@ def test_nested_transformer_layers_with_reverse():
     with torch.no_grad():
         out = ours(**inputs)
     assert isinstance(out, UNet2DConditionOutput) and out["sample"] is out[0] is out.sample
-    (sample,) = out
-    assert sample is out.sample and len(out) == 1
+    (sample,) = out.to_tuple()
+    assert sample is out.sample and len(out) == 1 and list(out) == ["sample"]
