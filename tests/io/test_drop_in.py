@@ -537,7 +537,8 @@ LOAD_AND_MEASURE = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_real_size_load_holds_one_copy_of_the_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "-c", WRITE_SD15, str(tmp_path)], check=True, timeout=120, env=env)
     result = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path)], check=True, timeout=120,
                             env=env, capture_output=True, text=True)
