@@ -33,6 +33,10 @@ class FrozenConfig(dict):
     __setitem__ = __delitem__ = __setattr__ = _immutable
     pop = popitem = clear = update = setdefault = _immutable
 
+    def __reduce__(self):
+        # rebuilt from a plain dict: copy.deepcopy and pickle would otherwise refill it item by item
+        return type(self), (dict(self),)
+
     def to_json_string(self) -> str:
         return json.dumps(_jsonable(dict(self)), indent=2, sort_keys=True) + "\n"
 

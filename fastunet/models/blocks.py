@@ -152,6 +152,10 @@ def self_attention_stage(head_dim: int | None, norm_groups: int | None, eps: flo
     return Stage("attentions", build, run_self_attention)
 
 
+def _already_built(index: int, channels: int) -> None:
+    raise RuntimeError("a block's stages are built once, in its constructor")
+
+
 # -- resnets ------------------------------------------------------------------------------------------
 
 
@@ -196,7 +200,8 @@ class Block(nn.Module):
         for stage in stages:
             if not isinstance(stage, Stage):
                 raise TypeError(f"stages must be Stage objects; got {type(stage).__name__}")
-        self._stages = tuple(stages)
+        # keep what forward needs; the builders (closures) are dropped so that models pickle
+        self._stages = tuple(replace(stage, build=_already_built) for stage in stages)
         built = {"resnets": nn.ModuleList(resnets)}
         for stage in stages:
             n = len(resnets) if stage.per_resnet else count

@@ -598,3 +598,19 @@ def test_diffusers_old_attention_names(tmp_path, name):
     save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     loaded = ours.from_pretrained(tmp_path)
     assert_state_dicts_bitwise_equal(reference.state_dict(), loaded.state_dict())
+
+
+def test_models_deepcopy_and_pickle_with_their_config():
+    """copy.deepcopy (EMA copies, peft) and pickling rebuild the read-only config instead of refilling it."""
+    import copy
+    import pickle
+
+    from fastunet import UNet2DModel
+
+    model = UNet2DModel(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.config == model.config and twin.config is not model.config
+        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
+        with pytest.raises(TypeError, match="read-only"):
+            twin.config["in_channels"] = 1
