@@ -495,8 +495,9 @@ class UNet2DConditionLoadersMixin:
                 processors[name] = processor
                 continue
             width = self._layer_width(name)
-            ip = TritonIPAdapterAttnProcessor(hidden_size=width, cross_attention_dim=self.config.cross_attention_dim,
-                                              num_tokens=num_tokens, scale=1.0)
+            ip = pipeline_ip_adapter_processor_class()(
+                hidden_size=width, cross_attention_dim=self.config.cross_attention_dim, num_tokens=num_tokens,
+                scale=1.0)
             weights = {}
             for i, sd in enumerate(state_dicts):
                 for kind in ("to_k_ip", "to_v_ip"):
@@ -613,5 +614,33 @@ class UNet2DConditionLoadersMixin:
         else:
             torch.save(state_dict, path)
 
+
+
+def pipeline_ip_adapter_processor_class() -> type:
+    """The IP-Adapter processor class that ``_load_ip_adapter_weights`` installs.
+
+    diffusers' ``pipe.set_ip_adapter_scale`` only updates processors that are instances of diffusers'
+    own IP-Adapter classes. The weights reach this loader from diffusers' ``pipe.load_ip_adapter``, so
+    when diffusers is importable the processor is a :class:`TritonIPAdapterAttnProcessor` that is also
+    an instance of diffusers' ``IPAdapterAttnProcessor2_0`` (computation and ``__call__`` are
+    fastunet's); without diffusers it is :class:`TritonIPAdapterAttnProcessor` itself.
+    """
+    global _PIPELINE_IP_CLASS
+    if _PIPELINE_IP_CLASS is None:
+        try:
+            from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0 as diffusers_class
+        except ImportError:
+            _PIPELINE_IP_CLASS = TritonIPAdapterAttnProcessor
+        else:
+            _PIPELINE_IP_CLASS = type("PipelineTritonIPAdapterAttnProcessor",
+                                      (TritonIPAdapterAttnProcessor, diffusers_class),
+                                      {"__call__": TritonIPAdapterAttnProcessor.__call__,
+                                       "__module__": __name__,
+                                       "__doc__": TritonIPAdapterAttnProcessor.__doc__})
+            globals()["PipelineTritonIPAdapterAttnProcessor"] = _PIPELINE_IP_CLASS  # so instances pickle
+    return _PIPELINE_IP_CLASS
+
+
+_PIPELINE_IP_CLASS: type | None = None
 
 __all__ = ["PeftAdapterMixin", "UNet2DConditionLoadersMixin", "scales_lora"]

@@ -645,7 +645,9 @@ class _IPAdapterProcessor(nn.Module):
 
     def __init__(self, hidden_size: int, cross_attention_dim: int | None = None,
                  num_tokens: int | Sequence[int] = (4,), scale: float | Sequence = 1.0):
-        super().__init__()
+        # nn.Module's init by name, not super(): a subclass may also derive from diffusers' processor
+        # class (see fastunet.loaders), whose __init__ must not run a second time without arguments
+        nn.Module.__init__(self)
         num_tokens = [num_tokens] if isinstance(num_tokens, int) else list(num_tokens)
         scale = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(num_tokens)
         if len(scale) != len(num_tokens):

@@ -233,6 +233,12 @@ def test_ip_adapter_pipeline_same_images(parts, tmp_path):
     ours.unet.set_ip_adapter_scale(0.4)
     assert_same(images(theirs, ip_adapter_image_embeds=embeds), images(ours, ip_adapter_image_embeds=embeds),
                 "ip-adapter scale 0.4")
+    # diffusers' own pipeline method reaches fastunet's processors too
+    for pipe in (theirs, ours):
+        pipe.set_ip_adapter_scale(0.7)
+    assert all(p.scale == [0.7] for n, p in ours.unet.attn_processors.items() if n.endswith("attn2.processor"))
+    assert_same(images(theirs, ip_adapter_image_embeds=embeds), images(ours, ip_adapter_image_embeds=embeds),
+                "ip-adapter scale 0.7 through pipe.set_ip_adapter_scale")
 
     before = dict(launch_counts)
     with fastunet.use_backend("triton"):
