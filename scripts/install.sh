@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install fastunet with its test/bench extras.
+# Create .venv (if missing) and install fastunet with its test/bench/cli extras.
 # torch is pinned to 2.13.0: on this kind of machine that is the CPU build kept on local disk;
 # an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -10,4 +10,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,bench]"
+.venv/bin/python -m pip install -q -e ".[test,bench,cli]"

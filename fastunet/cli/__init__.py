@@ -1,0 +1,1 @@
+"""The ``fastunet`` command line (``python -m fastunet.cli`` or the ``fastunet`` script)."""
