@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image height and width the data is resized to (digits: 16 or 32; default: 16)")
     p.add_argument("--out", type=Path, default=Path("runs/digits"), metavar="DIR",
                    help="output directory (default: runs/digits)")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps in total (default: 600)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps in total (default: 400)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3,
                    help="peak AdamW learning rate, reached after a linear warm-up and followed by cosine "
@@ -72,17 +72,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                    help="autocast the forward pass to bf16 or fp16 (fp16 with gradient scaling; default: no)")
     p.add_argument("--compile", action="store_true", help="train through torch.compile of the model")
-    p.add_argument("--save-every", type=int, default=200,
+    p.add_argument("--save-every", type=int, default=100,
                    help="write the resumable checkpoint every N steps (and at the end; 0: only at the end; "
-                        "default: 200)")
+                        "default: 100)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint (weights, optimizer, LR schedule, EMA, RNG state, data "
                         "order) up to --steps")
     p.add_argument("--num-samples", type=int, default=64, help="images sampled at the end (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and the noise (default: 0)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads torch may use (default: torch's own choice, one per core); 1 is much faster "
-                        "than 2 on a 2-core machine that other jobs share")
+                   help="CPU threads torch may use (default: half the cores, at least 1: spinning OpenMP threads "
+                        "that outnumber the free cores slow training several-fold on a machine other jobs share)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -93,7 +93,7 @@ class NoiseSchedule:
     """A DDPM noise schedule over ``T`` steps: ``betas``, ``alphas_cumprod`` (float64 tensors of shape (T,)).
 
     ``linear``: DDPM's betas 1e-4 .. 0.02 for 1,000 steps, scaled by 1000 / T so that fewer steps keep the
-    same total noise. ``cosine``: ``alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2)^2`` with s = 0.008,
+    same total noise (clipped at 0.999 for very short schedules). ``cosine``: ``alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2)^2`` with s = 0.008,
     betas clipped at 0.999.
     """
 
@@ -103,7 +103,7 @@ class NoiseSchedule:
         self.kind, self.T = kind, T
         if kind == "linear":
             scale = 1000 / T
-            betas = torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
+            betas = torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64).clamp(max=0.999)
         elif kind == "cosine":
             s = 0.008
             t = torch.arange(T + 1, dtype=torch.float64) / T
@@ -144,8 +144,8 @@ class DiffusersSchedule:
             raise SystemExit(f"error: --scheduler diffusers needs diffusers installed ({e})") from e
         beta_schedule = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[kind]
         scale = 1000 / T if kind == "linear" else 1.0
-        self.scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule=beta_schedule, beta_start=1e-4 * scale,
-                                       beta_end=0.02 * scale, clip_sample=True, variance_type="fixed_small")
+        self.scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule=beta_schedule,
+                                       beta_start=min(1e-4 * scale, 0.999), beta_end=min(0.02 * scale, 0.999), clip_sample=True, variance_type="fixed_small")
         self.kind, self.T = kind, T
         self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
 
@@ -375,7 +375,7 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = images[i]
     array = ((grid + 1) / 2 * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     image = Image.fromarray(array[..., 0] if c == 1 else array)
-    scale = max(1, 256 // max(image.size))
+    scale = max(1, 512 // max(image.size))
     image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST).save(path)
 
 
@@ -428,14 +428,24 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
+    """``fastunet train``; torch's thread count is restored afterwards (the tests call this in-process)."""
     validate(args)
     device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 2) // 2)
+    if threads < 1:
+        raise SystemExit(f"error: --threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return train(args, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(args, device: torch.device) -> int:
+    from tqdm import tqdm
+
     out: Path = args.out
     interrupt_at = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
 
