@@ -114,12 +114,11 @@ class ConfigMixin:
 
     @property
     def config(self) -> FrozenConfig:
-        try:
-            return object.__getattribute__(self, "_config")
-        except AttributeError:
-            raise AttributeError(
-                f"{type(self).__name__}.__init__ is not decorated with register_to_config"
-            ) from None
+        # the instance dict, not object.__getattribute__: torch.compile traces this without a graph break
+        config = self.__dict__.get("_config")
+        if config is None:
+            raise AttributeError(f"{type(self).__name__}.__init__ is not decorated with register_to_config")
+        return config
 
     def _set_config_metadata(self, **entries: Any) -> None:
         """Record private entries (``_name_or_path``, ...) next to the constructor arguments in ``config``."""

@@ -69,15 +69,18 @@ class BlockContext:
     @classmethod
     def of(cls, context: BlockContext | None, temb: torch.Tensor | None, **overrides) -> BlockContext:
         """``context`` (or a new one) with ``temb`` and every non-``None`` keyword in ``overrides`` set."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
+        if context is not None and temb is None and not overrides:
+            return context  # the UNets' call: torch.compile traces it without dataclass introspection
+        unknown = sorted(set(overrides) - _CONTEXT_FIELDS)
         if unknown:
-            raise TypeError(f"unexpected block arguments {unknown}; a block takes {sorted(names)}")
+            raise TypeError(f"unexpected block arguments {unknown}; a block takes {sorted(_CONTEXT_FIELDS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
         if temb is not None:
             given["temb"] = temb
         return replace(context, **given) if context is not None else cls(**given)
 
+
+_CONTEXT_FIELDS = frozenset(f.name for f in fields(BlockContext))
 
 StageRunner = Callable[[nn.Module, torch.Tensor, BlockContext], torch.Tensor]
 
