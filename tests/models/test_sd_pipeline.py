@@ -4,12 +4,10 @@ UNet2DConditionModel in place of diffusers' UNet."""
 
 from __future__ import annotations
 
-import json
-
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import UNet2DConditionModel as DiffusersUNet
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from pipeline_parts import tiny_text_encoder, tiny_tokenizer, tiny_vae  # tests/ is on sys.path
 
 from fastunet import UNet2DConditionModel
 from fastunet.testing import perturbed_pair
@@ -20,28 +18,12 @@ UNET_CONFIG = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
-def tiny_tokenizer(directory) -> CLIPTokenizer:
-    """A character-level CLIP tokenizer: one token per letter (and per word-final letter), no merges."""
-    vocab = {}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[letter + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
-
 
 def test_stable_diffusion_pipeline_same_images(tmp_path):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer(tmp_path)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id))
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    text_encoder = tiny_text_encoder(tokenizer, 32)
+    vae = tiny_vae()
     theirs, ours = perturbed_pair(DiffusersUNet(**UNET_CONFIG), UNet2DConditionModel(**UNET_CONFIG))
 
     images = []
