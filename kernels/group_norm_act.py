@@ -9,16 +9,29 @@ Math, per sample ``b`` and group ``g`` of ``Cg = C / G`` channels, ``N = Cg * L`
     gain  = weight[c] * (1 + scale[b, c]),   offset = bias[c] * (1 + scale[b, c]) + shift[b, c]
     y     = act(u),   act in {silu, gelu (exact, erf), mish, identity}
 
-Layouts and dtypes: ``x`` is ``(B, C, *spatial)`` with 1 to 3 spatial dims, fp32/fp16/bf16, read as
-a contiguous ``(B, C, L)`` view (a non-contiguous ``x`` is copied once). ``weight``/``bias`` are
-``(C,)``; ``add``/``scale``/``shift`` are ``(B, C)``; strided views of them (``emb.chunk(2, dim=1)``)
-are copied, being small, since strided loads cost the kernels many registers. Each optional tensor
-is in ``x``'s dtype or fp32. Statistics and all arithmetic are fp32; ``y`` is in ``x``'s dtype and
-contiguous.
+Layouts and dtypes: ``x`` is ``(B, C, *spatial)`` with 1 to 3 spatial dims, fp32/fp16/bf16, in any
+strides. ``out_layout`` (a permutation of x's dims, outermost first) chooses the memory order of
+``y``; by default ``y`` is contiguous. The video UNets pass ``x = h.view(B, F, C, H, W).permute(0, 2,
+1, 3, 4)`` (the memory of the 2-D layers' ``(B*F, C, H, W)`` tensor) with ``out_layout=(0, 3, 4, 2,
+1)``, so that ``y.permute(0, 3, 4, 2, 1).reshape(B*H*W, F, C)`` is a free view for the temporal
+transformer's ``proj_in``. ``weight``/``bias`` are ``(C,)``; ``add``/``scale``/``shift`` are ``(B,
+C)``; strided views of them (``emb.chunk(2, dim=1)``) are copied, being small, since strided loads
+cost the kernels many registers. Each optional tensor is in ``x``'s dtype or fp32. Statistics and all
+arithmetic are fp32; ``y`` is in ``x``'s dtype. The gradient of ``x`` is laid out as
+``torch.empty_like(x)`` (x's own strides when x is dense), the incoming gradient may have any strides.
 
-Kernels. A group is the contiguous ``(Cg, L)`` block of ``(B, C, L)``; programs walk it in
-``(BLOCK_C, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up to
-``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial ranges):
+Strides. The Triton kernels address every big tensor (x, y, dy, dx) through its own
+``(stride_b, stride_c, stride_s0, stride_s1)``: the launcher merges spatial dims that are mergeable in
+all the tensors of a launch (H, W of a dense plane, say) into at most two, ``(S0, S1)``; x5 above
+becomes ``(F, H*W)``. Only where three non-mergeable spatial dims remain (a layout that permutes the
+spatial dims among themselves) does it copy, to contiguous buffers. The torch path copies a strided
+``x`` into a contiguous fp32 buffer (aten's GroupNorm needs one) and writes the result into the
+requested layout, one copy more than the kernels.
+
+Kernels. A group is the ``(Cg, S0, S1)`` block of sample ``b``; programs walk it in ``(BLOCK_C,
+BLOCK_L)`` tiles over ``(channels, S1)``, one row ``s0`` at a time: a spatial tile index ``t`` runs
+over ``S0 * cdiv(S1, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up
+to ``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial-tile ranges):
 
 * forward: ``_stats`` writes each program's (count, mean, M2), from a Welford accumulator per lane
   merged with Chan's parallel formula; ``_fwd`` merges a group's partials (Chan again, one vector
@@ -37,14 +50,16 @@ the same forward and backward run in torch: aten's fused GroupNorm and activatio
 plus the backward algebra of the kernels, not autograd through ``F.group_norm``.
 
 Both passes are ``torch.library`` custom ops (``fastunet::group_norm_act_fwd``/``_bwd``) with fake
-implementations and ``register_autograd`` (in place of a ``torch.autograd.Function``), so
-``torch.compile(fullgraph=True)`` traces them without a graph break. Not supported: double backward,
-and autocast (inputs are taken in the dtypes they come in).
+implementations (giving the same output strides) and ``register_autograd`` (in place of a
+``torch.autograd.Function``), so ``torch.compile(fullgraph=True)`` traces them without a graph break.
+Not supported: double backward, and autocast (inputs are taken in the dtypes they come in).
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,29 +69,45 @@ from ._backend import record_launch, register_once, tl, triton, use_triton
 _ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Elements per tile, the tile widths along L a config may use, and the split limits. The partial
+# Elements per tile, the tile widths along S1 a config may use, and the split limits. The partial
 # buffers of one group are merged with one vector load of _MAX_SPLIT (resp. _MAX_SPLIT_L) lanes.
 _TILE = 1024
 _BLOCK_L_CHOICES = (64, 256, 1024)
 _NUM_WARPS = 4
+# Register cap of each kernel's launches (ptx .maxnreg). Without one, ptxas (12.x for sm_80, 13.x for
+# sm_90) traded an 8-16 byte spill for a lower register count (72 to 128) in 14 of the 144 compiled
+# variants (every config and stride layout, tests/ops/test_group_norm_act_compile.py); under these caps
+# none spills. Lower caps spilled (the stats kernel at 96, the backward at 128, on sm_90). A capped
+# ptxas uses more of the budget than an uncapped one: 4 programs of 128 threads fit an SM at 128
+# registers, 3 at 160.
+_MAX_REGISTERS = {"_group_norm_act_stats_kernel": 128, "_group_norm_act_fwd_kernel": 128,
+                  "_group_norm_act_bwd_reduce_kernel": 160, "_group_norm_act_bwd_dx_kernel": 160}
 _MAX_SPLIT = 64
 _MAX_SPLIT_L = 16
 # A launch aims for this many programs per SM on CUDA, and for _CPU_PROGRAMS under Triton's CPU
 # interpreter (which runs programs one after another, each with a large fixed cost).
 _PROGRAMS_PER_SM = 8
 _CPU_PROGRAMS = 8
+# Offsets within a sample (spatial part, and one tile's lanes) are int32 in the kernels.
+_MAX_OFFSET = 2**31
 
-_SPLIT_ARGS = ["n_bg", "G", "Cg", "cb_per_prog", "lt_per_prog", "split_l", "n_split"]
+# Sizes the kernels take unspecialised (one compiled variant whatever their value). Strides are left to
+# Triton's specialisation: a unit stride becomes a constant, the others divisible by 16 are marked so,
+# which together let the loads and stores along the unit stride vectorise.
+_SIZE_ARGS = ["n_bg", "G", "Cg", "L", "S1", "n_lt1", "n_lt", "cb_per_prog", "lt_per_prog", "split_l", "n_split"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Addressing: a scalar pointer to the current tile's corner (int64 arithmetic, safe at any size)
-# plus one int32 offset tile (c * L + l + l0). Loop bounds and tile offsets stay int32, and the
-# offset is added to the tile before the pointer: int64 induction variables, or adding l0 to the
-# pointer, each made ptxas keep a 64-bit address per element live (2.5x the registers). Tiles are
-# 1024 elements over 4 warps: 16 elements per thread took up to 255 registers in the backward.
+# Addressing: a scalar pointer to the group's current channel block (sample and channels in int64
+# scalar arithmetic, safe at any size), moved to each row s0 (+ s0 * stride_s0), plus an int32 offset
+# tile per tensor, c * stride_c + l * stride_s1, computed once per program, to which each tile adds
+# its position (l0 * stride_s1) before the pointer: int64 induction variables, or adding l0 to the
+# pointer, each made ptxas keep a 64-bit address per element live (2.5x the registers). Where a
+# tensor's strides are x's (the launcher says so with Y_LIKE_X, DY_LIKE_X, DX_LIKE_X), it shares x's
+# offset tile. Tiles are 1024 elements over 4 warps: 16 elements per thread took up to 255 registers
+# in the backward. A tile never straddles two rows s0, so no element needs an integer division.
 #
 # Helpers: Triton's CPU interpreter, which runs these kernels in the tests, re-patches
 # triton.language on every @triton.jit helper call (on a GPU they are inlined). Measured on the 2-core
@@ -85,18 +116,33 @@ _SPLIT_ARGS = ["n_bg", "G", "Cg", "cb_per_prog", "lt_per_prog", "split_l", "n_sp
 # backward of (2, 320, 16, 16) fp16 with every option took 4.5 s of CPU written out, 5.0 s with the
 # coefficient helper and 5.2 s with the tile helper too (forward: no measurable change). So the helpers
 # run once per program (its range), per channel block (the coefficients) or per tile (the activation
-# gradient), never per element, at about 15% more interpreter time in the backward tests.
+# gradient), never per element, at about 15% more interpreter time in the backward.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l, BLOCK_C: tl.constexpr,
+def _group_norm_act_group(G, Cg):
+    """``(pid_bg, b, ch_base)`` in int64 (for offsets): this program's group ``b * G + g`` (grid dim 0),
+    its sample and its first channel ``g * Cg``, divided out in int32 (64-bit division is slow)."""
+    pid = tl.program_id(0)
+    b = pid // G
+    return pid.to(tl.int64), b.to(tl.int64), ((pid - b * G) * Cg).to(tl.int64)
+
+
+@triton.jit
+def _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, BLOCK_C: tl.constexpr,
                                   BLOCK_L: tl.constexpr):
-    """``(c_lo, c_hi, l_lo, l_hi)``: the channels (within the group) and positions that program
-    ``pid_s`` along grid dim 1 covers (channel-block ranges times spatial ranges)."""
+    """``(c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo)``: the channels (within the group) that program
+    ``pid_s`` along grid dim 1 covers, and its spatial tiles ``[t_lo, t_hi)`` (channel-block ranges
+    times spatial-tile ranges; rows hold ``n_lt1`` tiles) as the rows ``[s0_lo, s0_hi)`` it touches
+    and the first position in its first row. The kernels loop over rows, then positions: a tile index
+    divided into (row, position) in the loop cost up to 32 registers and spills in the backward."""
     c_lo = (pid_s // split_l) * cb_per_prog * BLOCK_C
-    l_lo = (pid_s % split_l) * lt_per_prog * BLOCK_L
-    return c_lo, tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg), l_lo, tl.minimum(l_lo + lt_per_prog * BLOCK_L, L)
+    t_lo = (pid_s % split_l) * lt_per_prog
+    t_hi = tl.minimum(t_lo + lt_per_prog, n_lt)
+    s0_lo = t_lo // n_lt1
+    return (c_lo, tl.minimum(c_lo + cb_per_prog * BLOCK_C, Cg), t_hi, s0_lo, (t_hi - 1) // n_lt1 + 1,
+            (t_lo - s0_lo * n_lt1) * BLOCK_L)
 
 
 @triton.jit
@@ -148,21 +194,24 @@ def _group_norm_act_grad_u(x_ptrs, dy_ptrs, mask, centre, gain_r, offset, ACTIVA
     return xc, du
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _group_norm_act_stats_kernel(
-    x_ptr,     # (B, C, L) contiguous input
+    x_ptr,     # (B, C, S0, S1) input, strides stride_x_*
     add_ptr,   # (B, C) per-channel addend, read when HAS_ADD
     part_ptr,  # (3, B*G, n_split) fp32 out: count, mean, M2 of each program's elements
-    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
-    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    n_bg, G, Cg, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split,
+    HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
     pid_s = tl.program_id(1)
-    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
-                                                           BLOCK_C, BLOCK_L)
+    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+        s0_lo, s0_hi = 0, 1
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
-    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
     # Welford per lane; the lanes are merged with Chan's formula at the end
     count = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
     mean = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
@@ -172,17 +221,20 @@ def _group_norm_act_stats_kernel(
         if HAS_ADD:
             addv = tl.load(add_ptr + pid_bg * Cg + c0 + c_lanes, mask=c_lanes < (c_hi - c0),
                            other=0.0).to(tl.float32)[:, None]
-        x_row = x_ptr + (pid_bg * Cg + c0) * L
-        for l0 in range(l_lo, l_hi, BLOCK_L):
-            mask = cmask & (l_lanes < (l_hi - l0))[None, :]
-            tile_offs = l0 + tile
-            h = tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                h += addv
-            count += mask.to(tl.float32)
-            delta = h - mean
-            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-            m2 += tl.where(mask, delta * (h - mean), 0.0)
+        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+        for s0 in range(s0_lo, s0_hi):
+            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                mask = cmask & (l_lanes < (l_end - l0))[None, :]
+                h = tl.load(x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x), mask=mask, other=0.0)
+                h = h.to(tl.float32)
+                if HAS_ADD:
+                    h += addv
+                count += mask.to(tl.float32)
+                delta = h - mean
+                mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+                m2 += tl.where(mask, delta * (h - mean), 0.0)
     total = tl.sum(count)
     prog_mean = tl.sum(count * mean) / total
     dev = mean - prog_mean
@@ -193,26 +245,29 @@ def _group_norm_act_stats_kernel(
     tl.store(out + 2 * n_bg * n_split, prog_m2)
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _group_norm_act_fwd_kernel(
-    x_ptr,       # (B, C, L) contiguous input
+    x_ptr,       # (B, C, S0, S1) input, strides stride_x_*
     add_ptr,     # (B, C) addend, read when HAS_ADD
     weight_ptr,  # (C,) weight, read when HAS_WEIGHT
     bias_ptr,    # (C,) bias, read when HAS_BIAS
     scale_ptr,   # (B, C) scale, read when HAS_SCALE
     shift_ptr,   # (B, C) shift, read when HAS_SHIFT
-    y_ptr,       # (B, C, L) contiguous output, x's dtype
+    y_ptr,       # (B, C, S0, S1) output, x's dtype, strides stride_y_*
     part_ptr,    # (3, B*G, n_split) fp32 partial count/mean/M2 from the stats kernel
     mean_ptr,    # (B*G,) fp32 out: group mean
     rstd_ptr,    # (B*G,) fp32 out: 1 / sqrt(var + eps)
-    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split, eps,
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    stride_y_b, stride_y_c, stride_y_s0, stride_y_s1,
+    n_bg, G, Cg, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split, eps,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, Y_LIKE_X: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
     pid_s = tl.program_id(1)
-    ch_base = (pid_bg % G) * Cg
+    if Y_LIKE_X:  # y's strides are x's: one offset tile serves both
+        stride_y_b, stride_y_c, stride_y_s0, stride_y_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
 
     # merge the group's partial moments (Chan, all at once)
     offs = tl.arange(0, BLOCK_SPLIT)
@@ -230,11 +285,14 @@ def _group_norm_act_fwd_kernel(
         tl.store(mean_ptr + pid_bg, mean)
         tl.store(rstd_ptr + pid_bg, rstd)
 
-    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
-                                                           BLOCK_C, BLOCK_L)
+    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+        s0_lo, s0_hi = 0, 1
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
-    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
+    tile_y = c_lanes[:, None] * stride_y_c + l_lanes[None, :] * stride_y_s1
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = c_lanes < (c_hi - c0)
         # u = (x - centre) * gain * rstd + offset
@@ -245,29 +303,33 @@ def _group_norm_act_fwd_kernel(
         offset = offset[:, None]
         centre = centre[:, None]
         cmask = cmask[:, None]
-        x_row = x_ptr + (pid_bg * Cg + c0) * L
-        y_row = y_ptr + (pid_bg * Cg + c0) * L
-        for l0 in range(l_lo, l_hi, BLOCK_L):
-            mask = cmask & (l_lanes < (l_hi - l0))[None, :]
-            tile_offs = l0 + tile
-            u = (tl.load(x_row + tile_offs, mask=mask, other=0.0).to(tl.float32) - centre) * gain + offset
-            if ACTIVATION == "silu":
-                u = u / (1.0 + tl.exp(-u))
-            elif ACTIVATION == "gelu":
-                u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-            elif ACTIVATION == "mish":
-                # tanh(softplus(u)) = n / (n + 2) with n = e^u (e^u + 2); it is 1 in fp32 beyond u = 20
-                e = tl.exp(tl.minimum(u, 20.0))
-                n = e * (e + 2.0)
-                u = u * (n / (n + 2.0))
-            tl.store(y_row + tile_offs, u.to(y_ptr.dtype.element_ty), mask=mask)
+        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+        y_rows = y_ptr + (b * stride_y_b + (ch_base + c0) * stride_y_c)
+        for s0 in range(s0_lo, s0_hi):
+            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                mask = cmask & (l_lanes < (l_end - l0))[None, :]
+                x_tile = x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x)
+                u = (tl.load(x_tile, mask=mask, other=0.0).to(tl.float32) - centre) * gain + offset
+                if ACTIVATION == "silu":
+                    u = u / (1.0 + tl.exp(-u))
+                elif ACTIVATION == "gelu":
+                    u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+                elif ACTIVATION == "mish":
+                    # tanh(softplus(u)) = n / (n + 2) with n = e^u (e^u + 2); it is 1 in fp32 beyond u = 20
+                    e = tl.exp(tl.minimum(u, 20.0))
+                    n = e * (e + 2.0)
+                    u = u * (n / (n + 2.0))
+                tl.store(y_rows + s0 * stride_y_s0 + (l0 * stride_y_s1 + tile_y), u.to(y_ptr.dtype.element_ty),
+                         mask=mask)
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _group_norm_act_bwd_reduce_kernel(
-    x_ptr,       # (B, C, L) contiguous input
+    x_ptr,       # (B, C, S0, S1) input, strides stride_x_*
     add_ptr,     # (B, C) addend, read when HAS_ADD
-    dy_ptr,      # (B, C, L) contiguous gradient of y
+    dy_ptr,      # (B, C, S0, S1) gradient of y, strides stride_dy_*
     weight_ptr,  # (C,) weight, read when HAS_WEIGHT
     bias_ptr,    # (C,) bias, read when HAS_BIAS
     scale_ptr,   # (B, C) scale, read when HAS_SCALE
@@ -276,21 +338,27 @@ def _group_norm_act_bwd_reduce_kernel(
     rstd_ptr,    # (B*G,) fp32 group 1 / sqrt(var + eps)
     gpart_ptr,   # (2, B*G, n_split) fp32 out: per-program sums of gain*du and gain*du*xhat
     cpart_ptr,   # (2 or 3, B*C, split_l) fp32 out: per-channel, per-spatial-range sums of du, du*xhat, xhat
-    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1,
+    n_bg, G, Cg, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, DY_LIKE_X: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
     pid_s = tl.program_id(1)
-    ch_base = (pid_bg % G) * Cg
+    if DY_LIKE_X:  # dy's strides are x's: one offset tile serves both
+        stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
     mean = tl.load(mean_ptr + pid_bg)
     rstd = tl.load(rstd_ptr + pid_bg)
-    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
-                                                           BLOCK_C, BLOCK_L)
+    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+        s0_lo, s0_hi = 0, 1
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
-    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
+    tile_dy = c_lanes[:, None] * stride_dy_c + l_lanes[None, :] * stride_dy_s1
     cpart_lanes = c_lanes * split_l
     cpart_stride = n_bg * Cg * split_l
     g_du = tl.full([], 0.0, tl.float32)
@@ -304,20 +372,23 @@ def _group_norm_act_bwd_reduce_kernel(
         offset2 = offset[:, None]
         centre = centre[:, None]
         cmask2 = cmask[:, None]
-        x_row = x_ptr + (pid_bg * Cg + c0) * L
-        dy_row = dy_ptr + (pid_bg * Cg + c0) * L
+        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+        dy_rows = dy_ptr + (b * stride_dy_b + (ch_base + c0) * stride_dy_c)
         acc_du = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
         acc_du_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
         acc_xc = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
-        for l0 in range(l_lo, l_hi, BLOCK_L):
-            mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
-            tile_offs = l0 + tile
-            xc, du = _group_norm_act_grad_u(x_row + tile_offs, dy_row + tile_offs, mask, centre, gain_r, offset2,
-                                            ACTIVATION)
-            acc_du += du
-            acc_du_xc += du * xc
-            if HAS_ADD:
-                acc_xc += tl.where(mask, xc, 0.0)
+        for s0 in range(s0_lo, s0_hi):
+            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                mask = cmask2 & (l_lanes < (l_end - l0))[None, :]
+                xc, du = _group_norm_act_grad_u(x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x),
+                                                dy_rows + s0 * stride_dy_s0 + (l0 * stride_dy_s1 + tile_dy),
+                                                mask, centre, gain_r, offset2, ACTIVATION)
+                acc_du += du
+                acc_du_xc += du * xc
+                if HAS_ADD:
+                    acc_xc += tl.where(mask, xc, 0.0)
         s_du = tl.sum(acc_du, axis=1)
         s_du_xhat = tl.sum(acc_du_xc, axis=1) * rstd
         out = cpart_ptr + (pid_bg * Cg + c0) * split_l + pid_s % split_l + cpart_lanes
@@ -332,11 +403,11 @@ def _group_norm_act_bwd_reduce_kernel(
     tl.store(out + n_bg * n_split, g_du_xhat)
 
 
-@triton.jit(do_not_specialize=_SPLIT_ARGS)
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _group_norm_act_bwd_dx_kernel(
-    x_ptr,        # (B, C, L) contiguous input
+    x_ptr,        # (B, C, S0, S1) input, strides stride_x_*
     add_ptr,      # (B, C) addend, read when HAS_ADD
-    dy_ptr,       # (B, C, L) contiguous gradient of y
+    dy_ptr,       # (B, C, S0, S1) gradient of y, strides stride_dy_*
     weight_ptr,   # (C,) weight, read when HAS_WEIGHT
     bias_ptr,     # (C,) bias, read when HAS_BIAS
     scale_ptr,    # (B, C) scale, read when HAS_SCALE
@@ -345,20 +416,27 @@ def _group_norm_act_bwd_dx_kernel(
     rstd_ptr,     # (B*G,) fp32 group 1 / sqrt(var + eps)
     gpart_ptr,    # (2, B*G, n_split) fp32 per-program group sums from the reduce kernel
     cpart_ptr,    # (2 or 3, B*C, split_l) fp32 per-channel partial sums from the reduce kernel
-    dx_ptr,       # (B, C, L) contiguous out: gradient of x, x's dtype
+    dx_ptr,       # (B, C, S0, S1) out: gradient of x, x's dtype, strides stride_dx_*
     dadd_ptr,     # (B, C) fp32 out when HAS_ADD: gradient of add
     dscale_ptr,   # (B, C) fp32 out when HAS_SCALE: gradient of scale
     dshift_ptr,   # (B, C) fp32 out when HAS_SHIFT: gradient of shift
     dweight_ptr,  # (B, C) fp32 out when HAS_WEIGHT: per-sample gradient of weight
     dbias_ptr,    # (B, C) fp32 out when HAS_BIAS: per-sample gradient of bias
-    n_bg, G, Cg, L, cb_per_prog, lt_per_prog, split_l, n_split,
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1,
+    stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1,
+    n_bg, G, Cg, L, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_SPLIT_L: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, DY_LIKE_X: tl.constexpr, DX_LIKE_X: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    BLOCK_SPLIT_L: tl.constexpr,
 ):
-    pid_bg = tl.program_id(0).to(tl.int64)
+    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
     pid_s = tl.program_id(1)
-    ch_base = (pid_bg % G) * Cg
+    if DY_LIKE_X:  # dy's (dx's) strides are x's: one offset tile serves both
+        stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+    if DX_LIKE_X:
+        stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
     mean = tl.load(mean_ptr + pid_bg)
     rstd = tl.load(rstd_ptr + pid_bg)
     n_elem = (Cg * L).to(tl.float32)
@@ -373,16 +451,21 @@ def _group_norm_act_bwd_dx_kernel(
     q = rstd * rstd * c2
     r = rstd * c1
 
-    c_lo, c_hi, l_lo, l_hi = _group_norm_act_program_range(pid_s, Cg, L, cb_per_prog, lt_per_prog, split_l,
-                                                           BLOCK_C, BLOCK_L)
+    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+        s0_lo, s0_hi = 0, 1
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
-    tile = c_lanes[:, None] * L + l_lanes[None, :]
+    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
+    tile_dy = c_lanes[:, None] * stride_dy_c + l_lanes[None, :] * stride_dy_s1
+    tile_dx = c_lanes[:, None] * stride_dx_c + l_lanes[None, :] * stride_dx_s1
     owner = pid_s % split_l == 0
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = c_lanes < (c_hi - c0)
-        # _group_norm_act_channel_coefs written out: through the helper, ptxas spilled 8 bytes here
-        # (sm_90, fp16, gelu, BLOCK_C 16 x BLOCK_L 64: STL.64/LDL.64 of an address, 96 registers)
+        # _group_norm_act_channel_coefs written out (this kernel needs w, bias and 1 + scale too):
+        # through the helper, ptxas spilled 8 bytes here (sm_90, fp16, gelu, BLOCK_C 16 x BLOCK_L 64:
+        # STL.64/LDL.64 of an address, at 96 registers)
         ch = ch_base + c0
         w = tl.full([BLOCK_C], 1.0, tl.float32)
         bia = tl.full([BLOCK_C], 0.0, tl.float32)
@@ -424,15 +507,19 @@ def _group_norm_act_bwd_dx_kernel(
         offset = offset[:, None]
         centre = centre[:, None]
         cmask2 = cmask[:, None]
-        x_row = x_ptr + (pid_bg * Cg + c0) * L
-        dy_row = dy_ptr + (pid_bg * Cg + c0) * L
-        dx_row = dx_ptr + (pid_bg * Cg + c0) * L
-        for l0 in range(l_lo, l_hi, BLOCK_L):
-            mask = cmask2 & (l_lanes < (l_hi - l0))[None, :]
-            tile_offs = l0 + tile
-            xc, du = _group_norm_act_grad_u(x_row + tile_offs, dy_row + tile_offs, mask, centre, gain_r, offset,
-                                            ACTIVATION)
-            tl.store(dx_row + tile_offs, (du * gain_r - xc * q - r).to(dx_ptr.dtype.element_ty), mask=mask)
+        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+        dy_rows = dy_ptr + (b * stride_dy_b + (ch_base + c0) * stride_dy_c)
+        dx_rows = dx_ptr + (b * stride_dx_b + (ch_base + c0) * stride_dx_c)
+        for s0 in range(s0_lo, s0_hi):
+            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                mask = cmask2 & (l_lanes < (l_end - l0))[None, :]
+                xc, du = _group_norm_act_grad_u(x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x),
+                                                dy_rows + s0 * stride_dy_s0 + (l0 * stride_dy_s1 + tile_dy),
+                                                mask, centre, gain_r, offset, ACTIVATION)
+                tl.store(dx_rows + s0 * stride_dx_s0 + (l0 * stride_dx_s1 + tile_dx),
+                         (du * gain_r - xc * q - r).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,17 +531,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _group_norm_act_config(Cg: int, L: int) -> dict:
-    """Tile shape and warps for a group of ``Cg`` channels by ``L`` positions.
+def _group_norm_act_config(Cg: int, S1: int, channels_inner: bool = False) -> dict:
+    """Tile shape and warps for a group of ``Cg`` channels by rows of ``S1`` positions.
 
-    Tiles hold ``_TILE`` elements (eight per thread); the width along L is one of
+    Tiles hold ``_TILE`` elements (eight per thread); the width along S1 is one of
     ``_BLOCK_L_CHOICES``, the one that wastes the fewest masked lanes on this group (ties to the wider
-    one), so there are only three configs and sizes a few elements apart share them.
+    one), so there are only three configs and sizes a few elements apart share them. Where a tensor
+    of the launch has the channels innermost (``channels_inner``: channels-last, or the video
+    ``out_layout``), a tile spans as many of the group's channels as one config allows (up to 16), so
+    that its accesses to that tensor run along whole channel rows instead of one element per row.
     """
+    if channels_inner:
+        widths = sorted(_TILE // bl for bl in _BLOCK_L_CHOICES)  # channels per tile: 1, 4, 16
+        block_c = next(bc for bc in widths if bc >= min(Cg, widths[-1]))
+        return {"BLOCK_C": block_c, "BLOCK_L": _TILE // block_c, "num_warps": _NUM_WARPS}
 
     def used_fraction(block_l: int) -> float:
         block_c = _TILE // block_l
-        return round((Cg / (_cdiv(Cg, block_c) * block_c)) * (L / (_cdiv(L, block_l) * block_l)), 2)
+        return round((Cg / (_cdiv(Cg, block_c) * block_c)) * (S1 / (_cdiv(S1, block_l) * block_l)), 2)
 
     block_l = max(_BLOCK_L_CHOICES, key=lambda bl: (used_fraction(bl), bl))
     return {"BLOCK_C": _TILE // block_l, "BLOCK_L": block_l, "num_warps": _NUM_WARPS}
@@ -472,10 +566,12 @@ def _target_programs(device: torch.device) -> int:
     return _CPU_PROGRAMS
 
 
-def _group_norm_act_split(n_bg: int, Cg: int, L: int, block_c: int, block_l: int, target_programs: int) -> dict:
+def _group_norm_act_split(n_bg: int, Cg: int, S1: int, block_c: int, block_l: int, target_programs: int,
+                          S0: int = 1) -> dict:
     """How many programs share one group, so that ``n_bg = B * G`` groups make about
-    ``target_programs`` programs: channel-block ranges times spatial ranges, none of them empty."""
-    n_cb, n_lt = _cdiv(Cg, block_c), _cdiv(L, block_l)
+    ``target_programs`` programs: channel-block ranges times ranges of the ``S0 * cdiv(S1, block_l)``
+    spatial tiles, none of them empty."""
+    n_cb, n_lt = _cdiv(Cg, block_c), S0 * _cdiv(S1, block_l)
     want = max(1, min(_MAX_SPLIT, n_cb * n_lt, _cdiv(target_programs, n_bg)))
     split_l = min(n_lt, want, _MAX_SPLIT_L)
     split_c = min(n_cb, _cdiv(want, split_l), _MAX_SPLIT // split_l)
@@ -487,61 +583,134 @@ def _group_norm_act_split(n_bg: int, Cg: int, L: int, block_c: int, block_l: int
             "n_split": split_c * split_l}
 
 
+def _out_strides(shape, out_layout: Sequence[int] | None) -> tuple[int, ...]:
+    """Strides of a dense tensor of ``shape`` whose dims lie in memory in the order ``out_layout``
+    (outermost first; None: contiguous)."""
+    order = range(len(shape)) if out_layout is None else out_layout
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+def _alloc_out(x: torch.Tensor, out_layout: Sequence[int] | None) -> torch.Tensor:
+    """Uninitialised ``y``: x's shape and dtype, dims in memory in the order ``out_layout``."""
+    return torch.empty_strided(x.shape, _out_strides(x.shape, out_layout), dtype=x.dtype, device=x.device)
+
+
+def _spatial_plan(shape, tensors: Sequence[torch.Tensor]):
+    """``(S0, S1, strides)``: the spatial dims of ``shape`` (``(B, C, *spatial)``) merged into two,
+    ``S0`` outer and ``S1`` inner, and per tensor ``(stride_b, stride_c, stride_s0, stride_s1)``. Two
+    neighbouring dims merge where they do in every tensor (the outer one's stride is the inner one's
+    times its size); size-1 dims drop out. None where more than two dims remain."""
+    runs = []  # [size, innermost stride per tensor] of each run of merged dims
+    for d in range(2, len(shape)):
+        if shape[d] == 1:
+            continue
+        strides = [t.stride(d) for t in tensors]
+        if runs and all(outer == s * shape[d] for outer, s in zip(runs[-1][1], strides)):
+            runs[-1] = [runs[-1][0] * shape[d], strides]
+        else:
+            runs.append([shape[d], strides])
+    if len(runs) > 2:
+        return None
+    runs = [[1, [0] * len(tensors)]] * (2 - len(runs)) + runs
+    (S0, outer), (S1, inner) = runs
+    return S0, S1, [(t.stride(0), t.stride(1), so, si) for t, so, si in zip(tensors, outer, inner)]
+
+
+def _fits_int32(Cg: int, S0: int, S1: int, strides, cfg: dict) -> bool:
+    """Whether the kernels' int32 offsets within a sample (a group's channels, the rows, a tile's
+    lanes past the last position) stay below 2**31 for a tensor of these strides."""
+    _, s_c, s_0, s_1 = strides
+    return (Cg + cfg["BLOCK_C"]) * s_c + S0 * s_0 + (S1 + cfg["BLOCK_L"]) * s_1 < _MAX_OFFSET
+
+
+def _kernel_operands(inputs: list, outputs: list, Cg: int):
+    """Operands the kernels can address, their layout plan and config:
+    ``(inputs, buffers, S0, S1, strides, cfg)``.
+
+    The tensors themselves, read and written in place, whenever their spatial dims merge into two and
+    their offsets fit int32: the usual case, any dense layout of (B, C, H, W) or (B, C, F, H, W)
+    included. Otherwise contiguous copies of the inputs and contiguous buffers for the outputs (the
+    caller copies a buffer into its output where they differ)."""
+    shape = inputs[0].shape
+    for attempt in range(2):
+        tensors = inputs + outputs
+        plan = _spatial_plan(shape, tensors)
+        if plan is not None:
+            S0, S1, strides = plan
+            channels_inner = any(st[1] == 1 and st[3] != 1 for st in strides)
+            cfg = _group_norm_act_config(Cg, S1, channels_inner)
+            if all(_fits_int32(Cg, S0, S1, st, cfg) for st in strides):
+                return inputs, outputs, S0, S1, strides, cfg
+        if attempt == 0:
+            inputs = [t.contiguous() for t in inputs]
+            outputs = [t if t.is_contiguous() else torch.empty(shape, dtype=t.dtype, device=t.device)
+                       for t in outputs]
+    raise ValueError(f"the Triton kernels index within a sample with int32: expected C / num_groups * L < 2**31 "
+                     f"for x of shape {tuple(shape)}; got {Cg} * {inputs[0].numel() // max(1, shape[0] * shape[1])}")
+
+
 def _contiguous_or_dummy(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     """``t`` made contiguous (a no-op unless it is a strided view, e.g. ``emb.chunk(2, 1)``), or a
     placeholder pointer for an absent input whose HAS_* flag is off."""
     return t.contiguous() if t is not None else dummy
 
 
-def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, activation, y=None):
-    """Triton forward. Returns ``(y, mean, rstd)``; ``y`` may be given as a preallocated contiguous
-    buffer of ``x``'s shape and dtype (every element is overwritten)."""
+def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout=None, y=None):
+    """Triton forward. Returns ``(y, mean, rstd)``; ``y`` (laid out per ``out_layout``) may be given
+    as a preallocated buffer of ``x``'s shape and dtype in any strides (every element is overwritten).
+    ``x`` is read in place in its own strides."""
     B, C = x.shape[:2]
-    L = x.numel() // (B * C)
     G = num_groups
     Cg = C // G
-    if Cg * L >= 2**31:
-        raise ValueError(f"the Triton kernels index a group with int32: expected C / num_groups * L < 2**31; "
-                         f"got {Cg} * {L}")
     dev = x.device
-    xc = x.contiguous()
     if y is None:
-        y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        y = _alloc_out(x, out_layout)
+    (xk,), (yk,), S0, S1, (sx, sy), cfg = _kernel_operands([x], [y], Cg)
     mean = torch.empty((B, G), dtype=torch.float32, device=dev)
     rstd = torch.empty((B, G), dtype=torch.float32, device=dev)
-    cfg = _group_norm_act_config(Cg, L)
-    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev))
+    split = _group_norm_act_split(B * G, Cg, S1, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev), S0)
     part = torch.empty((3, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     grid = (B * G, split["n_split"])
-    dims = (B * G, G, Cg, L, split["cb_per_prog"], split["lt_per_prog"], split["split_l"], split["n_split"])
-    add_c = _contiguous_or_dummy(add, xc)
+    n_lt1 = _cdiv(S1, cfg["BLOCK_L"])
+    dims = (B * G, G, Cg, S1, n_lt1, S0 * n_lt1, split["cb_per_prog"], split["lt_per_prog"], split["split_l"],
+            split["n_split"])
+    add_c = _contiguous_or_dummy(add, xk)
     _group_norm_act_stats_kernel[grid](
-        xc, add_c, part, *dims,
-        HAS_ADD=add is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
+        xk, add_c, part, *sx, *dims,
+        HAS_ADD=add is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1,
+        num_warps=cfg["num_warps"], maxnreg=_MAX_REGISTERS["_group_norm_act_stats_kernel"])
     record_launch("_group_norm_act_stats_kernel")
     _group_norm_act_fwd_kernel[grid](
-        xc, add_c, *(_contiguous_or_dummy(t, xc) for t in (weight, bias, scale, shift)), y, part, mean, rstd,
-        *dims, eps,
+        xk, add_c, *(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), yk, part, mean, rstd,
+        *sx, *sy, *dims, eps,
         HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], BLOCK_SPLIT=_MAX_SPLIT, num_warps=cfg["num_warps"])
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation, Y_LIKE_X=sy == sx,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1, BLOCK_SPLIT=_MAX_SPLIT,
+        num_warps=cfg["num_warps"], maxnreg=_MAX_REGISTERS["_group_norm_act_fwd_kernel"])
     record_launch("_group_norm_act_fwd_kernel")
+    if yk is not y:
+        y.copy_(yk)
     return y, mean, rstd
 
 
 def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, dx=None):
     """Triton backward. Returns ``(dx, dweight, dbias, dadd, dscale, dshift)``, ``None`` for absent
-    inputs; ``dx`` may be given as a preallocated contiguous buffer."""
+    inputs. ``x`` and ``dy`` are read in place in their own strides; ``dx`` is laid out as
+    ``torch.empty_like(x)`` unless given as a preallocated buffer (any strides)."""
     B, C = x.shape[:2]
     L = x.numel() // (B * C)
     G = num_groups
     Cg = C // G
     dev = x.device
-    xc = x.contiguous()
     if dx is None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    cfg = _group_norm_act_config(Cg, L)
-    split = _group_norm_act_split(B * G, Cg, L, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev))
+        dx = torch.empty_like(x)
+    (xk, dyk), (dxk,), S0, S1, (sx, sdy, sdx), cfg = _kernel_operands([x, dy], [dx], Cg)
+    split = _group_norm_act_split(B * G, Cg, S1, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev), S0)
     gpart = torch.empty((2, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     cpart = torch.empty((3 if add is not None else 2, B * C, split["split_l"]), dtype=torch.float32, device=dev)
 
@@ -549,18 +718,26 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
         return torch.empty((B, C), dtype=torch.float32, device=dev) if t is not None else gpart
 
     grid = (B * G, split["n_split"])
-    dims = (B * G, G, Cg, L, split["cb_per_prog"], split["lt_per_prog"], split["split_l"], split["n_split"])
-    ins = (_contiguous_or_dummy(add, xc), dy.contiguous(),
-           *(_contiguous_or_dummy(t, xc) for t in (weight, bias, scale, shift)), mean, rstd, gpart, cpart)
+    n_lt1 = _cdiv(S1, cfg["BLOCK_L"])
+    dims = (B * G, G, Cg, S1, n_lt1, S0 * n_lt1, split["cb_per_prog"], split["lt_per_prog"], split["split_l"],
+            split["n_split"])
+    vectors = (*(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), mean, rstd, gpart, cpart)
+    add_c = _contiguous_or_dummy(add, xk)
     flags = dict(HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
-                 BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["num_warps"])
-    _group_norm_act_bwd_reduce_kernel[grid](xc, *ins, *dims, **flags)
+                 BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1, num_warps=cfg["num_warps"])
+    _group_norm_act_bwd_reduce_kernel[grid](xk, add_c, dyk, *vectors, *sx, *sdy, *dims, DY_LIKE_X=sdy == sx,
+                                            maxnreg=_MAX_REGISTERS["_group_norm_act_bwd_reduce_kernel"], **flags)
     record_launch("_group_norm_act_bwd_reduce_kernel")
     dadd, dscale, dshift, dweight_rows, dbias_rows = (small_grad(t) for t in (add, scale, shift, weight, bias))
-    _group_norm_act_bwd_dx_kernel[grid](xc, *ins, dx, dadd, dscale, dshift, dweight_rows, dbias_rows, *dims,
-                                        **flags, BLOCK_SPLIT=_MAX_SPLIT, BLOCK_SPLIT_L=_MAX_SPLIT_L)
+    _group_norm_act_bwd_dx_kernel[grid](xk, add_c, dyk, *vectors, dxk, dadd, dscale, dshift, dweight_rows,
+                                        dbias_rows, *sx, *sdy, *sdx, dims[0], G, Cg, L, *dims[3:], **flags,
+                                        DY_LIKE_X=sdy == sx, DX_LIKE_X=sdx == sx, BLOCK_SPLIT=_MAX_SPLIT,
+                                        BLOCK_SPLIT_L=_MAX_SPLIT_L,
+                                        maxnreg=_MAX_REGISTERS["_group_norm_act_bwd_dx_kernel"])
     record_launch("_group_norm_act_bwd_dx_kernel")
+    if dxk is not dx:
+        dx.copy_(dxk)
     return (
         dx,
         dweight_rows.sum(0).to(weight.dtype) if weight is not None else None,
@@ -631,13 +808,25 @@ def _channel_coefs_torch(weight, bias, scale, shift, B, C, device):
 def _input_torch(x, add):
     """fp32 ``x + add`` as ``(B, C, L)`` (x itself when it is already fp32 and there is no add)."""
     B, C = x.shape[:2]
-    # aten's GroupNorm needs a contiguous (B, C, L); a strided x (e.g. a transposed attention output) is copied
+    # aten's GroupNorm needs a contiguous (B, C, L): a strided x (a transposed attention output, the
+    # video UNets' (B, C, F, H, W) view of (B*F, C, H, W) memory, channels-last) is copied here
     h = x.reshape(B, C, x.numel() // (B * C)).float().contiguous()
     return h + add.float()[:, :, None] if add is not None else h
 
 
-def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, activation):
-    """Torch forward with the kernels' outputs ``(y, mean, rstd)``, in fp32 on aten's fused GroupNorm."""
+def _as_layout(y: torch.Tensor, x: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """``y``, a contiguous result with x's number of elements, as a tensor of x's shape and dtype with
+    ``strides``: a view (cast if needed) where the strides are already those, else one copy into a
+    tensor that has them (the copy casts too)."""
+    y = y.view(x.shape)
+    if y.stride() == tuple(strides):
+        return y.to(x.dtype)
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device).copy_(y)
+
+
+def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout=None):
+    """Torch forward with the kernels' outputs ``(y, mean, rstd)``, in fp32 on aten's fused GroupNorm;
+    ``y`` laid out per ``out_layout`` (a copy of the contiguous result where that is not contiguous)."""
     B, C = x.shape[:2]
     h = _input_torch(x, add)
     if scale is None and shift is None:
@@ -649,12 +838,13 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
         _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
         torch.addcmul(offset[..., None], u, gain[..., None], out=u)
     y = _TORCH_ACTIVATIONS_INPLACE[activation](u)
-    return y.to(x.dtype).reshape(x.shape), mean, rstd
+    return _as_layout(y, x, _out_strides(x.shape, out_layout)), mean, rstd
 
 
 def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
     """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``,
-    the same algebra as the kernels: dx = rstd (gain du - c1 - xhat c2)."""
+    the same algebra as the kernels: dx = rstd (gain du - c1 - xhat c2). ``dy`` may have any strides
+    (copied to a contiguous fp32 buffer); ``dx`` is laid out as ``torch.empty_like(x)``."""
     B, C = x.shape[:2]
     Cg = C // num_groups
     w, bia, s1p, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
@@ -678,7 +868,7 @@ def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd
     dh = du.mul_(gain_r[..., None]).sub_((rstd_c * c1.repeat_interleave(Cg, dim=1))[..., None])
     dh.addcmul_(xc, q[..., None], value=-1)
     return (
-        dh.to(x.dtype).reshape(x.shape),
+        _as_layout(dh, x, torch.empty_like(x, device="meta").stride()),
         (s1p * s_du_xhat).sum(0).to(weight.dtype) if weight is not None else None,
         (s1p * s_du).sum(0).to(bias.dtype) if bias is not None else None,
         dh.sum(-1).to(add.dtype) if add is not None else None,
@@ -698,20 +888,20 @@ def _activation_of(name: str) -> str | None:
     return None if name == _NO_ACTIVATION else name
 
 
-def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, activation):
-    """``(y, mean, rstd)``: y like x (contiguous), mean/rstd ``(B, G)`` fp32."""
+def _group_norm_act_fwd_op(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout):
+    """``(y, mean, rstd)``: y of x's shape and dtype laid out per ``out_layout``, mean/rstd ``(B, G)`` fp32."""
     act = _activation_of(activation)
     if x.numel() == 0:  # an empty batch
         stats = x.new_empty((0, num_groups), dtype=torch.float32)
-        return x.new_empty(x.shape), stats, stats.clone()
+        return _alloc_out(x, out_layout), stats, stats.clone()
     if use_triton(x, weight, bias, add, scale, shift):
-        return _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act)
-    return _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, act)
+        return _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act, out_layout)
+    return _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, eps, act, out_layout)
 
 
-def _group_norm_act_fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps, activation):
+def _group_norm_act_fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout):
     stats = (x.shape[0], num_groups)
-    return (x.new_empty(x.shape), x.new_empty(stats, dtype=torch.float32),
+    return (_alloc_out(x, out_layout), x.new_empty(stats, dtype=torch.float32),
             x.new_empty(stats, dtype=torch.float32))
 
 
@@ -719,7 +909,7 @@ def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, n
     """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor."""
     act = _activation_of(activation)
     if x.numel() == 0:  # an empty batch
-        grads = (x.new_empty(x.shape), *(t.new_zeros(t.shape) if t is not None else None
+        grads = (torch.empty_like(x), *(t.new_zeros(t.shape) if t is not None else None
                                          for t in (weight, bias, add, scale, shift)))
     elif use_triton(x, dy, weight, bias, add, scale, shift):
         grads = _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
@@ -729,12 +919,12 @@ def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, n
 
 
 def _group_norm_act_bwd_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
-    return (x.new_empty(x.shape),) + tuple(
+    return (torch.empty_like(x),) + tuple(
         t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (weight, bias, add, scale, shift))
 
 
 def _group_norm_act_setup_context(ctx, inputs, output):
-    x, weight, bias, add, scale, shift, num_groups, _, activation = inputs
+    x, weight, bias, add, scale, shift, num_groups, _, activation, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
     ctx.num_groups = num_groups
@@ -748,14 +938,14 @@ def _group_norm_act_backward(ctx, dy, _dmean, _drstd):
                                                   ctx.num_groups, ctx.activation)
     present = (x, weight, bias, add, scale, shift)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 def _register_ops() -> None:
     fwd = torch.library.custom_op(
         "fastunet::group_norm_act_fwd", _group_norm_act_fwd_op, mutates_args=(),
         schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
-               "int num_groups, float eps, str activation) -> (Tensor, Tensor, Tensor)")
+               "int num_groups, float eps, str activation, int[]? out_layout) -> (Tensor, Tensor, Tensor)")
     fwd.register_fake(_group_norm_act_fwd_fake)
     fwd.register_autograd(_group_norm_act_backward, setup_context=_group_norm_act_setup_context)
     bwd = torch.library.custom_op(
@@ -769,7 +959,7 @@ def _register_ops() -> None:
 register_once(__name__, "fastunet::group_norm_act_fwd", _register_ops)
 
 
-def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift):
+def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift, out_layout=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -800,25 +990,42 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shif
             raise TypeError(f"{name} must be {x.dtype} (x's dtype) or torch.float32; got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    if out_layout is None:
+        return
+    if (isinstance(out_layout, (str, bytes, torch.Tensor)) or not isinstance(out_layout, Sequence)
+            or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in out_layout)):
+        raise TypeError(f"out_layout must be None or a sequence of ints; got {out_layout!r}")
+    if sorted(int(d) for d in out_layout) != list(range(x.dim())):
+        raise ValueError(f"out_layout must be a permutation of x's {x.dim()} dims {tuple(range(x.dim()))}; "
+                         f"got {tuple(out_layout)}")
 
 
 def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu",
-                   add=None, scale=None, shift=None):
+                   add=None, scale=None, shift=None, *, out_layout=None):
     """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in one pass over memory (two for statistics).
 
     Args:
-        x: ``(B, C, *spatial)``, 1 to 3 spatial dims, float32/float16/bfloat16.
+        x: ``(B, C, *spatial)``, 1 to 3 spatial dims, float32/float16/bfloat16, any strides (the
+            Triton kernels read it in place; the torch path copies a non-contiguous ``x`` once).
         num_groups: ``G``, dividing ``C``.
         weight, bias: optional ``(C,)`` affine parameters of the GroupNorm.
         eps: added to the variance.
         activation: ``"silu"``, ``"gelu"`` (exact erf form), ``"mish"`` or ``None``.
         add: optional ``(B, C)`` added to ``x`` before normalisation (time embedding).
         scale, shift: optional ``(B, C)`` modulation ``* (1 + scale) + shift`` after the affine.
+        out_layout: optional permutation of x's dims, the memory order of the result, outermost
+            first: ``y.permute(*out_layout)`` is contiguous. None: a contiguous result. For a video
+            ``x`` of shape ``(B, C, F, H, W)``, ``(0, 3, 4, 2, 1)`` makes
+            ``y.permute(0, 3, 4, 2, 1).reshape(B * H * W, F, C)`` a view.
 
-    The optional tensors are in ``x``'s dtype or float32. Returns a contiguous tensor shaped and
-    typed like ``x``. Differentiable in every tensor argument; deterministic.
+    The optional tensors are in ``x``'s dtype or float32. Returns a tensor shaped and typed like
+    ``x``, laid out per ``out_layout``. Differentiable in every tensor argument (the incoming
+    gradient may have any strides; x's gradient is laid out as ``torch.empty_like(x)``);
+    deterministic.
     """
-    _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift)
+    _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift, out_layout)
+    layout = None if out_layout is None else [int(d) for d in out_layout]
     y, _, _ = torch.ops.fastunet.group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, float(eps),
-                                                    activation if activation is not None else _NO_ACTIVATION)
+                                                    activation if activation is not None else _NO_ACTIVATION,
+                                                    layout)
     return y

@@ -10,7 +10,7 @@ interpreter ``@triton.jit`` yields interpreted functions that cannot be lowered.
 A case is a dict: ``module`` (import path), ``kernel`` (attribute name), ``signature`` (argument
 name -> Triton type string such as ``"*fp16"``, ``"i32"``, ``"fp32"`` or ``"constexpr"``),
 ``constexprs`` (values of the constexpr arguments), ``cc`` (80 or 90), ``num_warps``,
-``num_stages``.
+``num_stages``, and optionally ``maxnreg`` (the launchers' register cap, ptx ``.maxnreg``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ _CHILD = textwrap.dedent(
     for case in json.load(sys.stdin):
         fn = getattr(importlib.import_module(case["module"]), case["kernel"])
         src = ASTSource(fn=fn, signature=case["signature"], constexprs=case["constexprs"])
-        compiled = triton.compile(src, target=GPUTarget("cuda", case["cc"], 32),
-                                  options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+        options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
+        if case.get("maxnreg"):
+            options["maxnreg"] = case["maxnreg"]
+        compiled = triton.compile(src, target=GPUTarget("cuda", case["cc"], 32), options=options)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"]); f.flush()
             report = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], check=True,

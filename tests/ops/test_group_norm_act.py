@@ -19,6 +19,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastunet.kernels import group_norm_act, group_norm_act_reference, launch_counts, use_backend
 from fastunet.testing import check_against_oracle, rel_err
@@ -48,11 +49,12 @@ def make_inputs(shape, dtype, *, affine=True, add=False, scale=False, shift=Fals
     return inputs, torch.randn(shape).to(dtype)
 
 
-def run(fn, inputs, dy, num_groups, activation, eps=1e-5, cast=None):
-    """``fn``'s output and the gradients of every input, on leaf copies (optionally cast)."""
+def run(fn, inputs, dy, num_groups, activation, eps=1e-5, cast=None, **kwargs):
+    """``fn``'s output and the gradients of every input, on leaf copies (optionally cast; a copy keeps
+    the strides of its tensor) with ``kwargs`` passed on to ``fn``."""
     leaves = {k: (v.to(cast) if cast else v).detach().clone().requires_grad_() for k, v in inputs.items()}
     y = fn(leaves["x"], num_groups, leaves.get("weight"), leaves.get("bias"), eps, activation,
-           leaves.get("add"), leaves.get("scale"), leaves.get("shift"))
+           leaves.get("add"), leaves.get("scale"), leaves.get("shift"), **kwargs)
     y.backward(dy.to(cast) if cast else dy)
     return {"y": y.detach(), **{k: v.grad for k, v in leaves.items()}}
 
@@ -69,9 +71,9 @@ def assert_matches_oracle(inputs, dy, num_groups, activation, ours):
         check_against_oracle(ours[name], r, low[name], floor=FLOOR[dtype] * max(1.0, r.abs().max().item()), name=name)
 
 
-def run_backend(backend, inputs, dy, num_groups, activation):
+def run_backend(backend, inputs, dy, num_groups, activation, **kwargs):
     with use_backend(backend):
-        return run(group_norm_act, inputs, dy, num_groups, activation)
+        return run(group_norm_act, inputs, dy, num_groups, activation, **kwargs)
 
 
 # (id, shape, num_groups, dtype, activation, input options)
@@ -156,23 +158,27 @@ def test_triton_writes_every_element():
     assert torch.equal(dx, gna._group_norm_act_bwd(dy, *args, mean, rstd, 12, "silu")[0])
 
 
-@pytest.mark.parametrize("Cg, L", [(1, 1), (3, 91), (10, 4096), (20, 1024), (40, 256), (40, 64), (40, 16384),
-                                   (64, 37), (160, 4097), (2, 1 << 20)])
+@pytest.mark.parametrize("Cg, S1", [(1, 1), (3, 91), (10, 4096), (20, 1024), (40, 256), (40, 64), (40, 16384),
+                                    (64, 37), (160, 4097), (2, 1 << 20)])
+@pytest.mark.parametrize("S0", [1, 16])
 @pytest.mark.parametrize("n_bg, target", [(1, 8), (64, 8), (2, 1056), (64, 1056), (4096, 1056)])
-def test_split_covers_every_tile_once(Cg, L, n_bg, target):
-    cfg = gna._group_norm_act_config(Cg, L)
+def test_split_covers_every_tile_once(Cg, S1, S0, n_bg, target):
+    """Every (channel block, spatial tile) of a group, with S0 rows of cdiv(S1, BLOCK_L) tiles each, is
+    covered by exactly one program."""
+    cfg = gna._group_norm_act_config(Cg, S1)
     assert cfg in gna._group_norm_act_configs()
     bc, bl = cfg["BLOCK_C"], cfg["BLOCK_L"]
-    s = gna._group_norm_act_split(n_bg, Cg, L, bc, bl, target)
+    s = gna._group_norm_act_split(n_bg, Cg, S1, bc, bl, target, S0)
     assert 1 <= s["n_split"] <= gna._MAX_SPLIT and 1 <= s["split_l"] <= gna._MAX_SPLIT_L
+    n_lt1 = -(-S1 // bl)
     covered = []
     for pid in range(s["n_split"]):  # the kernels' arithmetic
         c_lo = (pid // s["split_l"]) * s["cb_per_prog"] * bc
-        l_lo = (pid % s["split_l"]) * s["lt_per_prog"] * bl
-        c_hi, l_hi = min(c_lo + s["cb_per_prog"] * bc, Cg), min(l_lo + s["lt_per_prog"] * bl, L)
-        assert c_lo < c_hi and l_lo < l_hi, "empty program"
-        covered += [(c, l) for c in range(c_lo, c_hi, bc) for l in range(l_lo, l_hi, bl)]
-    assert sorted(covered) == [(c, l) for c in range(0, Cg, bc) for l in range(0, L, bl)]
+        t_lo = (pid % s["split_l"]) * s["lt_per_prog"]
+        c_hi, t_hi = min(c_lo + s["cb_per_prog"] * bc, Cg), min(t_lo + s["lt_per_prog"], S0 * n_lt1)
+        assert c_lo < c_hi and t_lo < t_hi, "empty program"
+        covered += [(c, t // n_lt1, (t % n_lt1) * bl) for c in range(c_lo, c_hi, bc) for t in range(t_lo, t_hi)]
+    assert sorted(covered) == [(c, s0, l) for c in range(0, Cg, bc) for s0 in range(S0) for l in range(0, S1, bl)]
 
 
 def test_config_is_bucketed():
@@ -287,9 +293,9 @@ def test_custom_op_registration():
     inputs, _ = make_inputs((2, 16, 5, 3), F32, add=True, scale=True, shift=True)
     args = [inputs[k].requires_grad_() for k in ("x", "weight", "bias", "add", "scale", "shift")]
     with use_backend("torch"):
-        torch.library.opcheck(torch.ops.fastunet.group_norm_act_fwd.default, (*args, 4, 1e-5, "gelu"))
+        torch.library.opcheck(torch.ops.fastunet.group_norm_act_fwd.default, (*args, 4, 1e-5, "gelu", None))
         torch.library.opcheck(torch.ops.fastunet.group_norm_act_fwd.default,
-                              (args[0], None, None, None, None, None, 4, 1e-5, "none"))
+                              (args[0], None, None, None, None, None, 4, 1e-5, "none", None))
 
 
 def test_bare_kernels_copy_does_not_take_over_the_ops():
@@ -342,3 +348,237 @@ def test_validation_errors():
         group_norm_act(x, 4.0)
     with pytest.raises(ValueError, match="non-empty spatial"):
         group_norm_act(torch.randn(2, 12, 0, 3), 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strided x and out_layout: the video UNets' (B, C, F, H, W) view of (B*F, C, H, W) memory
+# ----------------------------------------------------------------------------------------------
+
+LAYOUTS = {"contiguous": None, "tokens": (0, 3, 4, 2, 1), "frames": (0, 2, 1, 3, 4)}
+
+
+def video_view(batch, frames, channels, plane, dtype):
+    """``h.view(B, F, C, H, W).permute(0, 2, 1, 3, 4)`` of a fresh ``(B*F, C, H, W)`` tensor ``h``,
+    as the video UNets hand their 2-D layers' output to the temporal GroupNorm: not contiguous."""
+    h = (torch.randn(batch * frames, channels, *plane) * 1.7 + 0.6).to(dtype)
+    return h.view(batch, frames, channels, *plane).permute(0, 2, 1, 3, 4)
+
+
+def randn_in_layout(shape, layout, dtype):
+    """Random tensor of ``shape`` whose dims lie in memory in the order ``layout`` (outermost first)."""
+    order = layout or range(len(shape))
+    t = torch.randn([shape[d] for d in order]).to(dtype)
+    return t.permute([list(order).index(d) for d in range(len(shape))])
+
+
+VIDEO_DTYPES = {32: F32, 64: BF16, 320: F16, 96: F32}
+VIDEO_ACTIVATIONS = {1: "silu", 3: None, 8: "gelu", 16: "mish"}
+
+
+def video_cases():
+    """(frames, channels, plane, layout, backend): B = 2, 32 groups. The torch path takes every frame
+    count, channel count and layout; the interpreter (seconds per case) every (frames, channels) pair
+    with the layouts rotating so that each layout meets every frame count and every channel count,
+    and every layout on the odd case (C = 96: 3 channels a group, a 7 x 9 plane)."""
+    cases = []
+    for i, frames in enumerate((1, 3, 8, 16)):
+        for j, channels in enumerate((32, 64, 320)):
+            for k, layout in enumerate(LAYOUTS):
+                cases.append((frames, channels, (4, 4), layout, "torch"))
+                if k == (i + j) % len(LAYOUTS):
+                    cases.append((frames, channels, (4, 4), layout, "triton"))
+    for frames in (3, 8):
+        cases += [(frames, 96, (7, 9), layout, backend) for layout in LAYOUTS for backend in ("triton", "torch")]
+    return cases
+
+
+@pytest.mark.parametrize("frames, channels, plane, layout, backend", video_cases(),
+                         ids=[f"F{f}-C{c}-{h}x{w}-{lay}-{be}" for f, c, (h, w), lay, be in video_cases()])
+def test_video_view_and_out_layout(frames, channels, plane, layout, backend):
+    """Forward and every gradient against float64, the output in each layout the video blocks use and
+    the incoming gradient in that layout too (what comes back through the permute)."""
+    dtype, activation, out_layout = VIDEO_DTYPES[channels], VIDEO_ACTIVATIONS[frames], LAYOUTS[layout]
+    inputs, _ = make_inputs((2, channels, frames, *plane), dtype, add=True, scale=True, shift=True)
+    inputs["x"] = video_view(2, frames, channels, plane, dtype)
+    dy = randn_in_layout(inputs["x"].shape, out_layout, dtype)
+    before = {k: launch_counts[k] for k in KERNELS}
+    ours = run_backend(backend, inputs, dy, 32, activation, out_layout=out_layout)
+    ran = all(launch_counts[k] == before[k] + 1 for k in KERNELS)
+    assert ran == (backend == "triton"), dict(launch_counts)
+    y, dx = ours["y"], ours["x"]
+    assert y.permute(*(out_layout or range(5))).is_contiguous(), y.stride()
+    assert dx.stride() == inputs["x"].stride(), "dx is laid out as x"
+    assert_matches_oracle(inputs, dy, 32, activation, ours)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("out_layout", [None, (0, 2, 3, 1)], ids=["contiguous-out", "channels-last-out"])
+def test_channels_last_input(out_layout, backend):
+    """A 4-D channels_last ``x`` (channels innermost, read in place by the kernels), the output
+    contiguous or channels_last, the gradient arriving channels_last."""
+    inputs, _ = make_inputs((2, 96, 7, 9), BF16, add=True, scale=True, shift=True)
+    inputs["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
+    dy = randn_in_layout(inputs["x"].shape, (0, 2, 3, 1), BF16)
+    ours = run_backend(backend, inputs, dy, 32, "silu", out_layout=out_layout)
+    assert ours["y"].permute(*(out_layout or range(4))).is_contiguous()
+    assert ours["x"].is_contiguous(memory_format=torch.channels_last)
+    assert_matches_oracle(inputs, dy, 32, "silu", ours)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_spatial_dims_that_do_not_merge_fall_back(backend):
+    """An out_layout that reverses the spatial dims leaves three non-mergeable dims: the launcher
+    then computes into contiguous buffers and copies; results are the same."""
+    inputs, dy = make_inputs((2, 32, 3, 4, 5), F32, add=True)
+    inputs["x"] = video_view(2, 3, 32, (4, 5), F32)
+    assert gna._spatial_plan(inputs["x"].shape, [inputs["x"], gna._alloc_out(inputs["x"], (0, 1, 4, 3, 2))]) is None
+    ours = run_backend(backend, inputs, dy, 8, "gelu", out_layout=(0, 1, 4, 3, 2))
+    assert ours["y"].permute(0, 1, 4, 3, 2).is_contiguous()
+    assert_matches_oracle(inputs, dy, 8, "gelu", ours)
+
+
+def test_spatial_plan_merges_the_video_layouts():
+    x5 = video_view(2, 8, 64, (6, 10), F32)
+    y = gna._alloc_out(x5, (0, 3, 4, 2, 1))
+    S0, S1, (sx, sy) = gna._spatial_plan(x5.shape, [x5, y])
+    assert (S0, S1) == (8, 60)  # (F, H*W)
+    assert sx == (8 * 64 * 60, 60, 64 * 60, 1) and sy == (60 * 8 * 64, 1, 64, 8 * 64)
+    S0, S1, (sx,) = gna._spatial_plan((2, 64, 1, 6, 10), [x5[:, :, :1]])
+    assert (S0, S1) == (1, 60) and sx[3] == 1  # a single frame drops out
+    cl = torch.randn(2, 64, 6, 10).contiguous(memory_format=torch.channels_last)
+    assert gna._spatial_plan(cl.shape, [cl]) == (1, 60, [(64 * 60, 1, 0, 64)])
+    cfg = gna._group_norm_act_config(2, 60, channels_inner=True)
+    assert cfg["BLOCK_C"] == 4 and gna._group_norm_act_config(10, 60, channels_inner=True)["BLOCK_C"] == 16
+
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the aten ops that copy at least ``numel`` elements into another buffer. Triton's
+    interpreter writes every tensor argument back onto its own storage after a launch (a copy_ of a
+    storage onto itself, a no-op on the CPU and absent on a GPU); those are not counted."""
+
+    COPIES = {torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.copies = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[1] if func == torch.ops.aten.copy_.default else args[0]
+        dst = args[0] if func == torch.ops.aten.copy_.default else out
+        if func in self.COPIES and src.numel() >= self.numel and (
+                src.untyped_storage().data_ptr() != dst.untyped_storage().data_ptr()):
+            self.copies.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("out_layout", [None, (0, 3, 4, 2, 1), (0, 2, 1, 3, 4)], ids=list(LAYOUTS))
+def test_triton_path_copies_nothing_of_x_size(out_layout):
+    """The video view and its gradient go through the launchers with no full-size copy (the torch
+    path, for contrast, copies x), and the kernels get x's own memory."""
+    x5 = video_view(2, 3, 64, (4, 4), F16)
+    w, b, add = torch.randn(64).half(), torch.randn(64).half(), torch.randn(2, 64).half()
+    dy = randn_in_layout(x5.shape, out_layout, F16)
+    with _CountCopies(x5.numel()) as mode:
+        y, mean, rstd = gna._group_norm_act_fwd(x5, w, b, add, None, None, 32, 1e-5, "silu", out_layout)
+        dx = gna._group_norm_act_bwd(dy, x5, w, b, add, None, None, mean, rstd, 32, "silu")[0]
+    assert mode.copies == [], mode.copies
+    assert dx.stride() == x5.stride()
+    with _CountCopies(x5.numel()) as mode:
+        gna._group_norm_act_fwd_torch(x5, w, b, add, None, None, 32, 1e-5, "silu", out_layout)
+    assert mode.copies, "the counter sees the torch path's copy of x"
+
+
+def test_kernels_get_the_callers_tensors(monkeypatch):
+    """Through the public op and autograd: the kernels read x and the gradient where they lie and
+    write y and dx where they are returned (pointers compared)."""
+    seen = {}
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen[self.name] = [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_group_norm_act_fwd_kernel", "_group_norm_act_bwd_dx_kernel"):
+        monkeypatch.setattr(gna, name, Spy(name, getattr(gna, name)))
+    h = torch.randn(2 * 3, 64, 4, 4, requires_grad=True)
+    x5 = h.view(2, 3, 64, 4, 4).permute(0, 2, 1, 3, 4)
+    w = torch.randn(64, requires_grad=True)
+    with use_backend("triton"):
+        y = group_norm_act(x5, 32, w, None, out_layout=(0, 3, 4, 2, 1))
+        tokens = y.permute(0, 3, 4, 2, 1).reshape(2 * 16, 3, 64)  # the temporal proj_in's input: a view
+        dy = torch.randn(tokens.shape)
+        (dh,) = torch.autograd.grad(tokens, h, dy)
+    assert tokens.data_ptr() == y.data_ptr()
+    fwd, dx = seen["_group_norm_act_fwd_kernel"], seen["_group_norm_act_bwd_dx_kernel"]
+    assert fwd[0] == h.data_ptr() and fwd[6] == y.data_ptr()  # x_ptr, y_ptr
+    assert dx[0] == h.data_ptr() and dx[2] == dy.data_ptr()  # x_ptr, dy_ptr (the gradient's own memory)
+    assert dx[11] == dh.data_ptr()  # dx_ptr: dx reaches h through the permute and view as it was written
+
+
+class _TemporalNormProj(nn.Module):
+    """The video blocks' temporal GroupNorm on the (B, C, F, H, W) view and proj_in on its tokens."""
+
+    def __init__(self, channels=64, frames=3):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.frames = frames
+
+    def forward(self, h):
+        bf, c, height, width = h.shape
+        x5 = h.view(bf // self.frames, self.frames, c, height, width).permute(0, 2, 1, 3, 4)
+        y = group_norm_act(x5, 32, self.norm.weight, self.norm.bias, 1e-6, None, out_layout=(0, 3, 4, 2, 1))
+        return self.proj_in(y.permute(0, 3, 4, 2, 1).reshape(-1, self.frames, c))
+
+
+@pytest.mark.parametrize("compiler, backend", [("aot_eager", "triton"), ("aot_eager", "torch"), ("inductor", "torch")])
+def test_torch_compile_fullgraph_out_layout(compiler, backend):
+    """torch.compile(fullgraph=True) around the strided input and out_layout, forward and backward: the
+    fake implementation's strides match the real ones, and compiled and eager results agree."""
+    torch._dynamo.reset()
+    module = _TemporalNormProj()
+    h = torch.randn(6, 64, 4, 5)
+    results = []
+    for fn in (module, torch.compile(module, fullgraph=True, backend=compiler)):
+        module.zero_grad()
+        leaf = h.clone().requires_grad_()
+        with use_backend(backend):
+            out = fn(leaf)
+            out.square().sum().backward()
+        results.append([out.detach(), leaf.grad, *(p.grad.clone() for p in module.parameters())])
+    for compiled, eager in zip(*reversed(results)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_op_registration_out_layout(backend):
+    """opcheck (schema, fake strides against the real ones, autograd) on the video view with each
+    out_layout, and on a channels_last input."""
+    x5 = video_view(2, 3, 32, (3, 4), F32).requires_grad_()
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    add = torch.randn(2, 32, requires_grad=True)
+    op = torch.ops.fastunet.group_norm_act_fwd.default
+    with use_backend(backend):
+        for layout in LAYOUTS.values():
+            torch.library.opcheck(op, (x5, w, b, add, None, None, 8, 1e-5, "silu",
+                                       None if layout is None else list(layout)))
+        cl = torch.randn(2, 32, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+        torch.library.opcheck(op, (cl, w, b, None, None, None, 8, 1e-5, "gelu", [0, 2, 3, 1]))
+
+
+def test_out_layout_validation():
+    x = torch.randn(2, 8, 3, 4)
+    with pytest.raises(ValueError, match=r"permutation of x's 4 dims \(0, 1, 2, 3\); got \(0, 2, 1\)"):
+        group_norm_act(x, 4, out_layout=(0, 2, 1))
+    with pytest.raises(ValueError, match=r"got \(0, 1, 1, 3\)"):
+        group_norm_act(x, 4, out_layout=[0, 1, 1, 3])
+    with pytest.raises(TypeError, match="out_layout must be None or a sequence of ints; got '0123'"):
+        group_norm_act(x, 4, out_layout="0123")
+    with pytest.raises(TypeError, match="sequence of ints"):
+        group_norm_act(x, 4, out_layout=(0, 1, 2.0, 3))
