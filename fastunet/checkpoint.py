@@ -25,6 +25,7 @@ import os
 import re
 import struct
 import threading
+import uuid
 import warnings
 import zipfile
 from pathlib import PurePath
@@ -103,24 +104,23 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, safe_se
     else:
         stem, extension = single.rsplit(".", 1)
         files = {f"{stem}-{i:05d}-of-{len(shards):05d}.{extension}": names for i, names in enumerate(shards, 1)}
-    os.makedirs(directory, exist_ok=True)
-
-    _write_atomically(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, config_text))
+    index_name = _add_variant(SAFETENSORS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+    writers = {}
     for name, names in files.items():
         shard = {key: state_dict[key] for key in names}
         if safe_serialization:
-            write = lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"})  # noqa: E731
+            writers[name] = lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"})
         else:
-            write = lambda tmp, shard=shard: torch.save(shard, tmp)  # noqa: E731
-        _write_atomically(os.path.join(directory, name), write)
-    index_name = _add_variant(SAFETENSORS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME, variant)
+            writers[name] = lambda tmp, shard=shard: torch.save(shard, tmp)
     if len(files) > 1:
         index = {"metadata": {"total_size": total_size},
                  "weight_map": {key: name for name, names in files.items() for key in names}}
         index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _write_atomically(os.path.join(directory, index_name), lambda tmp: _write_text(tmp, index_text))
-    _remove_stale_weights(directory, safe_serialization, variant, keep=set(files) | ({index_name} if len(files) > 1
-                                                                                     else set()))
+        writers[index_name] = lambda tmp: _write_text(tmp, index_text)
+    os.makedirs(directory, exist_ok=True)
+    _commit(directory, writers, config_text,
+            stale=lambda: _remove_stale_weights(directory, safe_serialization, variant,
+                                                keep=set(files) | ({index_name} if len(files) > 1 else set())))
     if not safe_serialization:
         shadowing = [n for n in (_add_variant(SAFETENSORS_INDEX_NAME, variant),
                                  _add_variant(SAFETENSORS_WEIGHTS_NAME, variant))
@@ -269,16 +269,79 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def _stage(directory: str, name: str, write) -> str:
+    """Write ``name`` through ``write(path)`` to a new hidden temporary file in ``directory``, flushed to
+    disk, and return its path; on failure nothing is left behind."""
+    # a fresh name per call (not mkstemp: the writer creates the file, with the usual permissions)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the renames in ``directory`` durable (where the platform can open a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _write_atomically(path: str, write) -> None:
     """Write through a temporary file in the same directory, so a failure never leaves half a file."""
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = _stage(directory, name, write)
     try:
-        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _sync_directory(directory)
+
+
+def _commit(directory: str, writers: Mapping[str, Any], config_text: str, stale) -> None:
+    """Replace the weights files (``writers``: final name -> ``write(path)``) and ``config.json`` of
+    ``directory`` so that no moment of the save, nor a failure at any point, leaves a checkpoint that loads
+    one model's config with another's weights.
+
+    1. Every file is written under a temporary name first. A failure here (a full disk, an error in the
+       writer, an interrupt) removes those files: the directory holds the previous checkpoint, untouched.
+       The price is the disk space of both checkpoints for the duration of the save.
+    2. The previous ``config.json`` is removed, then the weights (and shard index) are renamed into place
+       and stale ones deleted, and the new ``config.json`` is renamed in last. Killed in between, the
+       directory has no config.json: loading it fails ("no config.json in ...") rather than combining
+       the new config with old weights or the reverse.
+    """
+    staged = {}
+    try:
+        for name, write in writers.items():
+            staged[name] = _stage(directory, name, write)
+        staged[CONFIG_NAME] = _stage(directory, CONFIG_NAME, lambda tmp: _write_text(tmp, config_text))
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if os.path.lexists(config_path):
+            os.remove(config_path)
+            _sync_directory(directory)
+        for name in writers:
+            os.replace(staged.pop(name), os.path.join(directory, name))
+        stale()
+        _sync_directory(directory)
+        os.replace(staged.pop(CONFIG_NAME), config_path)
+        _sync_directory(directory)
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _remove_stale_weights(directory: str, safe_serialization: bool, variant: str | None, keep: set[str]) -> None:
@@ -746,8 +809,9 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
                               source: str | None = None, assign: bool = False) -> None:
     """Load a diffusers-format state dict into ``model``, strictly, converting old attention names.
 
-    Every entry is checked before any is copied: if a weight is missing, unexpected or of the wrong shape,
-    one ValueError lists all of them and ``model`` is left untouched. Tied weights (one tensor under two
+    Every entry is checked before any is copied: if a weight is missing, unexpected, of the wrong shape or
+    of the wrong kind (integer or boolean data for a floating-point weight, or the reverse), one ValueError
+    lists all of them and ``model`` is left untouched. Tied weights (one tensor under two
     names) may appear under either name. Values are cast to the dtype of the model's tensors. The caller's
     ``state_dict`` is not modified.
 
@@ -783,7 +847,12 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         (k, tuple(converted[k].shape), tuple(expected[k].shape)) for k in expected
         if k in converted and isinstance(converted[k], torch.Tensor) and converted[k].shape != expected[k].shape
     ]
-    if missing or unexpected or not_tensors or mismatched:
+    wrong_kind = [
+        (k, converted[k].dtype, expected[k].dtype) for k in expected
+        if k in converted and isinstance(converted[k], torch.Tensor) and converted[k].shape == expected[k].shape
+        and _dtype_kind(converted[k].dtype) != _dtype_kind(expected[k].dtype)
+    ]
+    if missing or unexpected or not_tensors or mismatched or wrong_kind:
         where = f" from {source}" if source else ""
         parts = [f"cannot load the state dict{where} into {type(model).__name__} (nothing was loaded):"]
         if missing:
@@ -793,6 +862,10 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
         if mismatched:
             lines = [f"  {k}: checkpoint {list(got)}, model {list(want)}" for k, got, want in mismatched]
             parts.append(f"{len(mismatched)} shape mismatch(es):\n" + "\n".join(lines))
+        if wrong_kind:
+            lines = [f"  {k}: checkpoint {got}, model {want}" for k, got, want in wrong_kind]
+            parts.append(f"{len(wrong_kind)} dtype mismatch(es) (only floating-point values are cast):\n"
+                         + "\n".join(lines))
         if not_tensors:
             parts.append(f"{len(not_tensors)} value(s) that are not tensors: {not_tensors}")
         raise ValueError("\n".join(parts))
@@ -815,3 +888,100 @@ def load_diffusers_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     if left:
         raise ValueError(f"{type(model).__name__} still has tensors on the meta device after loading (they are "
                          f"not in its state dict, so no checkpoint can fill them): {left}")
+
+
+# ------------------------------------------------------------------------------------- atomic loads
+#
+# torch's ``Module.load_state_dict`` copies module by module and reports problems at the end: a state
+# dict with one wrongly shaped or missing entry raises, but every entry before it (and, for missing and
+# unexpected keys, every other entry) has already been copied. The functions below look at every entry
+# first and copy nothing unless all of them can be loaded.
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def _entry_problem(key: str, value: Any, target: torch.Tensor, assign: bool) -> str | None:
+    """Why ``value`` cannot be loaded into the model's ``target`` under ``key`` (None when it can).
+
+    Shapes must match (torch's one exception: a one-element 1-D tensor fills a 0-D one). Values are cast
+    by ``copy_``, which is harmless between floating-point dtypes but would silently turn integer or
+    boolean data into weights (or truncate floats into an integer buffer): the kinds must match.
+    """
+    if not isinstance(value, torch.Tensor):
+        return f"{key}: expected a tensor, the state dict holds a {type(value).__name__}"
+    if not torch.nn.parameter.is_lazy(target):
+        shape, wanted = tuple(value.shape), tuple(target.shape)
+        if shape != wanted and not (wanted == () and shape == (1,)):
+            return (f"size mismatch for {key}: copying a param with shape {list(shape)} from checkpoint, "
+                    f"the shape in current model is {list(wanted)}")
+    if _dtype_kind(value.dtype) != _dtype_kind(target.dtype):
+        return (f"dtype mismatch for {key}: the state dict holds {_dtype_kind(value.dtype)} {value.dtype}, the "
+                f"model's tensor is {_dtype_kind(target.dtype)} {target.dtype} (only floating-point values are "
+                "cast on load)")
+    if value.is_meta and not target.is_meta and not assign:
+        return (f"{key}: the state dict's tensor is on the meta device and holds no values to copy (pass "
+                "assign=True to make it the model's tensor)")
+    return None
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False,
+                     prefixes: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Check that ``model.load_state_dict(state_dict, strict=strict, assign=assign)`` can load every entry,
+    before anything is copied; return ``(missing_keys, unexpected_keys)`` as torch would report them.
+
+    ``prefixes`` restricts the check to the model's entries under those module paths (and the state dict's
+    entries under them; the others are ignored); every such model entry must then be given.
+
+    Raises:
+        TypeError: ``state_dict`` is not a mapping.
+        RuntimeError: one message, in torch's wording, naming every missing (under ``strict``), unexpected
+            (under ``strict``), wrongly shaped, wrongly typed or non-tensor entry, each with what the model
+            expects and what the state dict holds.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
+    expected = model.state_dict(keep_vars=True)
+    given = list(state_dict)
+    if prefixes is not None:
+        roots = tuple(f"{p}." for p in prefixes)
+        expected = {k: v for k, v in expected.items() if k.startswith(roots)}
+        given = [k for k in given if isinstance(k, str) and k.startswith(roots)]
+        strict = True
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in given if k not in expected]
+    problems = [p for k in given if k in expected
+                for p in [_entry_problem(k, state_dict[k], expected[k], assign)] if p is not None]
+    if problems or (strict and (missing or unexpected)):
+        lines = []
+        if strict and missing:
+            lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+        if strict and unexpected:
+            lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ".")
+        lines += [f"{p}." for p in problems]
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(model).__name__} (nothing was loaded, the "
+                           f"model is unchanged):\n\t" + "\n\t".join(lines))
+    return missing, unexpected
+
+
+def load_state_dict_under(model: nn.Module, state_dict: Mapping[str, Any], prefixes: list[str]) -> None:
+    """Load the entries of ``state_dict`` under the module paths ``prefixes`` into those sub-modules of
+    ``model``, all or nothing: every model entry under them must be present, of the right shape and kind
+    (see :func:`check_state_dict`), or a RuntimeError names each problem and nothing is copied. Entries
+    of ``state_dict`` outside ``prefixes`` are ignored. For example the motion modules of an adapter whose
+    state dict uses the UNet's names::
+
+        load_state_dict_under(unet, adapter.state_dict(),
+                              [n for n, _ in unet.named_modules() if n.endswith("motion_modules")])
+    """
+    modules = {prefix: model.get_submodule(prefix) for prefix in prefixes}  # an unknown path raises here
+    check_state_dict(model, state_dict, prefixes=list(modules))
+    for prefix, module in modules.items():
+        root = f"{prefix}."
+        part = {k[len(root):]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(root)}
+        module.load_state_dict(part, strict=True)

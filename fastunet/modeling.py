@@ -1,7 +1,8 @@
 """What every fastunet model shares.
 
-* :class:`ModelMixin` -- config, dtype/device, gradient checkpointing and diffusers-format checkpoints
-  (``save_pretrained`` / ``from_pretrained``, in :mod:`fastunet.checkpoint`);
+* :class:`ModelMixin` -- config, dtype/device, gradient checkpointing, diffusers-format checkpoints
+  (``save_pretrained`` / ``from_pretrained``, in :mod:`fastunet.checkpoint`) and an all-or-nothing
+  ``load_state_dict``;
 * :class:`AttentionMixin` -- diffusers' attention-processor API for models with attention layers:
   ``attn_processors``, ``set_attn_processor``, ``set_default_attn_processor``, ``set_attention_slice``
   and ``fuse_qkv_projections`` / ``unfuse_qkv_projections``.
@@ -109,6 +110,14 @@ class ModelMixin(nn.Module, ConfigMixin):
         """Bytes held by the parameters, plus the buffers unless ``return_buffers=False``."""
         tensors = itertools.chain(self.parameters(), self.buffers() if return_buffers else ())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``torch.nn.Module.load_state_dict``, all or nothing: every entry is checked first (missing and
+        unexpected keys under ``strict``; shapes; dtype kinds, since only floating-point values are cast) and
+        a RuntimeError in torch's wording names every problem, with the model left exactly as it was.
+        Returns torch's ``_IncompatibleKeys(missing_keys, unexpected_keys)``."""
+        checkpoint.check_state_dict(self, state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def save_config(self, save_directory) -> None:
         """Write ``config.json`` alone into ``save_directory`` (created if needed), as ``save_pretrained`` does."""
