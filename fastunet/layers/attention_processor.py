@@ -14,7 +14,10 @@ they compute ``softmax(q k^T * scale + mask) v``:
 * :class:`AttnProcessor2_0`    -- ``torch.nn.functional.scaled_dot_product_attention``;
 * :class:`AttnProcessor`       -- explicit scores through ``attn.get_attention_scores`` (baddbmm and
   softmax, honouring ``upcast_attention``/``upcast_softmax``);
-* :class:`SlicedAttnProcessor` -- the same, ``slice_size`` batch*heads rows at a time.
+* :class:`SlicedAttnProcessor` -- the same, ``slice_size`` batch*heads rows at a time;
+* :class:`TritonSlicedAttnProcessor` -- :class:`TritonAttnProcessor`'s kernel on at most ``slice_size``
+  batch*heads rows per launch; what ``set_attention_slice`` (and pipelines' ``enable_attention_slicing``)
+  installs, so slicing never leaves the kernel.
 
 They use only what diffusers' ``Attention`` also has, so the same objects can be set on a diffusers
 model: ``diffusers_unet.set_attn_processor(TritonAttnProcessor())``.
@@ -222,7 +225,7 @@ class Attention(nn.Module):
         """Slice attention over batch*heads, ``slice_size`` rows at a time; ``None`` turns slicing off."""
         if slice_size is not None and slice_size > self.sliceable_head_dim:
             raise ValueError(f"slice_size {slice_size} has to be smaller or equal to {self.sliceable_head_dim}.")
-        self.set_processor(SlicedAttnProcessor(slice_size) if slice_size is not None else TritonAttnProcessor())
+        self.set_processor(TritonSlicedAttnProcessor(slice_size) if slice_size is not None else TritonAttnProcessor())
 
     def forward(
         self,
@@ -524,16 +527,22 @@ class TritonAttnProcessor(_AttnProcessorBase):
         return norm_act(norm, x)
 
     def attend(self, attn, query, key, value, attention_mask, batch):
-        heads = attn.heads
-        head_dim = query.shape[-1] // heads
-        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
-        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        mask = None
-        if attention_mask is not None:
-            mask = _check_mask(attention_mask, batch, heads, q.shape[2], k.shape[2])
+        q, k, v, mask = _heads_views(attn, query, key, value, attention_mask, batch)
         out = attention_kernel(q, k, v, attn_mask=mask, scale=attn.scale)
-        return out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        return out.transpose(1, 2).reshape(batch, -1, query.shape[-1])
+
+
+def _heads_views(attn, query, key, value, attention_mask, batch):
+    """``(B, H, N|M, D)`` strided views of the projections and the mask checked for them."""
+    heads = attn.heads
+    head_dim = query.shape[-1] // heads
+    q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+    mask = None
+    if attention_mask is not None:
+        mask = _check_mask(attention_mask, batch, heads, q.shape[2], k.shape[2])
+    return q, k, v, mask
 
 
 class AttnProcessor2_0(_AttnProcessorBase):
@@ -603,6 +612,42 @@ class SlicedAttnProcessor(_AttnProcessorBase):
             probs = attn.get_attention_scores(q[rows], k[rows], mask[rows] if mask is not None else None)
             out[rows] = torch.bmm(probs, v[rows])
         return attn.batch_to_head_dim(out)
+
+
+class TritonSlicedAttnProcessor(SlicedAttnProcessor, TritonAttnProcessor):
+    """:class:`TritonAttnProcessor`'s kernel launched on at most ``slice_size`` of the batch*heads rows
+    at a time (in batch-major order, as diffusers slices them).
+
+    The kernel's memory is already linear in the sequence length, so slicing only bounds how many
+    (sample, head) pairs one launch holds; the result equals the unsliced kernel's."""
+
+    def attend(self, attn, query, key, value, attention_mask, batch):
+        q, k, v, mask = _heads_views(attn, query, key, value, attention_mask, batch)
+        heads = q.shape[1]
+        if self.slice_size >= batch * heads:
+            return TritonAttnProcessor.attend(self, attn, query, key, value, attention_mask, batch)
+        out = query.new_empty(query.shape)
+        out_heads = out.view(batch, -1, heads, q.shape[-1]).transpose(1, 2)
+        for b, h0, h1 in _row_slices(batch, heads, self.slice_size):
+            part = None
+            if mask is not None:
+                part = mask[b if mask.shape[0] > 1 else 0].unsqueeze(0)
+                part = part[:, h0:h1] if part.shape[1] > 1 else part
+            rows = (slice(b, b + 1), slice(h0, h1))
+            out_heads[rows] = attention_kernel(q[rows], k[rows], v[rows], attn_mask=part, scale=attn.scale)
+        return out
+
+
+def _row_slices(batch: int, heads: int, size: int):
+    """``(sample, first head, end head)`` pieces covering the batch*heads rows ``size`` at a time; a
+    slice that crosses a sample boundary is split there, so that each piece is one sample's heads."""
+    for start in range(0, batch * heads, size):
+        stop = min(start + size, batch * heads)
+        while start < stop:
+            b, h0 = divmod(start, heads)
+            h1 = min(heads, h0 + stop - start)
+            yield b, h0, h1
+            start += h1 - h0
 
 
 # -- IP-Adapter ------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from fastunet.layers.attention_processor import (
     AttnProcessor2_0,
     SlicedAttnProcessor,
     TritonAttnProcessor,
+    TritonSlicedAttnProcessor,
+    _row_slices,
 )
 from fastunet.configuration import register_to_config
 from fastunet.modeling import AttentionMixin, ModelMixin
@@ -215,6 +217,62 @@ def test_set_attention_slice_on_the_layer():
     assert isinstance(ours.processor, TritonAttnProcessor)
     with pytest.raises(ValueError, match="slice_size 9 has to be smaller or equal to 8"):
         ours.set_attention_slice(9)
+
+
+def test_set_attention_slice_keeps_the_triton_kernel(monkeypatch):
+    """Slicing installs the Triton processor that bounds the batch*heads rows per launch: one launch per
+    piece, pieces split at sample boundaries, and the result (and gradients) equal the unsliced kernel's."""
+    import fastunet.layers.attention_processor as ap
+
+    ref, ours = make_pair(64, cross_attention_dim=32, heads=4, dim_head=16)
+    x, context = torch.randn(3, 10, 64, requires_grad=True), torch.randn(3, 7, 32)
+    mask = torch.rand(3, 7) > 0.3
+    mask[:, 0] = True
+    with fastunet.use_backend("triton"):
+        expected = ours(x, context, attention_mask=mask)
+        expected_grads = torch.autograd.grad(expected.square().sum(), [x, *ours.parameters()])
+        ours.set_attention_slice(3)
+        assert type(ours.processor) is TritonSlicedAttnProcessor and ours.processor.slice_size == 3
+        calls = []
+        kernel = ap.attention_kernel
+        monkeypatch.setattr(ap, "attention_kernel", lambda q, *a, **k: calls.append(q.shape[:2]) or kernel(q, *a, **k))
+        out = ours(x, context, attention_mask=mask)
+        grads = torch.autograd.grad(out.square().sum(), [x, *ours.parameters()])
+    # 12 rows, 3 at a time; slices [3:6] and [6:9] cross the sample boundaries at 4 and 8
+    assert calls == [(1, 3), (1, 1), (1, 2), (1, 2), (1, 1), (1, 3)]
+    assert rel_err(out, expected, norm="max") < 1e-6
+    for actual, wanted in zip(grads, expected_grads):
+        assert rel_err(actual, wanted, norm="max") < 1e-6
+    with torch.no_grad():
+        assert rel_err(out, ref(x, context, attention_mask=mask), norm="max") < RTOL
+
+
+def test_row_slices_cover_every_row_once():
+    for batch, heads, size in [(1, 1, 1), (2, 8, 3), (3, 5, 5), (4, 2, 1), (2, 3, 2)]:
+        rows = [b * heads + h for b, h0, h1 in _row_slices(batch, heads, size) for h in range(h0, h1)]
+        assert rows == list(range(batch * heads))
+        assert all(h1 - h0 <= size for _, h0, h1 in _row_slices(batch, heads, size))
+
+
+def test_auto_slicing_a_one_head_layer_slices_one_head():
+    """README, known differences: diffusers' "auto" gives a one-head layer slice size 0 (its forward then
+    fails with ZeroDivisionError); fastunet gives it 1, and the model computes as unsliced."""
+    kwargs = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                  attention_head_dim=1, norm_num_groups=8)
+    theirs, ours = perturbed_pair(DiffusersUNet2DCondition(**kwargs), fastunet.UNet2DConditionModel(**kwargs))
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = ours(x, 3, context).sample
+        theirs.set_attention_slice("auto")
+        ours.set_attention_slice("auto")
+        assert {p.slice_size for p in theirs.attn_processors.values()} == {0}
+        assert {p.slice_size for p in ours.attn_processors.values()} == {1}
+        assert all(type(p) is TritonSlicedAttnProcessor for p in ours.attn_processors.values())
+        with pytest.raises(ZeroDivisionError):  # diffusers' sliced processor divides the rows by the slice size
+            theirs(x, 3, context)
+        assert rel_err(ours(x, 3, context).sample, expected, norm="max") < 1e-6
 
 
 def test_helpers_match_diffusers():
