@@ -11,7 +11,8 @@ backward (``saved_mib``, measured with saved-tensor hooks, device independent) a
 allocated memory (``peak_mib``).
 
 On a CPU the shapes are small so the whole file finishes in a few minutes; on a GPU they are
-SD-1.5-sized (64x64 latents, fp16).
+SD-1.5-sized (64x64 latents, fp16), except at the small (smoke-test) sizes, which are the CPU's
+everywhere.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-from harness import COMPILE, CUDA, cuda_peak_bytes, saved_bytes, time_rounds, warm_up
+from harness import COMPILE, CUDA, cuda_peak_bytes, saved_bytes, small, time_rounds, warm_up
 
 import fastunet
 
 DTYPE = torch.float16 if CUDA else torch.float32
 
-if CUDA:
+if CUDA and not small():
     CONFIGS = {
         "UNet2DModel-ddpm256": dict(
             cls="UNet2DModel", batch=8, size=64,
@@ -50,6 +51,11 @@ else:
                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))),
     }
+
+if small():  # smoke-test sizes: the CPU models on one sample at half the resolution
+    for _spec in CONFIGS.values():
+        _spec.update(batch=1, size=_spec["size"] // 2)
+        _spec["config"]["sample_size"] = _spec["size"]
 
 PROVIDERS = ["fastunet", "fastunet-torch", "diffusers", "torch.compile", "diffusers+compile"]
 
@@ -101,10 +107,11 @@ def test_unet(benchmark, provider, name, mode, device):
         pytest.skip("torch.compile providers run on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     step = setup(provider, name, mode, device)
-    warm_up(step)
-    if mode == "fwd_bwd":
-        benchmark.extra_info["saved_mib"] = saved_bytes(step) / 2**20
-    if CUDA:
-        benchmark.extra_info["peak_mib"] = cuda_peak_bytes(step, beyond_allocated=False) / 2**20
+    if benchmark.enabled:  # disabled (a smoke run): time_rounds runs it once, nothing is measured
+        warm_up(step)
+        if mode == "fwd_bwd":
+            benchmark.extra_info["saved_mib"] = saved_bytes(step) / 2**20
+        if CUDA:
+            benchmark.extra_info["peak_mib"] = cuda_peak_bytes(step, beyond_allocated=False) / 2**20
     benchmark.group = f"{name} {mode}"
     time_rounds(benchmark, step, rounds=5 if not CUDA else 20, warmup_rounds=1)

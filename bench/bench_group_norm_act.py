@@ -14,8 +14,9 @@ Providers:
 
 ``gbps`` counts the least traffic the op needs: one read of x and one write of y forward; plus a
 read of x and dy and a write of dx backward (the (B, C) vectors are negligible). On a GPU it compares
-directly with the device's bandwidth. ``peak_mib`` (CUDA) is the peak memory allocated during a call
-beyond what was allocated before it. Run: ``.venv/bin/python -m pytest bench/bench_group_norm_act.py
+directly with the device's bandwidth. ``peak_mib`` is the peak memory allocated during a call beyond
+what was allocated before it (CUDA: ``max_memory_allocated``; CPU: the profiler's memory timeline);
+``saved_mib`` (fwd+bwd) the bytes autograd keeps for backward. Run: ``.venv/bin/python -m pytest bench/bench_group_norm_act.py
 --benchmark-enable``; the table lands in ``bench/results/bench_group_norm_act.md``.
 """
 
@@ -24,12 +25,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import COMPILE, CUDA, cuda_peak_bytes, time_rounds, warm_up
+from harness import (COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, record_rate, saved_bytes, small, time_rounds,
+                     triton_runs, warm_up)
 
 import fastunet
 from fastunet.kernels import group_norm_act
 
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
+if small():  # smoke-test sizes: a square map and an odd one
+    SHAPES = [(1, 64, 8, 8), (1, 96, 9, 11)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if CUDA else [torch.float32]
 PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "torch", "torch.compile"]
 GROUPS = 32
@@ -85,18 +89,20 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backwar
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_group_norm_act(benchmark, provider, shape, dtype, variant, backward, device):
-    if provider == "fastunet-triton" and not CUDA:
-        pytest.skip("the Triton kernels need a CUDA device outside the interpreter")
+    if provider == "fastunet-triton" and not triton_runs():
+        pytest.skip("the Triton kernels need a CUDA device (or, at the small sizes, Triton's interpreter)")
     if provider == "torch.compile" and not COMPILE:
         pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     run = setup(provider, shape, dtype, variant, backward, device)
-    warm_up(run)
-    if CUDA:
-        benchmark.extra_info["peak_mib"] = cuda_peak_bytes(run) / 2**20
+    if benchmark.enabled:  # disabled (a smoke run): time_rounds runs it once, nothing is measured
+        warm_up(run)
+        benchmark.extra_info["peak_mib"] = (cuda_peak_bytes(run) if CUDA else cpu_peak_bytes(run)) / 2**20
+        if backward:  # run's backward saves nothing itself, so its saved bytes are the forward's
+            benchmark.extra_info["saved_mib"] = saved_bytes(run) / 2**20
     mode = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {variant} {mode}"
     time_rounds(benchmark, run, rounds=20 if CUDA else 5, warmup_rounds=2)
     numel = torch.Size(shape).numel()
     passes = 5 if backward else 2
-    benchmark.extra_info["gbps"] = passes * numel * dtype.itemsize / benchmark.stats.stats.median / 1e9
+    record_rate(benchmark, "gbps", passes * numel * dtype.itemsize / 1e9)

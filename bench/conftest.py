@@ -1,8 +1,11 @@
-"""Shared set-up of the benchmarks: environment, device, and a Markdown/CSV report of every run.
+"""Shared set-up of the benchmarks: environment, device, sizes, and a Markdown/CSV report of every run.
 
-Run with ``.venv/bin/python -m pytest bench/ --benchmark-enable`` (benchmarks are disabled in the test
-run). Each benchmark may put ``extra_info`` entries (``gbps``, ``tflops``, ``peak_mib``, ...); they become
-columns of ``bench/results/<module>.md`` and ``.csv``.
+``.venv/bin/python -m pytest bench/ --benchmark-enable`` times every case at full size and writes
+``bench/results/<module>.md`` and ``.csv`` (and a plot). Without ``--benchmark-enable`` the repository's
+pytest config disables benchmarking: then every case runs once at small sizes and nothing is written,
+which is how the test suite (whose testpaths include bench/) smoke-tests the benchmarks.
+``FASTUNET_BENCH_SIZE=small|full`` overrides the size either way. Each benchmark may put
+``extra_info`` entries (``gbps``, ``tflops``, ``peak_mib``, ...); they become columns of the report.
 """
 
 import os
@@ -17,7 +20,22 @@ from collections import defaultdict  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import harness  # noqa: E402  (bench/ is on sys.path: pytest inserts this conftest's folder)
+
 RESULTS = pathlib.Path(__file__).parent / "results"
+SIZES = ("small", "full")
+
+
+def pytest_configure(config):
+    """Pick the problem sizes before the benchmark files import (they read ``harness.SIZE`` then)."""
+    size = os.environ.get("FASTUNET_BENCH_SIZE")
+    if size is None:
+        # pytest-benchmark's own rule (its session object is made later, in a trylast hook)
+        disabled = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
+        size = "small" if disabled else "full"
+    if size not in SIZES:
+        raise pytest.UsageError(f"FASTUNET_BENCH_SIZE must be one of {SIZES}; got {size!r}")
+    harness.SIZE = size
 
 
 @pytest.fixture(scope="session")

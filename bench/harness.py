@@ -2,6 +2,11 @@
 
 Each benchmark builds a zero-argument callable, warms it up, records what it wants in
 ``benchmark.extra_info`` with these helpers, and times it with :func:`time_rounds`.
+
+With benchmarking disabled (``--benchmark-disable``, the default of the repository's pytest config)
+pytest-benchmark runs each timed function once and keeps no statistics: :func:`median_seconds` is then
+``None`` and :func:`record_rate` records nothing, so every case still runs end to end (a smoke test).
+:data:`SIZE` picks the problem sizes; ``bench/conftest.py`` sets it before the benchmark files import.
 """
 
 from __future__ import annotations
@@ -10,9 +15,26 @@ import os
 
 import torch
 
+from fastunet.kernels._backend import interpreter_enabled
+
 CUDA = torch.cuda.is_available()
 # torch.compile providers run on CUDA by default; on CPU only with FASTUNET_BENCH_COMPILE=1.
 COMPILE = os.environ.get("FASTUNET_BENCH_COMPILE", "1" if CUDA else "0") == "1"
+#: ``"full"``: the sizes the committed tables report; ``"small"``: toy sizes, every case in seconds.
+#: ``FASTUNET_BENCH_SIZE`` when set, else bench/conftest.py makes it ``"small"`` when benchmarking is
+#: disabled and ``"full"`` when it is enabled.
+SIZE = os.environ.get("FASTUNET_BENCH_SIZE", "full")
+
+
+def small() -> bool:
+    """Whether this run uses the small (smoke-test) sizes."""
+    return SIZE == "small"
+
+
+def triton_runs() -> bool:
+    """Whether the forced-Triton providers run: on CUDA, or at the small sizes on CPU tensors under
+    Triton's interpreter (a smoke test of the launch paths; timing the interpreter would mean nothing)."""
+    return CUDA or (small() and interpreter_enabled())
 
 
 def sync() -> None:
@@ -77,3 +99,17 @@ def time_rounds(benchmark, fn, *, rounds: int, warmup_rounds: int) -> None:
         sync()
 
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds)
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median round time of a timed benchmark, or ``None`` when benchmarking is disabled (the
+    fixture then ran the function once and has no statistics)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats.median
+
+
+def record_rate(benchmark, key: str, amount: float) -> None:
+    """``extra_info[key] = amount / median time`` (e.g. GB or TFLOP per second); nothing when disabled."""
+    median = median_seconds(benchmark)
+    if median is not None:
+        benchmark.extra_info[key] = amount / median
