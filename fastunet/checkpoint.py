@@ -10,7 +10,17 @@ A checkpoint directory holds
   shards listed by ``diffusion_pytorch_model.safetensors.index.json``.
 
 Loading is all or nothing: the files are read, the state dict is checked against the model (missing,
-unexpected and wrongly shaped entries are reported together) and only then copied into it. Checkpoints
+unexpected, wrongly shaped and wrongly typed entries are reported together) and only then copied into it;
+:func:`check_state_dict` gives ``ModelMixin.load_state_dict`` the same guarantee. ``config.json`` entries
+are checked against the annotations of the model's constructor before it is built. A directory with both
+``.safetensors`` and ``.bin`` weights is read from the ``.safetensors``, as diffusers reads it.
+``.bin`` files are unpickled with ``weights_only=True``. Safetensors files have no checksum: damage to the
+header is caught (by the JSON parser, or by the checks of names, dtypes, shapes and offsets against the
+file and the model), but flipped bits in the tensor data load as different values.
+
+Saving never leaves a directory that loads one model's config with another's weights: every file is
+written under a temporary name first, and ``config.json`` is removed before the weights are swapped in
+and written back last (see :func:`_commit`). Checkpoints
 from before diffusers renamed the attention weights (``query``/``key``/``value``/``proj_attn`` instead of
 ``to_q``/``to_k``/``to_v``/``to_out.0``) are converted, but only under modules flagged
 ``_from_deprecated_attn_block``: other modules may use those names for their own weights.
@@ -36,7 +46,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
-from .configuration import ConfigMixin, init_parameter_names
+from .configuration import ConfigMixin, config_problems, init_parameter_names
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.bin"
@@ -400,6 +410,9 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
     config = _read_config(config_file)
     _check_class_name(cls, config, config_file)
     init_kwargs = cls.extract_init_kwargs(config)
+    problems = config_problems(cls, init_kwargs)
+    if problems:
+        raise ValueError(f"{config_file} has entries of the wrong type for {cls.__name__}:\n  " + "\n  ".join(problems))
     init_kwargs.update(overrides)
 
     weight_files = _find_weight_files(directory, variant, use_safetensors)
@@ -407,7 +420,7 @@ def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfo
     try:
         with _SkipRandomInit(), _parameters_on_meta():
             model = cls(**init_kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         error.add_note(f"while building {cls.__name__} from {config_file}")
         raise
     if torch_dtype is not None:

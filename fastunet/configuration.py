@@ -11,9 +11,13 @@ given are added or replaced, nothing is rebuilt).
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import json
+import re
+import types
+import typing
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -85,6 +89,73 @@ def reject_unsupported(owner: str, name: str, value, supported: tuple) -> None:
     if value not in supported:
         raise NotImplementedError(f"{owner}: {name}={value!r} is not supported by fastunet (supported: "
                                   f"{', '.join(repr(v) for v in supported)})")
+
+
+# Entries whose integers count or size something: a negative one is never meaningful.
+_COUNTS = re.compile(r"channels|layers|heads|groups|_dim$|_dim_|sample_size")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON ``value`` can be what ``hint`` describes. Only the plain parts of the typing language
+    are checked (``int``, ``float``, ``bool``, ``str``, unions, ``Sequence``/``tuple``/``list`` of them,
+    ``dict``, ``Literal``); anything else, and ``None``, pass (the constructor judges those). A string is
+    not taken for a sequence, ``True`` not for a number, and an int is accepted as a float."""
+    if value is None or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return False
+    container = origin or hint
+    if container in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return not args or all(any(_matches(v, a) for a in args) for v in value)
+    if container in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _describe_hint(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _negative_ints(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_negative_ints(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and value < 0
+
+
+def config_problems(cls, entries: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the types of ``entries`` (``cls``'s constructor arguments as read from a
+    config.json), judged by the annotations of ``cls.__init__``: one line per entry, empty when none is.
+    Negative numbers are refused where the entry counts or sizes something (channels, layers, heads,
+    groups, dimensions)."""
+    init = getattr(cls.__init__, "__wrapped__", cls.__init__)
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # annotations that cannot be resolved here: nothing to judge by
+        hints = {}
+    problems = []
+    for key, value in entries.items():
+        hint = hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            problems.append(f"{key}={value!r} (a JSON {type(value).__name__}): expected {_describe_hint(hint)}")
+        elif _COUNTS.search(key) and _negative_ints(value):
+            problems.append(f"{key}={value!r}: a count or size cannot be negative")
+    return problems
 
 
 class ConfigMixin:

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from .checkpoint import _unreadable_reason, check_state_dict
 from .layers.attention_processor import TritonCustomDiffusionAttnProcessor, TritonIPAdapterAttnProcessor
 from .layers.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
@@ -98,14 +99,28 @@ def _weights_file(source, weight_name: str | None, subfolder: str | None, use_sa
 
 
 def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """A safetensors or torch file -> (state dict, LoRA metadata or ``None``)."""
-    if file.suffix == ".safetensors":
-        with safetensors.safe_open(str(file), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
-        raw = header.get(LORA_ADAPTER_METADATA_KEY)
-        return state_dict, (json.loads(raw) if raw else None)
-    return torch.load(file, map_location="cpu", weights_only=True), None
+    """A safetensors or torch file -> (state dict, LoRA metadata or ``None``). A file that cannot be read
+    (truncated, corrupt, a pickle of anything but tensors and containers) raises OSError naming it; ``.bin``
+    files are unpickled with ``weights_only=True``, so they cannot run code."""
+    try:
+        if file.suffix == ".safetensors":
+            with safetensors.safe_open(str(file), framework="pt", device="cpu") as handle:
+                header = handle.metadata() or {}
+                state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+        else:
+            state_dict, header = torch.load(file, map_location="cpu", weights_only=True), {}
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise OSError(f"cannot read weights file {file}: {_unreadable_reason(str(file), error)}") from error
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{file} holds a {type(state_dict).__name__}, not a state dict of named tensors")
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: its {LORA_ADAPTER_METADATA_KEY!r} header entry is not valid JSON: {error}") from None
+    return dict(state_dict), metadata
 
 
 def _fetch_state_dict(source, weight_name=None, subfolder=None, use_safetensors=None, metadata=None):
@@ -274,8 +289,14 @@ class PeftAdapterMixin:
             inject_adapter_in_model(config, self, adapter_name=adapter_name, state_dict=state_dict,
                                     low_cpu_mem_usage=low_cpu_mem_usage)
             result = set_peft_model_state_dict(self, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-        except Exception:
+        except Exception as error:
+            # back to the model as it was: the adapter's weights gone, and the layers it alone wrapped unwrapped
             self._drop_adapter(adapter_name)
+            self._unwrap_bare_tuner_layers()
+            if not getattr(self, "peft_config", {}):
+                self.unload_lora()
+            error.add_note(f"while loading LoRA adapter {adapter_name!r} into {type(self).__name__} (the model "
+                           "is left as it was)")
             raise
         self._hf_peft_config_loaded = True
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -407,6 +428,16 @@ class PeftAdapterMixin:
         if not getattr(self, "peft_config", {}):
             self.unload_lora()
 
+    def _unwrap_bare_tuner_layers(self) -> None:
+        """Put the plain layer back wherever a peft layer holds no adapter any more."""
+        for name, module in list(_tuner_layers(self)):
+            names = getattr(module, "adapter_layer_names", ())
+            if not hasattr(module, "base_layer") or any(len(getattr(module, n, {})) for n in names):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            setattr(parent, child, module.get_base_layer())
+
     def _drop_adapter(self, adapter_name: str) -> None:
         for _, module in _tuner_layers(self):
             if adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "r", {}):
@@ -506,6 +537,7 @@ class UNet2DConditionLoadersMixin:
                         raise ValueError(f"IP-Adapter {i} has no {key!r} for {name}; its ip_adapter keys end at "
                                          f"{sorted(sd['ip_adapter'])[-2:]}")
                     weights[f"{kind}.{i}.weight"] = sd["ip_adapter"][key]
+            check_state_dict(ip, weights)
             ip.load_state_dict(weights, strict=True)
             processors[name] = ip
             key_id += 2
@@ -525,7 +557,9 @@ class UNet2DConditionLoadersMixin:
         tokens = 4
         projection = ImageProjection(image_embed_dim=weight.shape[1], cross_attention_dim=weight.shape[0] // tokens,
                                      num_image_text_embeds=tokens)
-        projection.load_state_dict({k.replace("proj", "image_embeds"): v for k, v in state_dict.items()}, strict=True)
+        renamed = {k.replace("proj", "image_embeds"): v for k, v in state_dict.items()}
+        check_state_dict(projection, renamed)
+        projection.load_state_dict(renamed, strict=True)
         return projection
 
     def _load_ip_adapter_loras(self, state_dicts) -> dict:
@@ -578,17 +612,46 @@ class UNet2DConditionLoadersMixin:
         if unknown:
             raise ValueError(f"Custom Diffusion weights for layers this model lacks: {unknown[:3]}")
         processors = dict(current)
+        problems = []
         for name, weights in grouped.items():
             if not weights:
                 continue
-            key = weights["to_k_custom_diffusion.weight"]
+            key = weights.get("to_k_custom_diffusion.weight")
+            if not torch.is_tensor(key) or key.dim() != 2:
+                problems.append(f"{name}: no 2-D 'to_k_custom_diffusion.weight' among {sorted(weights)}")
+                continue
             processor = TritonCustomDiffusionAttnProcessor(
                 train_kv=True, train_q_out="to_q_custom_diffusion.weight" in weights, hidden_size=key.shape[0],
                 cross_attention_dim=key.shape[1])
+            try:
+                check_state_dict(processor, weights)
+            except RuntimeError as error:
+                problems.append(f"{name}: {str(error).partition(chr(10))[2].strip()}")
+                continue
+            problems += self._custom_diffusion_misfits(name.removesuffix(".processor"), weights)
             processor.load_state_dict(weights, strict=True)
             processors[name] = processor
+        if problems:
+            raise ValueError("cannot load the Custom Diffusion weights (nothing was loaded):\n  " + "\n  ".join(problems))
         self.set_attn_processor(processors)
         self.to(dtype=self.dtype, device=self.device)
+
+    def _custom_diffusion_misfits(self, layer_path: str, weights: Mapping[str, torch.Tensor]) -> list[str]:
+        """The Custom Diffusion projections whose shapes differ from those of the attention layer they stand
+        in for (a file made for another model would otherwise load and fail only in the forward)."""
+        layer = self.get_submodule(layer_path)
+        out = getattr(layer, "to_out", None)
+        counterparts = {"to_q_custom_diffusion.weight": getattr(layer, "to_q", None),
+                        "to_k_custom_diffusion.weight": getattr(layer, "to_k", None),
+                        "to_v_custom_diffusion.weight": getattr(layer, "to_v", None),
+                        "to_out_custom_diffusion.0.weight": out[0] if isinstance(out, nn.ModuleList) else None}
+        misfits = []
+        for key, linear in counterparts.items():
+            weight = getattr(linear, "weight", None)
+            if key in weights and isinstance(weight, torch.Tensor) and tuple(weights[key].shape) != tuple(weight.shape):
+                misfits.append(f"{layer_path}.processor.{key}: shape {list(weights[key].shape)}, the layer's "
+                               f"{key.split('_custom')[0]} is {list(weight.shape)}")
+        return misfits
 
     def save_attn_procs(self, save_directory, is_main_process: bool = True, weight_name: str | None = None,
                         save_function=None, safe_serialization: bool = True, **kwargs) -> None:
