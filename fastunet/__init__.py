@@ -13,6 +13,7 @@ from .layers.attention_processor import (
     SlicedAttnProcessor,
     SpatialNorm,
     TritonAttnProcessor,
+    TritonSlicedAttnProcessor,
 )
 from .checkpoint import load_diffusers_state_dict
 from .kernels import get_backend, set_backend, use_backend
@@ -43,6 +44,7 @@ __all__ = [
     "SlicedAttnProcessor",
     "SpatialNorm",
     "TritonAttnProcessor",
+    "TritonSlicedAttnProcessor",
     "UNet1DModel",
     "UNet1DOutput",
     "UNet2DConditionModel",
