@@ -11,7 +11,12 @@ does the same way, so that each model file adds only what is its own:
   inside, ControlNet residuals on the skips), the mid block (+ ControlNet residual), up blocks popping
   the skips (with FreeU on the pairs), and :meth:`_output` (``conv_out(act(conv_norm_out(h)))``);
 * feature switches: ``enable_freeu`` / ``disable_freeu`` and ``enable_forward_chunking`` /
-  ``disable_forward_chunking``.
+  ``disable_forward_chunking``;
+* input validation: :func:`check_tensor`, :func:`check_timestep` and :func:`check_residuals` (also used
+  by ``UNet1DModel``), and the checks of ``class_labels``, ``timestep_cond`` and SDXL's
+  ``added_cond_kwargs``. A bad input raises ``TypeError`` (not a tensor, wrong dtype) or ``ValueError``
+  (wrong shape, device or values) naming what was expected and what came, before the layer that would
+  fail on it runs.
 
 Every block is called the same way, ``block(h, context=ctx)`` with one :class:`BlockContext`; a
 video model builds that context with ``num_frames`` and runs the same loop on ``(B * F, C, H, W)``.
@@ -20,6 +25,7 @@ video model builds that context with ``num_frames`` and runs the same loop on ``
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,6 +47,83 @@ def _freeu_step(resolution_idx: int, config: FreeUConfig, hidden_states: torch.T
         # backbone in place, so that skip is filtered after the scaling; reproduced without mutation.
         filtered = apply_freeu(resolution_idx, scaled, scaled, config)[1]
     return scaled, filtered
+
+
+# -- input validation ----------------------------------------------------------------------------------
+
+# the dtypes torch.autocast computes in: under autocast an input of one of them meets weights of another
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def input_device(model: nn.Module, first: nn.Module, weight: torch.Tensor) -> torch.device | None:
+    """The device the inputs of ``model`` must be on: that of ``weight`` (a parameter of its first layer
+    ``first``), or None when offloading hooks (accelerate's, diffusers') move the weights at call time."""
+    hooked = lambda module: hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")  # noqa: E731
+    if hooked(model) or hooked(first):
+        return None
+    if weight.device.type == "meta" and any(hooked(module) for module in model.modules()):
+        return None  # sequential offloading keeps the weights on meta between calls
+    return weight.device
+
+
+def check_tensor(name: str, value: Any, device: torch.device | None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a forward input of a model on ``device`` (None: any): ``TypeError`` unless it is a
+    tensor (of ``dtype``, the weights' dtype, when given: outside ``torch.autocast`` a layer cannot mix
+    them), ``ValueError`` unless it is on ``device``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on the model's device {device}; got a tensor on {value.device}")
+    if dtype is not None and value.dtype != dtype:
+        autocast = torch.is_autocast_enabled(value.device.type) and value.dtype in _AUTOCAST_DTYPES
+        if not autocast:
+            raise TypeError(f"{name} must have the model's dtype {dtype}; got {value.dtype} (cast it with "
+                            f".to({dtype}), or run the model under torch.autocast)")
+    return value
+
+
+def check_mapping(name: str, value: Any) -> None:
+    """``TypeError`` unless ``value`` is None or a dict-like of keyword arguments."""
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict or None; got {type(value).__name__}")
+
+
+def check_timestep(timestep: Any, device: torch.device) -> None:
+    """What ``timesteps_to_tensor`` cannot see coming: a timestep tensor it cannot copy to ``device``
+    (a ``meta`` one holds no values), or of a complex dtype. Timesteps on another real device are fine:
+    they are copied, as in diffusers."""
+    if not isinstance(timestep, torch.Tensor):
+        return
+    if timestep.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"timestep must hold values the model on {device} can read; got a tensor on meta")
+    if timestep.is_complex():
+        raise TypeError(f"timestep must be real (an integer or floating-point tensor); got {timestep.dtype}")
+
+
+def check_residuals(name: str, residuals: Any, device: torch.device | None) -> list[torch.Tensor] | None:
+    """``residuals`` (a list or tuple of tensors on ``device``, or None) as a list."""
+    if residuals is None:
+        return None
+    if not isinstance(residuals, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors; got {type(residuals).__name__}")
+    for i, residual in enumerate(residuals):
+        check_tensor(f"{name}[{i}]", residual, device)
+    return list(residuals)
+
+
+def check_ids(name: str, ids: torch.Tensor, count: int, what: str) -> None:
+    """``ValueError`` unless every id of ``ids`` indexes a table of ``count`` rows (``what`` names the
+    config value). It reads the values, so it is skipped while ``torch.compile`` traces."""
+    if ids.numel() == 0 or torch.compiler.is_compiling() or ids.device.type == "meta":
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= count:
+        raise ValueError(f"{name} must be ids in [0, {count}) ({what}={count}); got values from {low} to {high}")
+
+
+def _batch_choices(batch: int, broadcast: bool) -> str:
+    return f"{batch} (or 1, broadcast)" if broadcast and batch != 1 else f"{batch}"
 
 
 def class_embedding(class_embed_type: str | None, num_class_embeds: int | None, time_embed_dim: int,
@@ -132,22 +215,58 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
 
     # -- forward pieces ------------------------------------------------------------------------------
 
+    @property
+    def _weights(self) -> torch.Tensor:
+        """``conv_in.weight``: the dtype that the inputs must have."""
+        return self.conv_in.weight
+
+    @property
+    def _input_device(self) -> torch.device | None:
+        """The device that the inputs must be on (None: offloaded weights, any)."""
+        return input_device(self, self.conv_in, self.conv_in.weight)
+
+    def _check_sample_layout(self, sample: Any, layout: str, channels: int) -> torch.Tensor:
+        """``sample`` as a ``layout`` tensor (``"(B, C, H, W)"``-like, one letter a dimension) with
+        ``channels`` channels, of the model's device and dtype, without an empty dimension but the batch."""
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"sample must be a torch.Tensor {layout}; got {type(sample).__name__}")
+        rank = layout.count(",") + 1
+        if sample.dim() != rank or sample.shape[1] != channels:
+            raise ValueError(f"sample must be a {layout.replace('C', str(channels), 1)} tensor; got "
+                             f"{tuple(sample.shape)}")
+        if 0 in sample.shape[2:]:
+            raise ValueError(f"sample must be {layout} with every dimension after the channels at least 1; got "
+                             f"{tuple(sample.shape)}")
+        return check_tensor("sample", sample, self._input_device, self._weights.dtype)
+
     def _embed_time(self, sample: torch.Tensor, timestep, timestep_cond: torch.Tensor | None = None, *,
                     dtype: torch.dtype | None = None, scalar_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``time_embedding(time_proj(t), timestep_cond)`` for a batch of ``sample.shape[0]``."""
-        if timestep_cond is not None and getattr(self.time_embedding, "cond_proj", None) is None:
-            raise ValueError("timestep_cond was given but the model has no time_cond_proj_dim (cond_proj)")
+        cond_proj = getattr(self.time_embedding, "cond_proj", None)
+        batch = sample.shape[0]
+        if timestep_cond is not None:
+            if cond_proj is None:
+                raise ValueError("timestep_cond was given but the model has no time_cond_proj_dim (cond_proj)")
+            check_tensor("timestep_cond", timestep_cond, sample.device, cond_proj.weight.dtype)
+            width = cond_proj.in_features
+            if timestep_cond.dim() != 2 or timestep_cond.shape[0] not in (1, batch) or timestep_cond.shape[1] != width:
+                raise ValueError(f"timestep_cond must be ({_batch_choices(batch, True)}, {width}) "
+                                 f"(time_cond_proj_dim={width}); got {tuple(timestep_cond.shape)}")
+        check_timestep(timestep, sample.device)
         extra = {} if scalar_dtype is None else {"scalar_dtype": scalar_dtype}
-        timesteps = timesteps_to_tensor(timestep, sample.shape[0], sample.device, **extra)
+        timesteps = timesteps_to_tensor(timestep, batch, sample.device, **extra)
         t_emb = self.time_proj(timesteps).to(dtype or sample.dtype)
         if timestep_cond is None:
             return self.time_embedding(t_emb)
         return self.time_embedding(t_emb, timestep_cond)
 
     def _embed_class(self, class_labels: torch.Tensor | None, batch: int, dtype: torch.dtype, *,
-                     strict: bool = False) -> torch.Tensor | None:
+                     strict: bool = False, broadcast: bool | None = None,
+                     width: int | None = None) -> torch.Tensor | None:
         """The class embedding of ``class_labels`` (``None`` when the model has none). ``strict``
-        refuses labels for a model without a class embedding and labels of the wrong batch."""
+        refuses labels for a model without a class embedding; ``broadcast`` (default: not ``strict``)
+        lets one label serve the whole batch; ``width``: that of the time embedding, which identity
+        labels must have."""
         if self.class_embedding is None:
             if strict and class_labels is not None:
                 raise ValueError("class_labels were given but the model has no class embedding (set class_embed_type "
@@ -157,13 +276,73 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
             raise ValueError(f"class_labels are required: the model has a class embedding "
                              f"(class_embed_type={self.config.class_embed_type!r}, "
                              f"num_class_embeds={self.config.num_class_embeds!r})")
-        if strict and (not isinstance(class_labels, torch.Tensor) or class_labels.dim() == 0
-                       or class_labels.shape[0] != batch):
-            shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
-            raise ValueError(f"class_labels must be a tensor with one entry per sample (batch {batch}); got {shape}")
+        self._check_class_labels(class_labels, batch, broadcast=not strict if broadcast is None else broadcast,
+                                 width=width)
         if self.config.class_embed_type == "timestep":
             class_labels = self.time_proj(class_labels).to(dtype)
         return self.class_embedding(class_labels).to(dtype)
+
+    def _check_class_labels(self, class_labels: Any, batch: int, *, broadcast: bool, width: int | None) -> None:
+        weights, device = self._weights, self._input_device
+        kind, table = self.config.class_embed_type, self.class_embedding
+        batches = (1, batch) if broadcast else (batch,)
+        rows = _batch_choices(batch, broadcast)
+        if not isinstance(class_labels, torch.Tensor):
+            raise TypeError(f"class_labels must be a torch.Tensor with one entry per sample (batch {rows}); got "
+                            f"{type(class_labels).__name__}")
+        if class_labels.dim() == 0:
+            raise ValueError(f"class_labels must be a tensor with one entry per sample (batch {rows}); got a 0-d "
+                             f"tensor, shape ()")
+        if kind in ("projection", "simple_projection", "identity"):
+            features = width if kind == "identity" else self.config.projection_class_embeddings_input_dim
+            if class_labels.dim() != 2 or class_labels.shape[0] not in batches or (
+                    features is not None and class_labels.shape[1] != features):
+                raise ValueError(f"class_labels must be ({rows}, {features}) for class_embed_type={kind!r}; got "
+                                 f"{tuple(class_labels.shape)}")
+            check_tensor("class_labels", class_labels, device, None if kind == "identity" else weights.dtype)
+            return
+        if class_labels.dim() != 1 or class_labels.shape[0] not in batches:
+            raise ValueError(f"class_labels must be ({rows},), one entry per sample (batch {rows}); got "
+                             f"{tuple(class_labels.shape)}")
+        check_tensor("class_labels", class_labels, device)
+        if class_labels.is_complex():
+            raise TypeError(f"class_labels must be real; got {class_labels.dtype}")
+        if kind is None:  # ids into an nn.Embedding table
+            count = table.num_embeddings
+            if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                raise TypeError(f"class_labels are ids into a table of num_class_embeds={count} embeddings: they "
+                                f"must be an integer tensor; got {class_labels.dtype}")
+            check_ids("class_labels", class_labels, count, "num_class_embeds")
+
+    def _text_time_embedding(self, emb: torch.Tensor, added_cond_kwargs: Any) -> torch.Tensor:
+        """SDXL's ``text_time`` added embedding: ``add_embedding(cat(text_embeds, add_time_proj(time_ids)))``."""
+        check_mapping("added_cond_kwargs", added_cond_kwargs)
+        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
+        if missing:
+            raise ValueError(f"addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and "
+                             f"'time_ids'; missing {missing}")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        batch = emb.shape[0]
+        check_tensor("added_cond_kwargs['text_embeds']", text_embeds, emb.device)
+        check_tensor("added_cond_kwargs['time_ids']", time_ids, emb.device)
+        if text_embeds.dim() != 2 or text_embeds.shape[0] not in (1, batch):
+            raise ValueError(f"added_cond_kwargs['text_embeds'] must be ({_batch_choices(batch, True)}, E), the pooled "
+                             f"text embeddings; got {tuple(text_embeds.shape)}")
+        rows = text_embeds.shape[0]
+        if not ((time_ids.dim() == 2 and time_ids.shape[0] == rows) or (time_ids.dim() == 1 and rows == 1)):
+            raise ValueError(f"added_cond_kwargs['time_ids'] must be ({rows}, K), a row per text_embeds row; got "
+                             f"{tuple(time_ids.shape)}")
+        if time_ids.is_complex() or text_embeds.is_complex():
+            raise TypeError(f"text_embeds and time_ids must be real; got {text_embeds.dtype} and {time_ids.dtype}")
+        per_id, expected = self.add_time_proj.num_channels, self.add_embedding.linear_1.in_features
+        count = time_ids.shape[-1]
+        features = text_embeds.shape[1] + count * per_id
+        if features != expected:
+            raise ValueError(f"added_cond_kwargs give {text_embeds.shape[1]} text_embeds features + {count} time_ids x "
+                             f"addition_time_embed_dim {per_id} = {features}; projection_class_embeddings_input_dim is "
+                             f"{expected}")
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(rows, -1)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
 
     def _run_blocks(self, sample: torch.Tensor, context: BlockContext, *,
                     down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
@@ -180,18 +359,47 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
         ``forward_upsample_size``: give each up block the size of the next skip (inputs whose sides
         are not multiples of the total downsampling).
         """
-        adapter = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
+        device = self._input_device
+        adapter = check_residuals("down_intrablock_additional_residuals", down_intrablock_additional_residuals, device)
+        down_block_additional_residuals = check_residuals("down_block_additional_residuals",
+                                                          down_block_additional_residuals, device)
+        if mid_block_additional_residual is not None:
+            check_tensor("mid_block_additional_residual", mid_block_additional_residual, device)
+        if adapter is not None and len(adapter) > len(self.down_blocks) + 1:
+            raise ValueError(f"down_intrablock_additional_residuals takes at most one tensor per down block "
+                             f"({len(self.down_blocks)}) and one after the mid block, {len(self.down_blocks) + 1}; "
+                             f"got {len(adapter)}")
+        if down_block_additional_residuals is not None:
+            # one skip connection per layer and per downsampler, and conv_in's: counted before anything runs
+            count = 1 + sum(len(block.resnets) + (block.downsamplers is not None) for block in self.down_blocks)
+            if len(down_block_additional_residuals) != count:
+                raise ValueError(f"down_block_additional_residuals must have one tensor per skip connection "
+                                 f"({count}); got {len(down_block_additional_residuals)}")
+        used = 0  # adapter residuals taken so far
+
+        def adapter_residual(shape: tuple[int, ...]) -> torch.Tensor:
+            nonlocal used
+            residual = adapter.pop(0)
+            if tuple(residual.shape) != tuple(shape):
+                raise ValueError(f"down_intrablock_additional_residuals[{used}] must have the shape of down block "
+                                 f"{used}'s output, {tuple(shape)}; got {tuple(residual.shape)}")
+            used += 1
+            return residual
+
         sample = self._stem(sample, context)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
-            residual = adapter.pop(0) if adapter and block.has_cross_attention else None
+            residual = None
+            if adapter and block.has_cross_attention:
+                # added inside the block, after its last layer: the resolution it gets, its out channels
+                residual = adapter_residual((sample.shape[0], block.resnets[-1].out_channels, *sample.shape[2:]))
             out = block(sample, context=context, skip_sample=skip_sample, additional_residuals=residual)
             sample, res_samples = out[0], out[1]
             if block.skip:
                 skip_sample = out[2]
             if adapter and residual is None:
                 # diffusers adds in place here, so the block's last skip (the same tensor) gets it too
-                sample = sample + adapter.pop(0)
+                sample = sample + adapter_residual(sample.shape)
                 res_samples = (*res_samples[:-1], sample)
             skips += tuple(res_samples)
 
@@ -265,7 +473,10 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
     def enable_forward_chunking(self, chunk_size: int | None = None, dim: int = 0) -> None:
         """Run every transformer feed-forward on slices of ``chunk_size`` (default 1) along ``dim``
         (0: batch, 1: tokens); same result, lower peak memory."""
-        if dim not in (0, 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 0):
+            raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim not in (0, 1):
             raise ValueError(f"dim must be 0 (batch) or 1 (tokens); got {dim!r}")
         self._set_chunk_feed_forward(chunk_size or 1, dim)
 
@@ -278,4 +489,5 @@ class UNetSkeleton(ModelMixin, AttentionMixin):
                 module.set_chunk_feed_forward(chunk_size, dim)
 
 
-__all__ = ["UNetSkeleton", "class_embedding"]
+__all__ = ["UNetSkeleton", "check_ids", "check_mapping", "check_residuals", "check_tensor", "check_timestep",
+           "class_embedding", "input_device"]

@@ -14,6 +14,7 @@ from ..layers.normalization import auto_groups
 from ..layers.utils import maybe_checkpoint
 from ..modeling import AttentionMixin, ModelMixin
 from ..outputs import ModelOutput
+from ._unet import check_tensor, check_timestep, input_device
 
 from .unet_1d_blocks import (
     DownBlock1DNoSkip,
@@ -153,6 +154,9 @@ class UNet1DModel(ModelMixin, AttentionMixin):
             raise TypeError(f"sample must be a torch.Tensor; got {type(sample).__name__}")
         if sample.dim() != 3:
             raise ValueError(f"sample must be (batch, channels, length); got shape {tuple(sample.shape)}")
+        if sample.shape[2] == 0:
+            raise ValueError(f"sample must be (batch, channels, length) with a length of at least 1; got shape "
+                             f"{tuple(sample.shape)}")
         cfg = self.config
         if isinstance(self.down_blocks[0], DownBlock1DNoSkip):
             if cfg.extra_in_channels != self.temb_channels:
@@ -173,6 +177,8 @@ class UNet1DModel(ModelMixin, AttentionMixin):
                              "broadcast over the length to (batch, channels, length), which they cannot take "
                              "(diffusers' UNet1DModel fails on this config too)")
         self._check_length(sample.shape[2])
+        weight = next(self.parameters())
+        check_tensor("sample", sample, input_device(self, self, weight), self.dtype)
 
     def _trace_length(self, length: int) -> tuple[int, str | None]:
         """Follow ``length`` through the blocks as diffusers' forward does: ``(length reaching the output
@@ -219,6 +225,7 @@ class UNet1DModel(ModelMixin, AttentionMixin):
         Returns ``UNet1DOutput(sample=...)``, or ``(sample,)`` with ``return_dict=False``.
         """
         self._check_sample(sample)
+        check_timestep(timestep, sample.device)
         timesteps = timesteps_to_tensor(timestep, sample.shape[0], sample.device, scalar_dtype=torch.long)
         temb = self.time_proj(timesteps)
         temb = self.time_mlp(temb.to(sample.dtype)) if self.time_mlp is not None else temb.to(sample.dtype)

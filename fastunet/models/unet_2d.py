@@ -19,7 +19,7 @@ from ..configuration import register_to_config
 from ..layers.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, timesteps_to_tensor
 from ..layers.normalization import auto_groups, check_groups
 from ..outputs import ModelOutput
-from ._unet import UNetSkeleton, class_embedding
+from ._unet import UNetSkeleton, check_ids, check_timestep, class_embedding
 from .blocks import BlockContext
 from .unet_2d_blocks import SKIP_CHANNELS, UNET_2D_BLOCKS, UNetMidBlock2D
 
@@ -218,11 +218,7 @@ class UNet2DModel(UNetSkeleton):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
-        if not isinstance(sample, torch.Tensor):
-            raise TypeError(f"sample must be a torch.Tensor; got {type(sample).__name__}")
-        expected = self.config.in_channels
-        if sample.dim() != 4 or sample.shape[1] != expected:
-            raise ValueError(f"sample must be (B, {expected}, H, W); got shape {tuple(sample.shape)}")
+        self._check_sample_layout(sample, "(B, C, H, W)", self.config.in_channels)
         factor = self.downsample_factor
         if sample.shape[-2] % factor or sample.shape[-1] % factor:
             raise ValueError(f"sample height and width must be multiples of {factor} (2 ** (number of blocks - 1)); "
@@ -239,10 +235,13 @@ class UNet2DModel(UNetSkeleton):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
+        check_timestep(timestep, sample.device)
         timesteps = timesteps_to_tensor(timestep, batch, sample.device, scalar_dtype=torch.int64)
-        if self.config.time_embedding_type == "learned" and timesteps.is_floating_point():
-            raise TypeError(f"time_embedding_type='learned' looks timesteps up in a table: they must be integers; "
-                            f"got {timesteps.dtype}")
+        if self.config.time_embedding_type == "learned":
+            if timesteps.is_floating_point() or timesteps.dtype == torch.bool:
+                raise TypeError(f"time_embedding_type='learned' looks timesteps up in a table: they must be "
+                                f"integers; got {timesteps.dtype}")
+            check_ids("timestep", timesteps, self.config.num_train_timesteps, "num_train_timesteps")
         emb = self._embed_time(sample, timesteps, dtype=self.dtype)
         class_emb = self._embed_class(class_labels, batch, self.dtype, strict=True)
         if class_emb is not None:

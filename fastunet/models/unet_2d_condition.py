@@ -35,7 +35,7 @@ from ..layers.embeddings import (GaussianFourierProjection, ImageProjection, Mul
                                  TimestepEmbedding, Timesteps)
 from ..loaders import PeftAdapterMixin, UNet2DConditionLoadersMixin, scales_lora
 from ..outputs import ModelOutput
-from ._unet import UNetSkeleton, class_embedding
+from ._unet import UNetSkeleton, check_mapping, check_tensor, class_embedding
 from .blocks import BlockContext
 from .unet_2d_condition_blocks import UNET_2D_CONDITION_BLOCKS
 
@@ -288,6 +288,7 @@ class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapte
         T2I-Adapter features added inside the down blocks. Returns ``UNet2DConditionOutput`` or ``(sample,)``.
         """
         self._check_inputs(sample, encoder_hidden_states, attention_mask, encoder_attention_mask)
+        check_mapping("added_cond_kwargs", added_cond_kwargs)
         cross_attention_kwargs = self._prepare_cross_attention_kwargs(cross_attention_kwargs)
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
@@ -298,7 +299,9 @@ class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapte
 
         # 1. embeddings
         emb = self._embed_time(sample, timestep, timestep_cond)
-        class_emb = self._embed_class(class_labels, sample.shape[0], sample.dtype)
+        # one label broadcasts over the batch as in diffusers, unless it is concatenated to the time embedding
+        class_emb = self._embed_class(class_labels, sample.shape[0], sample.dtype, width=emb.shape[-1],
+                                      broadcast=not self.config.class_embeddings_concat)
         if class_emb is not None:
             emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
         if self.config.addition_embed_type == "text_time":
@@ -330,11 +333,8 @@ class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapte
     # -- forward helpers ---------------------------------------------------------------------------
 
     def _check_inputs(self, sample, encoder_hidden_states, attention_mask, encoder_attention_mask) -> None:
-        in_channels = self.config.in_channels
-        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != in_channels:
-            shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
-            raise ValueError(f"sample must be a (B, {in_channels}, H, W) tensor; got {shape}")
-        batch = sample.shape[0]
+        self._check_sample_layout(sample, "(B, C, H, W)", self.config.in_channels)
+        batch, device = sample.shape[0], sample.device
         if encoder_hidden_states is None:
             if self._attention_context_dims:
                 raise ValueError("encoder_hidden_states (B, M, D) is required: this UNet has cross-attention blocks")
@@ -342,18 +342,26 @@ class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapte
             expected = self._context_dim
             if expected is None and len(self._attention_context_dims) == 1:
                 expected = self._attention_context_dims[0]
+            dim = expected if expected is not None else "D"
+            if not isinstance(encoder_hidden_states, torch.Tensor):
+                raise TypeError(f"encoder_hidden_states must be a ({batch}, M, {dim}) torch.Tensor; got "
+                                f"{type(encoder_hidden_states).__name__}")
             if (encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch
                     or (expected is not None and encoder_hidden_states.shape[-1] != expected)):
-                dim = expected if expected is not None else "D"
                 raise ValueError(f"encoder_hidden_states must be ({batch}, M, {dim}) for a batch of {batch} samples;"
                                  f" got {tuple(encoder_hidden_states.shape)}")
+            check_tensor("encoder_hidden_states", encoder_hidden_states, device, sample.dtype)
         for name, mask in (("attention_mask", attention_mask), ("encoder_attention_mask", encoder_attention_mask)):
-            if mask is not None and (mask.dim() != 2 or mask.shape[0] != batch):
+            if mask is None:
+                continue
+            check_tensor(name, mask, device)
+            if mask.dim() != 2 or mask.shape[0] != batch:
                 raise ValueError(f"{name} must be a ({batch}, tokens) keep-mask (1 keep, 0 discard); "
                                  f"got shape {tuple(mask.shape)}")
 
     @staticmethod
     def _prepare_cross_attention_kwargs(cross_attention_kwargs):
+        check_mapping("cross_attention_kwargs", cross_attention_kwargs)
         if cross_attention_kwargs is None:
             return None
         kwargs = dict(cross_attention_kwargs)
@@ -378,12 +386,3 @@ class UNet2DConditionModel(UNetSkeleton, UNet2DConditionLoadersMixin, PeftAdapte
         if text_projection is not None:
             encoder_hidden_states = text_projection(encoder_hidden_states)
         return encoder_hidden_states, projection(added_cond_kwargs["image_embeds"])
-
-    def _text_time_embedding(self, emb, added_cond_kwargs) -> torch.Tensor:
-        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
-        if missing:
-            raise ValueError(f"addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and "
-                             f"'time_ids'; missing {missing}")
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
-        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))

@@ -28,7 +28,7 @@ from ..layers.attention import mask_to_bias
 from ..layers.embeddings import TimestepEmbedding, Timesteps
 from ..layers.transformer_temporal import TransformerTemporalModel
 from ..outputs import ModelOutput
-from ._unet import UNetSkeleton
+from ._unet import UNetSkeleton, check_mapping, check_tensor
 from .blocks import BlockContext
 from .unet_3d_blocks import UNET_3D_BLOCKS
 
@@ -147,6 +147,9 @@ class UNet3DConditionModel(UNetSkeleton):
         unused, as in diffusers. Returns :class:`UNet3DConditionOutput` or ``(sample,)``.
         """
         batch, num_frames = self._check_inputs(sample, encoder_hidden_states)
+        check_mapping("cross_attention_kwargs", cross_attention_kwargs)
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, sample.device)
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
 
@@ -166,22 +169,21 @@ class UNet3DConditionModel(UNetSkeleton):
         return UNet3DConditionOutput(sample=out) if return_dict else (out,)
 
     def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[int, int]:
-        in_channels = self.config.in_channels
-        if not torch.is_tensor(sample) or sample.dim() != 5 or sample.shape[1] != in_channels:
-            shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
-            raise ValueError(f"sample must be a (B, {in_channels}, F, H, W) video tensor; got {shape}")
+        self._check_sample_layout(sample, "(B, C, F, H, W)", self.config.in_channels)
         batch, num_frames = sample.shape[0], sample.shape[2]
         width = self.config.cross_attention_dim
-        if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.dim() != 3:
-            shape = (tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states)
-                     else type(encoder_hidden_states).__name__)
+        if not torch.is_tensor(encoder_hidden_states):
+            raise TypeError(f"encoder_hidden_states must be a ({batch}, M, {width}) or ({batch * num_frames}, M, "
+                            f"{width}) torch.Tensor; got {type(encoder_hidden_states).__name__}")
+        if encoder_hidden_states.dim() != 3:
             raise ValueError(f"encoder_hidden_states must be ({batch}, M, {width}) or ({batch * num_frames}, M, "
-                             f"{width}); got {shape}")
+                             f"{width}); got {tuple(encoder_hidden_states.shape)}")
         if (encoder_hidden_states.shape[0] not in (batch, batch * num_frames)
                 or encoder_hidden_states.shape[-1] != width):
             raise ValueError(f"encoder_hidden_states must be ({batch}, M, {width}) for a batch of {batch} videos, or "
                              f"({batch * num_frames}, M, {width}) with one per frame ({num_frames} frames); got "
                              f"{tuple(encoder_hidden_states.shape)}")
+        check_tensor("encoder_hidden_states", encoder_hidden_states, sample.device, sample.dtype)
         return batch, num_frames
 
 

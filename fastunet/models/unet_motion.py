@@ -32,7 +32,7 @@ from ..layers.attention import mask_to_bias
 from ..layers.embeddings import TimestepEmbedding, Timesteps
 from ..layers.transformer_temporal import AnimateDiffTransformer3D
 from ..modeling import ModelMixin
-from ._unet import UNetSkeleton
+from ._unet import UNetSkeleton, check_mapping, check_tensor
 from .blocks import BlockContext
 from .unet_3d_condition import UNet3DConditionOutput
 from .unet_motion_blocks import UNET_MOTION_BLOCKS
@@ -293,6 +293,10 @@ class UNetMotionModel(UNetSkeleton):
         or ``(sample,)``.
         """
         batch, num_frames = self._check_inputs(sample, encoder_hidden_states)
+        check_mapping("cross_attention_kwargs", cross_attention_kwargs)
+        check_mapping("added_cond_kwargs", added_cond_kwargs)
+        if attention_mask is not None:
+            check_tensor("attention_mask", attention_mask, sample.device)
         forward_upsample_size = any(size % 2**self.num_upsamplers for size in sample.shape[-2:])
         attention_mask = mask_to_bias(attention_mask, sample.dtype)
 
@@ -313,33 +317,23 @@ class UNetMotionModel(UNetSkeleton):
         out = out.reshape(batch, num_frames, *out.shape[1:]).transpose(1, 2)
         return UNet3DConditionOutput(sample=out) if return_dict else (out,)
 
-    def _text_time_embedding(self, emb: torch.Tensor, added_cond_kwargs) -> torch.Tensor:
-        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or k not in added_cond_kwargs]
-        if missing:
-            raise ValueError(f"addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and "
-                             f"'time_ids'; missing {missing}")
-        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
-        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
-
     def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[int, int]:
-        in_channels = self.config.in_channels
-        if not torch.is_tensor(sample) or sample.dim() != 5 or sample.shape[1] != in_channels:
-            shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
-            raise ValueError(f"sample must be a (B, {in_channels}, F, H, W) video tensor; got {shape}")
+        self._check_sample_layout(sample, "(B, C, F, H, W)", self.config.in_channels)
         batch, num_frames = sample.shape[0], sample.shape[2]
         if num_frames > self.config.motion_max_seq_length:
             raise ValueError(f"sample has {num_frames} frames, more than motion_max_seq_length="
                              f"{self.config.motion_max_seq_length}, the length of the motion modules' frame table")
         widths = sorted({d for d in _per_block(self.config.cross_attention_dim, len(self.down_blocks), "")})
         width = widths[0] if len(widths) == 1 else "D"
-        if (not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.dim() != 3
-                or encoder_hidden_states.shape[0] not in (batch, batch * num_frames)
+        expected = (f"({batch * num_frames}, M, {width}) with one per frame ({batch} videos of {num_frames} frames), "
+                    f"or ({batch}, M, {width})")
+        if not torch.is_tensor(encoder_hidden_states):
+            raise TypeError(f"encoder_hidden_states must be a torch.Tensor {expected}; got "
+                            f"{type(encoder_hidden_states).__name__}")
+        if (encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] not in (batch, batch * num_frames)
                 or (len(widths) == 1 and encoder_hidden_states.shape[-1] != width)):
-            shape = (tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states)
-                     else type(encoder_hidden_states).__name__)
-            raise ValueError(f"encoder_hidden_states must be ({batch * num_frames}, M, {width}) with one per frame "
-                             f"({batch} videos of {num_frames} frames), or ({batch}, M, {width}); got {shape}")
+            raise ValueError(f"encoder_hidden_states must be {expected}; got {tuple(encoder_hidden_states.shape)}")
+        check_tensor("encoder_hidden_states", encoder_hidden_states, sample.device, sample.dtype)
         return batch, num_frames
 
     # -- AnimateDiff methods --------------------------------------------------------------------------
