@@ -11,6 +11,10 @@ Three backends:
 Launchers record every Triton launch in :data:`launch_counts`, under the kernel's function name, so
 tests can prove a kernel really ran.
 
+No op falls back silently under ``"triton"``: where an op's kernel does not take some inputs (its
+docstring lists them) and the op runs its torch reference instead, :func:`warn_fallback` emits a
+:class:`KernelFallbackWarning`, once per op and limit.  ``"auto"`` falls back without a word.
+
 This is the one place ``triton`` is imported. It is optional (pyproject installs it on Linux only): the
 op files take ``triton``, ``tl`` and ``HAS_TRITON`` from here, and without triton they get a stand-in
 under which their ``@triton.jit`` definitions still import as plain functions, never launched, because
@@ -25,6 +29,7 @@ import contextlib
 import os
 import threading
 import types
+import warnings
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -122,6 +127,26 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             "before importing triton, move the tensors to a CUDA device, or use backend 'auto'/'torch'"
         )
     return True
+
+
+class KernelFallbackWarning(UserWarning):
+    """Backend ``"triton"`` was selected, but an op ran its torch reference: its kernel does not take
+    these inputs (the op's docstring lists its limits)."""
+
+
+#: (op, limit) pairs already warned about (tests clear it).
+fallbacks_warned: set = set()
+
+
+def warn_fallback(op: str, limit: str, detail: str) -> None:
+    """Under backend ``"triton"``, say once per ``(op, limit)`` that ``op`` ran its torch reference
+    because its kernel does not take ``limit`` (a fixed phrase; ``detail`` gives this call's values)."""
+    if (op, limit) in fallbacks_warned:
+        return
+    fallbacks_warned.add((op, limit))
+    warnings.warn(f"{op}: backend 'triton' was selected, but its Triton kernel does not take {limit} "
+                  f"({detail}); running the torch reference {op}_reference instead (warned once)",
+                  KernelFallbackWarning, stacklevel=3)
 
 
 def record_launch(name: str) -> None:

@@ -31,10 +31,12 @@ filter applied to the incoming gradient. The filter is a ``torch.library`` custo
 (``fastunet::fourier_filter``) with a fake implementation and that backward registered as its
 autograd, so ``torch.compile(fullgraph=True)`` traces it; the backend is picked inside the op.
 
-Limits: the kernel takes up to 8 scaled frequencies per axis (``threshold <= 4``; FreeU uses 1) and
-planes up to 2048 on a side.  Wider masks, larger planes and float64 inputs run
-:func:`fourier_filter_reference` on every backend: past a few frequencies an FFT is the better
-algorithm, UNet feature maps are far smaller, and float64 is a checking dtype, not a fast path.
+Limits: the kernel takes up to 8 scaled frequencies per axis (any plane with ``threshold <= 4``;
+FreeU uses 1) and planes up to 2048 on a side, in float16, bfloat16 and float32.  Wider masks, larger
+planes and float64 inputs run :func:`fourier_filter_reference` instead: past a few frequencies an FFT
+is the better algorithm, UNet feature maps are far smaller, and float64 is a checking dtype, not a fast
+path.  Backend ``"auto"`` does so silently; under ``"triton"`` the first such call per limit emits a
+``KernelFallbackWarning`` (``fastunet.kernels._backend``) naming the limit.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ import numbers
 
 import torch
 
-from ._backend import record_launch, register_once, tl, triton, use_triton
+from ._backend import get_backend, record_launch, register_once, tl, triton, use_triton, warn_fallback
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_FREQS = 8  # scaled frequencies per axis the kernel takes
 _MAX_SIDE = 2048  # plane height and width the kernel takes (widths above it would need a column loop)
 _ONE_TILE_ELEMENTS = 4096  # planes up to this many padded elements are loaded once
 _TILE_ELEMENTS = 2048  # tile size for larger planes
+# r_pad * BLOCK_H per warp: 2 * 512 row twiddles (cos and sin) over 32 threads is 32 per thread
+_TWIDDLE_ROWS_PER_WARP = 512
 
 
 @triton.jit
@@ -195,20 +199,25 @@ def _scaled_frequencies(n: int, threshold: int) -> tuple[int, int]:
     return (positions.start - n // 2) % n, len(positions)
 
 
-def _fourier_filter_config(H: int, W: int) -> dict:
-    """Tile and launch configuration, keyed on the power-of-two buckets of ``H`` and ``W``.
+def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
+    """Tile and launch configuration, keyed on the power-of-two buckets of ``H`` and ``W`` and on
+    ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
     A tile always spans the full (padded) width.  Planes up to 4096 padded elements are one tile,
     loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles.  Either way
-    a thread holds about 8 elements of a tile: 48-78 registers at FreeU's threshold (1), 144 at most.
+    a thread holds about 8 elements of a tile.  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
+    held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
+    the rows per tile shrink) until a thread holds at most 32 twiddles.  Without that a one-tile
+    2048x1 plane at ``r_pad = 8`` held 128 per thread and spilled 104 B of stack on sm_80.
     """
     block_w = triton.next_power_of_2(W)
     block_h = triton.next_power_of_2(H)
-    if block_h * block_w <= _ONE_TILE_ELEMENTS:
+    twiddle_warps = r_pad * block_h // _TWIDDLE_ROWS_PER_WARP
+    if block_h * block_w <= _ONE_TILE_ELEMENTS and twiddle_warps <= 16:
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
-                "num_warps": min(max(block_h * block_w // 256, 1), 16)}
-    return {"BLOCK_H": max(1, _TILE_ELEMENTS // block_w), "BLOCK_W": block_w, "ONE_TILE": False,
-            "num_warps": 8}
+                "num_warps": min(max(block_h * block_w // 256, twiddle_warps, 1), 16)}
+    rows = min(max(1, _TILE_ELEMENTS // block_w), 8 * _TWIDDLE_ROWS_PER_WARP // r_pad)
+    return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 8}
 
 
 def _check_inputs(x, threshold, scale) -> None:
@@ -245,7 +254,7 @@ def _fourier_filter_fwd(x: torch.Tensor, threshold: int, scale: float, out: torc
         if extent >= 2**31:
             raise ValueError(f"{name} planes must span < 2**31 elements; got {extent + 1}")
     r_pad, k_pad = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
-    cfg = _fourier_filter_config(H, W)
+    cfg = _fourier_filter_config(H, W, r_pad)
     num_warps = cfg.pop("num_warps")
     _fourier_filter_fwd_kernel[(B * C,)](
         x, y, C, H, W,
@@ -299,19 +308,29 @@ def fourier_filter_reference(x: torch.Tensor, threshold: int, scale: float) -> t
 # ----------------------------------------------------------------------------------------------
 
 
-def _fits_kernel(x: torch.Tensor, threshold: int) -> bool:
-    """Whether the kernel takes ``x`` and ``threshold`` (see the module docstring's limits)."""
-    n_rows = _scaled_frequencies(x.shape[2], threshold)[1]
-    n_cols = _scaled_frequencies(x.shape[3], threshold)[1]
-    return (x.dtype in _KERNEL_DTYPES and max(n_rows, n_cols) <= _MAX_FREQS
-            and max(x.shape[2], x.shape[3]) <= _MAX_SIDE)
+def _kernel_limit(x: torch.Tensor, threshold: int) -> tuple[str, str] | None:
+    """``None`` when the kernel takes ``x`` and ``threshold``, else the limit it exceeds and this call's
+    values (see the module docstring's limits)."""
+    H, W = x.shape[2], x.shape[3]
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"{x.dtype} inputs", f"it takes {', '.join(map(str, _KERNEL_DTYPES))}"
+    n_freqs = max(_scaled_frequencies(H, threshold)[1], _scaled_frequencies(W, threshold)[1])
+    if n_freqs > _MAX_FREQS:
+        return (f"more than {_MAX_FREQS} scaled frequencies per axis",
+                f"threshold {threshold} on a {H}x{W} plane scales {n_freqs}")
+    if max(H, W) > _MAX_SIDE:
+        return f"planes over {_MAX_SIDE} on a side", f"got {H}x{W}"
+    return None
 
 
 def _fourier_filter_op(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     """The filtered ``x``, laid out as ``torch.empty_like(x)`` on every path (as the fake promises): the
-    kernel where it applies and the backend says Triton, else the reference."""
-    if _fits_kernel(x, threshold) and use_triton(x):
+    kernel where it applies and the backend says Triton, else the reference (warned under "triton")."""
+    limit = _kernel_limit(x, threshold)
+    if limit is None and use_triton(x):
         return _fourier_filter_fwd(x, threshold, scale)
+    if limit is not None and get_backend() == "triton":
+        warn_fallback("fourier_filter", *limit)
     y = fourier_filter_reference(x, threshold, scale)
     if y.stride() == torch.empty_like(x, device="meta").stride():
         return y
@@ -355,6 +374,11 @@ def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tenso
         the input dtype (float64 in float64).  Differentiable with respect to ``x`` (twice, too).  A
         ``torch.library`` custom op (``fastunet::fourier_filter``, with a fake implementation and
         autograd), so ``torch.compile(fullgraph=True)`` traces through it.
+
+    The Triton kernel takes float16/bfloat16/float32 planes up to 2048 on a side with at most 8 scaled
+    frequencies per axis (every plane at ``threshold <= 4``).  Other inputs run
+    :func:`fourier_filter_reference`; under backend ``"triton"`` the first such call per limit warns
+    (``KernelFallbackWarning``), under ``"auto"`` none does.
     """
     _check_inputs(x, threshold, scale)
     return torch.ops.fastunet.fourier_filter(x, int(threshold), float(scale))

@@ -6,7 +6,9 @@ is the direct-DFT reference (backend "torch").  Its configs are also compiled fo
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from gpu_compile import check_fits, compile_cases  # tests/ is on sys.path (root
 
 import fastunet
 from fastunet.kernels import fourier_filter, fourier_filter_reference, launch_counts
+from fastunet.kernels._backend import KernelFallbackWarning, fallbacks_warned
 from fastunet.testing import check_against_oracle
 
 # the package attribute `fourier_filter` is the function; the module itself lives in sys.modules
@@ -97,11 +100,13 @@ def test_threshold_zero_copies_and_wide_threshold(backend):
     y = run(backend, x, 0, 0.5)
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
     # a square covering the whole spectrum scales everything; past 8 frequencies per axis the
-    # reference runs on every backend
+    # reference runs (under "triton" with a KernelFallbackWarning, see test_fallback_warns_once)
     torch.testing.assert_close(run(backend, x, 4, 0.5), 0.5 * x, rtol=0, atol=2e-6)
     assert_kernel_ran(backend)
     x = torch.randn(1, 2, 20, 18)
-    torch.testing.assert_close(run(backend, x, 50, 0.5), 0.5 * x, rtol=0, atol=2e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KernelFallbackWarning)
+        torch.testing.assert_close(run(backend, x, 50, 0.5), 0.5 * x, rtol=0, atol=2e-6)
     assert launch_counts[KERNEL] == 0
 
 
@@ -148,9 +153,51 @@ def test_torch_path_gradcheck_float64():
 
 def test_float64_runs_the_reference_on_every_backend():
     x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
-    y = run("triton", x, 1, 0.4)
+    fallbacks_warned.clear()
+    with pytest.warns(KernelFallbackWarning, match="torch.float64 inputs"):
+        y = run("triton", x, 1, 0.4)
     assert y.dtype == torch.float64 and launch_counts[KERNEL] == 0
     torch.testing.assert_close(y, fft_oracle(x, 1, 0.4), rtol=0, atol=1e-12)
+
+
+# (input, threshold, the limit named in the warning): each beyond the kernel in one way
+BEYOND_KERNEL = [
+    (lambda: torch.randn(1, 2, 7, 6, dtype=torch.float64), 1, "torch.float64 inputs"),
+    (lambda: torch.randn(1, 2, 20, 18), 5, "more than 8 scaled frequencies per axis"),
+    (lambda: torch.randn(1, 1, 2049, 3), 1, "planes over 2048 on a side"),
+]
+
+
+@pytest.mark.parametrize("make, threshold, limit", BEYOND_KERNEL, ids=("float64", "threshold-5", "side-2049"))
+def test_fallback_warns_once_under_triton_and_never_under_auto(make, threshold, limit):
+    """No silent fallback under "triton": the reference runs with one KernelFallbackWarning per limit;
+    "auto" and "torch" fall back without a word."""
+    x = make()
+    fallbacks_warned.clear()
+    with pytest.warns(KernelFallbackWarning, match=f"does not take {limit}") as record:
+        y = run("triton", x, threshold, 0.6)
+        run("triton", x, threshold, 0.6)  # the second call is silent
+    assert len([w for w in record if issubclass(w.category, KernelFallbackWarning)]) == 1
+    assert launch_counts[KERNEL] == 0
+    torch.testing.assert_close(y.double(), fft_oracle(x, threshold, 0.6), rtol=0, atol=4e-6)
+    fallbacks_warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        for backend in ("auto", "torch"):
+            run(backend, x, threshold, 0.6)
+
+
+def test_kernel_takes_threshold_4_and_any_threshold_on_small_planes():
+    """The limit is 8 frequencies per axis, not the threshold: threshold 4 anywhere, and any threshold
+    on planes of at most 8 a side, run the kernel without a warning."""
+    fallbacks_warned.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelFallbackWarning)
+        for size, threshold in (((33, 20), 4), ((8, 5), 9), ((1100, 1), 4)):  # the last: 512-row blocks
+            x = torch.randn(1, 2, *size)
+            y = run("triton", x, threshold, 0.3)
+            assert_kernel_ran("triton")
+            torch.testing.assert_close(y.double(), fft_oracle(x, threshold, 0.3), rtol=0, atol=4e-6)
 
 
 def test_auto_backend_on_cpu_uses_torch():
@@ -219,9 +266,34 @@ def test_bad_inputs(fn):
         fn(x, 1, float("nan"))
 
 
-def _compile_case(dtype: str, H: int, W: int, pad: int, cc: int) -> dict:
-    cfg = ff_module._fourier_filter_config(H, W)
-    num_warps = cfg.pop("num_warps")
+def launcher_configs() -> dict[tuple, int]:
+    """Every config the launcher can select, from its config table: each (BLOCK_H, BLOCK_W, ONE_TILE,
+    num_warps, R_PAD) that ``_fourier_filter_config`` returns over the power-of-two buckets of planes up
+    to 2048 a side and the reachable row pads (at most 8, at most the padded height), mapped to the
+    largest column pad it can run with (at most 8, at most the padded width).  Registers only grow with
+    the pads, so that one compile per config is its worst case."""
+    configs = {}
+    for log_h in range(12):
+        for log_w in range(12):
+            block_h, block_w = 1 << log_h, 1 << log_w
+            for r_pad in (1, 2, 4, 8):
+                if r_pad > block_h:
+                    continue
+                cfg = ff_module._fourier_filter_config(block_h, block_w, r_pad)
+                key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
+                configs[key] = max(configs.get(key, 1), min(8, block_w))
+    return configs
+
+
+def thread_load(key: tuple) -> tuple[float, float]:
+    """(tile elements, row twiddles) a thread holds in config ``key``."""
+    block_h, block_w, _, num_warps, r_pad = key
+    threads = 32 * num_warps
+    return block_h * block_w / threads, 2 * r_pad * block_h / threads
+
+
+def _compile_case(key: tuple, k_pad: int, dtype: str, cc: int) -> dict:
+    block_h, block_w, one_tile, num_warps, r_pad = key
     signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
     signature.update({name: "i32" for name in ("C", "H", "W", "stride_x_b", "stride_x_c", "stride_x_h")})
     signature["stride_x_w"] = "constexpr"
@@ -230,18 +302,60 @@ def _compile_case(dtype: str, H: int, W: int, pad: int, cc: int) -> dict:
     signature.update({name: "i32" for name in ("u0", "n_rows", "v0", "n_cols")})
     signature["factor"] = "fp32"
     signature.update({name: "constexpr" for name in ("BLOCK_H", "BLOCK_W", "R_PAD", "K_PAD", "ONE_TILE")})
-    return {"module": ff_module.__name__, "kernel": KERNEL, "signature": signature,
-            "constexprs": dict(cfg, R_PAD=pad, K_PAD=pad, stride_x_w=1, stride_y_w=1),
+    constexprs = dict(BLOCK_H=block_h, BLOCK_W=block_w, ONE_TILE=one_tile, R_PAD=r_pad, K_PAD=k_pad,
+                      stride_x_w=1, stride_y_w=1)
+    return {"module": ff_module.__name__, "kernel": KERNEL, "signature": signature, "constexprs": constexprs,
             "cc": cc, "num_warps": num_warps, "num_stages": 1}
 
 
-def test_configs_compile_for_sm80_and_sm90_without_spills():
-    """One case per config family: 1-warp and 16-warp single tiles, row-block loops; FreeU's pad (2)
-    and the largest the kernel takes (8)."""
-    cases = [_compile_case(dtype, H, W, pad, cc)
-             for cc in (80, 90)
-             for dtype, H, W, pad in (("fp16", 16, 16, 2), ("fp32", 64, 64, 8), ("bf16", 128, 128, 2),
-                                      ("fp32", 96, 96, 8))]
+def test_config_table_bounds_what_a_thread_holds():
+    """Over every config the launcher selects: at most 8 tile elements and 32 row twiddles a thread
+    (a one-tile 2048x1 plane at R_PAD 8 used to hold 128 twiddles a thread and spilled 104 B on sm_80),
+    row-block tiles that cover the width, and the one-tile path exactly when the plane fits it."""
+    configs = launcher_configs()
+    assert len(configs) > 300
+    for key in configs:
+        tile, twiddles = thread_load(key)
+        assert tile <= 8 and twiddles <= 32, f"{key}: {tile} tile elements, {twiddles} twiddles a thread"
+        assert key[3] in (1, 2, 4, 8, 16)
+
+
+def _worst_per_class(configs: dict) -> list[tuple]:
+    """The heaviest config (tile plus twiddles a thread, then the tile) of each (ONE_TILE, num_warps)."""
+    worst = {}
+    for key in configs:
+        cls = (key[2], key[3])
+        tile, twiddles = thread_load(key)
+        if cls not in worst or (tile + twiddles, tile) > worst[cls][0]:
+            worst[cls] = ((tile + twiddles, tile), key)
+    return [key for _, key in worst.values()]
+
+
+def _check_compiles(cases: list[dict]) -> None:
     results = compile_cases(cases)
     problems = [p for case, res in zip(cases, results) for p in check_fits(case, res)]
     assert not problems, "\n".join(problems)
+
+
+def test_configs_compile_for_sm80_and_sm90_without_spills():
+    """The heaviest config of the 1- and 16-warp one-tile classes and the row-block class of the
+    launcher's table at its largest pads (tall narrow tiles, the row twiddles' worst case), the widest plane at 8 column pads (the
+    column loop's), and FreeU's 64x64 plane at pads 2, for sm_80 and sm_90, the dtypes rotating.  Every
+    config of the table compiles in test_every_config_compiles_without_spills (opt-in: 650 compiles)."""
+    configs = launcher_configs()
+    # the classes hold the same load a thread; the fewest and most warps of one tile, and the row blocks
+    cases = [(key, configs[key]) for key in _worst_per_class(configs) if key[3] in (1, 16) or not key[2]]
+    cases += [((1, 2048, True, 8, 1), 8), ((64, 64, True, 16, 2), 2)]
+    assert all(key in configs for key, _ in cases)
+    dtypes = ("fp32", "fp16", "bf16")
+    _check_compiles([_compile_case(key, k_pad, dtypes[i % 3], cc)
+                     for cc in (80, 90) for i, (key, k_pad) in enumerate(cases)])
+
+
+@pytest.mark.skipif(os.environ.get("FASTUNET_COMPILE_ALL") != "1",
+                    reason="every config of the table, sm_80 and sm_90: set FASTUNET_COMPILE_ALL=1 (about 15 min)")
+def test_every_config_compiles_without_spills():
+    configs = launcher_configs()
+    dtypes = ("fp32", "fp16", "bf16")
+    _check_compiles([_compile_case(key, k_pad, dtypes[i % 3], cc)
+                     for cc in (80, 90) for i, (key, k_pad) in enumerate(sorted(configs.items()))])
