@@ -16,8 +16,20 @@ without a causal mask:
   is a constant: no gradient flows into it.
 * ``scale`` defaults to ``1 / sqrt(D)``.
 * A query row whose keys are all masked (all False, or all ``-inf``) gives an output row of zeros
-  and zero gradients, as ``scaled_dot_product_attention`` does on CPU (its CUDA math backend gives
-  NaN instead). Its stored log-sum-exp is ``+inf``.
+  and zero gradients (its own dq row zero, no contribution to dk, dv). That is what
+  ``scaled_dot_product_attention`` gives on CPU in torch 2.13, measured for fp32, fp16 and bf16, bool
+  and additive masks, on the default (fused) and the math backend alike; older PyTorch and some CUDA
+  backends give NaN there. Its stored log-sum-exp is ``+inf``.
+* NaN and Inf propagate as in SDPA's math path, never masked away: a NaN in a key makes every
+  output of its (batch, head) NaN, one in a query its row, one in a value that column of the
+  (batch, head). A score of ``+inf`` (an infinite q or k entry) makes its row NaN; a NaN in a key
+  that a bool mask removes still makes the outputs NaN (the mask is an additive ``-inf``, and
+  ``NaN - inf`` is NaN), as SDPA's fused CPU kernel does.
+* Extremes: scores are formed, max-subtracted and exponentiated in fp32, so logits ``q.k * scale``
+  up to ~1e4 and beyond in fp16/bf16 give a finite, accurate forward. The backward stays finite;
+  its dq/dk carry an absolute error of about one unit in the last place of ``out`` times
+  ``|dO| |k| scale`` (resp. ``|q|``), because ``delta = rowsum(dO * out)`` is formed from the rounded
+  ``out`` (as in FlashAttention): in a nearly one-hot softmax the true dq/dk are far smaller than that.
 
 Forward: each program owns ``BLOCK_M`` queries of one (batch, head) and streams the keys in
 ``BLOCK_N`` tiles with an online softmax; scores live in log2 units (``log2(e)`` is folded into the
@@ -45,7 +57,8 @@ traces through them; the backend is picked inside the op with ``use_triton``.
 
 The torch reference path (CPU tensors, or backend "torch") saves the same ``(q, k, v, out, lse)``.
 Where PyTorch's fused CPU kernels apply (``aten._scaled_dot_product_flash_attention_for_cpu`` and
-its ``_backward``: CPU tensors, ``D == Dv``, non-empty; the backward also fp32/fp16/bf16, as it reads
+its ``_backward``: CPU tensors, ``D == Dv``, non-empty, no infinite q/k entry or ``+inf`` in a float
+mask (see ``_cpu_flash_applies``); the backward also fp32/fp16/bf16, as it reads
 the fp32 ``lse``), both directions run them: they take the mask only as an additive bias in q's
 dtype (a bool mask becomes ``0 / -inf`` at the mask's own size, a float one is cast) viewed 4-D with
 stride-0 broadcasts, and read rows of q, k, v and out as contiguous, so an operand (dO too) whose
@@ -770,11 +783,19 @@ _CPU_FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 _CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _cpu_flash_applies(q, k, v) -> bool:
-    """Whether the fused CPU kernels take these shapes: CPU tensors, one head dim for keys and values
-    (D == Dv), and at least one query, one key and one (batch, head)."""
+def _cpu_flash_applies(q, k, v, attn_mask) -> bool:
+    """Whether the fused CPU kernels take these inputs: CPU tensors, one head dim for keys and values
+    (D == Dv), at least one query, one key and one (batch, head), and no score that can be ``+inf``
+    (an infinite entry of q or k, or a ``+inf`` in a float mask). In fp16/bf16 those kernels give a
+    row whose max score is ``+inf`` an output of zeros (measured on torch 2.13), where SDPA's math
+    path, its fp32 fused kernel and the Triton kernels give NaN (``exp(inf - inf)``); the chunked
+    recomputation gives NaN too. The check reads q and k once, against the N * M * D of the op."""
     batch, heads, seqlen_q, d = q.shape
-    return q.device.type == "cpu" and d == v.shape[-1] and min(batch * heads, seqlen_q, k.shape[2]) > 0
+    if not (q.device.type == "cpu" and d == v.shape[-1] and min(batch * heads, seqlen_q, k.shape[2]) > 0):
+        return False
+    if attn_mask is not None and attn_mask.dtype != torch.bool and bool((attn_mask == float("inf")).any()):
+        return False
+    return not (bool(torch.isinf(q).any()) or bool(torch.isinf(k).any()))
 
 
 def _cpu_flash_operand(t: torch.Tensor) -> torch.Tensor:
@@ -833,7 +854,7 @@ def _attention_fwd_reference(q, k, v, attn_mask, scale):
     it applies, else chunks over queries in fp32."""
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
-    if _CPU_FLASH_FWD is not None and _cpu_flash_applies(q, k, v):
+    if _CPU_FLASH_FWD is not None and _cpu_flash_applies(q, k, v, attn_mask):
         bias, dead = _cpu_flash_bias(attn_mask, q), None
         if bias is not None:
             dead = (bias == float("-inf")).all(-1)
@@ -862,7 +883,7 @@ def _attention_bwd_reference(do, q, k, v, out, lse, attn_mask, scale):
     else :func:`_attention_bwd_chunked`. The fused kernel recomputes ``exp(s - lse)`` from the saved
     ``lse``, so a fully masked row (scores ``-inf``, lse ``+inf``) gets zero gradients there too."""
     batch, heads, seqlen_q, _ = q.shape
-    if _CPU_FLASH_BWD is None or q.dtype not in _DTYPES or not _cpu_flash_applies(q, k, v):
+    if _CPU_FLASH_BWD is None or q.dtype not in _DTYPES or not _cpu_flash_applies(q, k, v, attn_mask):
         return _attention_bwd_chunked(do, q, k, v, out, lse, attn_mask, scale)
     bias = _cpu_flash_bias(attn_mask, q)
     if bias is not None:
@@ -1007,7 +1028,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
     q ``(B, H, N, D)``, k ``(B, H, M, D)``, v ``(B, H, M, Dv)``, all fp32/fp16/bf16 of one dtype and
     any strides; ``attn_mask`` bool (True keeps) or additive float, broadcastable to ``(B, H, N, M)``
     and never differentiated; ``scale`` defaults to ``1/sqrt(D)``. Returns ``(B, H, N, Dv)``.
-    Rows whose keys are all masked come out as zeros. Differentiable in q, k, v.
+    Rows whose keys are all masked (a bool mask all False, or an additive mask all ``-inf``, along
+    the keys) come out as zeros with zero gradients, as ``scaled_dot_product_attention`` gives on
+    CPU in torch 2.13 (measured, default and math backends). NaN and Inf propagate as in SDPA (see
+    the module docstring). Differentiable in q, k, v; deterministic (no atomics).
     """
     _check_inputs(q, k, v, attn_mask, scale)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():

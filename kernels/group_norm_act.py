@@ -33,10 +33,11 @@ BLOCK_L)`` tiles over ``(channels, S1)``, one row ``s0`` at a time: a spatial ti
 over ``S0 * cdiv(S1, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up
 to ``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial-tile ranges):
 
-* forward: ``_stats`` writes each program's (count, mean, M2), from a Welford accumulator per lane
-  merged with Chan's parallel formula; ``_fwd`` merges a group's partials (Chan again, one vector
-  reduction), then normalises, modulates, activates and stores ``y``; its first program stores
-  ``mean``/``rstd``.
+* forward: ``_stats`` writes each program's (count, mean, M2) of ``h - pivot``, the pivot being the
+  group's first element (shifted data: the mean of a near-constant group keeps full precision),
+  from a Welford accumulator per lane merged with Chan's parallel formula; ``_fwd`` merges a
+  group's partials (Chan again, one vector reduction), then normalises, modulates, activates and
+  stores ``y``; its first program stores ``mean``/``rstd``.
 * backward: ``_bwd_reduce`` recomputes ``u`` from ``x`` and writes per-(b, c, spatial range) sums of
   ``du``, ``du * xhat`` and ``xhat``, plus per-program group sums of ``gain * du`` and
   ``gain * du * xhat``; ``_bwd_dx`` merges them, writes ``dx`` and, from one program per channel, the
@@ -171,6 +172,19 @@ def _group_norm_act_channel_coefs(weight_ptr, bias_ptr, scale_ptr, shift_ptr, ad
 
 
 @triton.jit
+def _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD: tl.constexpr):
+    """fp32 ``x + add`` at the group's first element: the shift of the statistics. The moments are
+    accumulated of ``h - pivot`` (shifted data), so a group whose mean is large against its spread
+    (constant + 1e-4 noise, or exactly constant, where rstd = rsqrt(eps) magnifies any error in
+    ``x - mean``) keeps its mean to the rounding of one addition: an exactly constant group gets
+    ``x - mean = 0`` exactly, as F.group_norm does."""
+    pivot = tl.load(x_ptr + (b * stride_x_b + ch_base * stride_x_c)).to(tl.float32)
+    if HAS_ADD:
+        pivot += tl.load(add_ptr + pid_bg * Cg).to(tl.float32)
+    return pivot
+
+
+@triton.jit
 def _group_norm_act_grad_u(x_ptrs, dy_ptrs, mask, centre, gain_r, offset, ACTIVATION: tl.constexpr):
     """One tile of the backward: ``xc = x - centre`` and ``du = dL/du`` from ``dL/dy``, with
     ``u = xc * gain_r + offset`` recomputed. Masked lanes get ``du = 0`` (and an arbitrary ``xc``)."""
@@ -185,8 +199,9 @@ def _group_norm_act_grad_u(x_ptrs, dy_ptrs, mask, centre, gain_r, offset, ACTIVA
     elif ACTIVATION == "mish":
         # mish'(u) = t + u sigmoid(u) (1 - t^2), t = n / (n + 2), n = e^u (e^u + 2); with
         # sigmoid(u) = e / (1 + e) and n + 1 = (e + 1)^2 it is (n d + 4 u e (e + 1)) / d^2,
-        # d = n + 2. u is clamped at 20 where the second term no longer counts in fp32.
-        uc = tl.minimum(u, 20.0)
+        # d = n + 2. u is clamped at 20 where the second term no longer counts in fp32; the clamp keeps
+        # a NaN u NaN (a plain minimum returns 20 for it and would hide it in du and the sums).
+        uc = tl.minimum(u, 20.0, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp(uc)
         n = e * (e + 2.0)
         d = n + 2.0
@@ -212,7 +227,8 @@ def _group_norm_act_stats_kernel(
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
-    # Welford per lane; the lanes are merged with Chan's formula at the end
+    # Welford per lane of h - pivot; the lanes are merged with Chan's formula at the end
+    pivot = _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
     count = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
     mean = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
     m2 = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
@@ -231,6 +247,7 @@ def _group_norm_act_stats_kernel(
                 h = h.to(tl.float32)
                 if HAS_ADD:
                     h += addv
+                h -= pivot
                 count += mask.to(tl.float32)
                 delta = h - mean
                 mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
@@ -269,7 +286,7 @@ def _group_norm_act_fwd_kernel(
     if Y_LIKE_X:  # y's strides are x's: one offset tile serves both
         stride_y_b, stride_y_c, stride_y_s0, stride_y_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
 
-    # merge the group's partial moments (Chan, all at once)
+    # merge the group's partial moments of h - pivot (Chan, all at once)
     offs = tl.arange(0, BLOCK_SPLIT)
     smask = offs < n_split
     part = part_ptr + pid_bg * n_split + offs
@@ -279,7 +296,11 @@ def _group_norm_act_fwd_kernel(
     total = tl.sum(p_count)
     mean = tl.sum(p_count * p_mean) / total
     dev = p_mean - mean
-    var = tl.maximum(tl.sum(p_m2 + p_count * dev * dev) / total, 0.0)
+    mean += _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
+    # Every term is non-negative, so var needs no clamp at 0; a clamp by tl.maximum would also turn
+    # the NaN of a group holding an Inf (inf - inf in the moments) into 0, and x - mean into a finite
+    # or infinite result where F.group_norm gives NaN for the whole group.
+    var = tl.sum(p_m2 + p_count * dev * dev) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     if pid_s == 0:
         tl.store(mean_ptr + pid_bg, mean)
