@@ -39,6 +39,7 @@ __all__ = [
     "perturbed_pair",
     "perturbed_state",
     "rel_err",
+    "saved_activation_bytes",
 ]
 
 Norm = Literal["l2", "max"]
@@ -262,3 +263,40 @@ def perturbed_pair(source: ModuleT, other: ModuleU, *, seed: int = 0, floor: flo
         if changed:
             raise ComparisonError(f"{type(model).__name__} reads back other values than it loaded: {changed}")
     return source, other
+
+
+# -- activation memory --------------------------------------------------------------------------------------
+
+
+def saved_activation_bytes(fn, model: nn.Module, *, details: list | None = None, label=None) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``fn()``, parameters excluded.
+
+    ``fn`` runs a forward (``lambda: model(x, t)``); every tensor that an autograd node saves while it runs
+    is seen through ``torch.autograd.graph.saved_tensors_hooks``. Tensors are counted by storage: a storage
+    saved many times, or through several views (a transpose, a chunk), counts once, with its whole
+    ``nbytes``. Storages of ``model``'s parameters and buffers (and of their views, such as a Linear's
+    transposed weight) are not activations and are left out. The forward's result is held until the count
+    is done, so that no saved storage is freed and its address reused by another.
+
+    ``details``, if given, receives one dict per counted storage (``nbytes``, ``shape``, ``dtype`` of the
+    first tensor saved from it, and ``label``: ``label()`` called when that tensor was saved, or None),
+    for a breakdown by layer or op.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = (t, storage.nbytes())
+            if details is not None:
+                details.append({"nbytes": storage.nbytes(), "shape": tuple(t.shape), "dtype": t.dtype,
+                                "label": label() if label is not None else None})
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    total = sum(nbytes for _, nbytes in seen.values())
+    del result
+    return total

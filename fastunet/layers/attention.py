@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configuration import reject_unsupported
-from .attention_processor import Attention
+from .attention_processor import Attention, TritonAttnProcessor
 from .embeddings import SinusoidalPositionalEmbedding
 
 
@@ -83,6 +83,186 @@ _FEED_FORWARD_ACTIVATIONS = {
     "gelu-approximate": lambda dim_in, dim_out, bias: GELU(dim_in, dim_out, approximate="tanh", bias=bias),
     "geglu-approximate": ApproximateGELU,
 }
+
+
+def _plain_modules(*modules: nn.Module) -> bool:
+    """Whether none of ``modules`` has forward hooks (which a fused path, not calling them, would skip)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _inactive_dropout(module: nn.Module) -> bool:
+    return type(module) is nn.Dropout and (not module.training or module.p == 0)
+
+
+class _LayerNormFeedForward(torch.autograd.Function):
+    """``linear2(act(linear1(layer_norm(h))))`` whose backward recomputes the elementwise parts.
+
+    ``act`` is GEGLU (``value * gelu(gate)`` of the two halves of linear1's output) or GELU. Saved: the
+    block's residual ``h``, linear1's output ``p`` (returned as a second, non-differentiable output, so
+    that the context can keep it) and the weights; the normalised ``h`` that linear1 reads and the
+    activation that linear2 reads are recomputed in backward (a LayerNorm and a GELU, elementwise
+    passes) instead of being kept from forward. The gradients are those autograd would give through
+    the unfused ops.
+    """
+
+    @staticmethod
+    def forward(h, norm_weight, norm_bias, eps, weight1, bias1, weight2, bias2, gated, approximate):
+        normed = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
+        p = F.linear(normed, weight1, bias1)
+        return F.linear(_LayerNormFeedForward.activate(p, gated, approximate)[0], weight2, bias2), p
+
+    @staticmethod
+    def activate(p: torch.Tensor, gated: bool, approximate: str):
+        """``(act(p), gelu(gate))``; the second is None for plain GELU."""
+        if not gated:
+            return F.gelu(p, approximate=approximate), None
+        value, gate = p.chunk(2, dim=-1)
+        gelu_gate = F.gelu(gate, approximate=approximate)
+        return value * gelu_gate, gelu_gate
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, norm_weight, norm_bias, eps, weight1, bias1, weight2, bias2, gated, approximate = inputs
+        _, p = output
+        ctx.save_for_backward(h, norm_weight, norm_bias, weight1, weight2, p)
+        ctx.mark_non_differentiable(p)
+        ctx.options = (eps, gated, approximate, bias1 is not None, bias2 is not None)
+
+    @staticmethod
+    def backward(ctx, dy, _dp):
+        h, norm_weight, norm_bias, weight1, weight2, p = ctx.saved_tensors
+        eps, gated, approximate, has_bias1, has_bias2 = ctx.options
+        needs = ctx.needs_input_grad
+        dims = [h.shape[-1]]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(h, dims, norm_weight, norm_bias, eps)
+        act, gelu_gate = _LayerNormFeedForward.activate(p, gated, approximate)
+        dy_rows = dy.reshape(-1, dy.shape[-1])
+        dweight2 = dy_rows.t().mm(act.reshape(-1, act.shape[-1])) if needs[6] else None
+        dbias2 = dy_rows.sum(0) if has_bias2 and needs[7] else None
+        del act
+        dact = dy.matmul(weight2)
+        if gated:
+            value, gate = p.chunk(2, dim=-1)
+            dp = torch.cat([dact * gelu_gate, torch.ops.aten.gelu_backward(dact * value, gate, approximate=approximate)],
+                           dim=-1)
+        else:
+            dp = torch.ops.aten.gelu_backward(dact, p, approximate=approximate)
+        del dact, gelu_gate
+        dp_rows = dp.reshape(-1, dp.shape[-1])
+        dweight1 = dp_rows.t().mm(normed.reshape(-1, dims[0])) if needs[4] else None
+        dbias1 = dp_rows.sum(0) if has_bias1 and needs[5] else None
+        del normed
+        dh = dnorm_weight = dnorm_bias = None
+        if any(needs[:3]):
+            dh, dnorm_weight, dnorm_bias = torch.ops.aten.native_layer_norm_backward(
+                dp.matmul(weight1), h, dims, mean, rstd, norm_weight, norm_bias,
+                [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]])
+        return dh, dnorm_weight, dnorm_bias, None, dweight1, dbias1, dweight2, dbias2, None, None
+
+
+class _LayerNormLinears(torch.autograd.Function):
+    """``[linear_i(layer_norm(h)) for each (weight_i, bias_i)]``, saving ``h`` instead of the normalised
+    tensor the projections read: backward recomputes the LayerNorm (an elementwise pass), sums the
+    projections' input gradients and runs LayerNorm's backward once."""
+
+    @staticmethod
+    def forward(h, norm_weight, norm_bias, eps, *projections):
+        normed = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
+        return tuple(F.linear(normed, projections[i], projections[i + 1]) for i in range(0, len(projections), 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, norm_weight, norm_bias, eps, *projections = inputs
+        ctx.save_for_backward(h, norm_weight, norm_bias, *projections[0::2])
+        ctx.eps = eps
+        ctx.has_bias = [b is not None for b in projections[1::2]]
+
+    @staticmethod
+    def backward(ctx, *douts):
+        h, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dims = [h.shape[-1]]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(h, dims, norm_weight, norm_bias, ctx.eps)
+        normed_rows = normed.reshape(-1, dims[0])
+        grads, dnormed = [], None
+        for i, (dout, weight, has_bias) in enumerate(zip(douts, weights, ctx.has_bias)):
+            rows = dout.reshape(-1, dout.shape[-1])
+            grads.append(rows.t().mm(normed_rows) if needs[4 + 2 * i] else None)
+            grads.append(rows.sum(0) if has_bias and needs[5 + 2 * i] else None)
+            if any(needs[:3]):
+                dnormed = dout.matmul(weight) if dnormed is None else dnormed + dout.matmul(weight)
+        del normed, normed_rows
+        dh = dnorm_weight = dnorm_bias = None
+        if any(needs[:3]):
+            dh, dnorm_weight, dnorm_bias = torch.ops.aten.native_layer_norm_backward(
+                dnormed, h, dims, mean, rstd, norm_weight, norm_bias,
+                [needs[0], norm_weight is not None and needs[1], norm_bias is not None and needs[2]])
+        return (dh, dnorm_weight, dnorm_bias, None, *grads)
+
+
+def _fusable(h: torch.Tensor, norm: nn.Module) -> bool:
+    """A training forward outside autocast, through a plain one-dimensional LayerNorm."""
+    return (torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+            and type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1)
+
+
+def layer_norm_attention(norm: nn.LayerNorm, attn: Attention, h: torch.Tensor,
+                         encoder_hidden_states: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``attn(norm(h), encoder_hidden_states, attention_mask)`` with the LayerNorm fused into the query
+    projection (and, in self-attention, the key and value ones) by :class:`_LayerNormLinears`, so that
+    the normalised tokens are not kept for backward; the attention itself and the output projection
+    are the processor's own (:meth:`TritonAttnProcessor.attend` and ``project_out``).
+
+    None where that does not apply, and the caller runs ``attn`` as usual: no gradient wanted,
+    autocast, another processor than the default :class:`TritonAttnProcessor`, attention options the
+    processor would act on (group/spatial/cross norms, added KV, fused projections, a residual or
+    rescaled output), projections other than plain ``nn.Linear`` (LoRA), hooks, or encoder states
+    of the wrong width (so that ``Attention`` raises its error).
+    """
+    if not _fusable(h, norm) or type(attn.processor) is not TritonAttnProcessor:
+        return None
+    if (attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross is not None
+            or attn.added_kv_proj_dim is not None or attn.residual_connection or attn.rescale_output_factor != 1.0
+            or getattr(attn, "fused_projections", False) or attn.to_k is None or h.shape[-1] != attn.query_dim):
+        return None
+    self_attention = encoder_hidden_states is None
+    if not self_attention and (encoder_hidden_states.dim() != 3
+                               or encoder_hidden_states.shape[-1] != attn.cross_attention_dim):
+        return None
+    projections = [attn.to_q, attn.to_k, attn.to_v] if self_attention else [attn.to_q]
+    if any(type(p) is not nn.Linear for p in (attn.to_q, attn.to_k, attn.to_v)):
+        return None
+    if not _plain_modules(norm, attn, *projections):
+        return None
+    params = [t for p in projections for t in (p.weight, p.bias)]
+    qkv = _LayerNormLinears.apply(h, norm.weight, norm.bias, float(norm.eps), *params)
+    if self_attention:
+        query, key, value = qkv
+    else:
+        query, key, value = qkv[0], attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    out = attn.processor.attend(attn, query, key, value, attention_mask, query.shape[0])
+    return attn.processor.project_out(attn, out)
+
+
+def layer_norm_feed_forward(norm: nn.LayerNorm, ff: "FeedForward", h: torch.Tensor) -> torch.Tensor | None:
+    """``ff(norm(h))`` as one :class:`_LayerNormFeedForward` node, or None where that does not apply:
+    no gradient wanted, autocast, a feed-forward other than a GEGLU/GELU one of plain ``nn.Linear``
+    layers with inactive dropouts (LoRA layers, say), or modules with hooks."""
+    act = ff.net[0]
+    if not _fusable(h, norm) or type(act) not in (GEGLU, GELU):
+        return None
+    proj, out = act.proj, ff.net[2]
+    if type(proj) is not nn.Linear or type(out) is not nn.Linear:
+        return None
+    if not all(_inactive_dropout(m) for i, m in enumerate(ff.net) if i not in (0, 2)):
+        return None
+    if not _plain_modules(norm, ff, *ff.net, proj):
+        return None
+    gated = type(act) is GEGLU
+    y, _ = _LayerNormFeedForward.apply(h, norm.weight, norm.bias, float(norm.eps), proj.weight, proj.bias,
+                                       out.weight, out.bias, gated, "none" if gated else act.approximate)
+    return y
 
 
 class FeedForward(nn.Module):
@@ -213,6 +393,16 @@ class BasicTransformerBlock(nn.Module):
         pe = self.pos_embed.positions(normed.shape[1])
         return normed.add_(pe) if pe.dtype == normed.dtype else normed + pe
 
+    def _attend(self, attn, norm, hidden_states, encoder_hidden_states, mask, kwargs) -> torch.Tensor:
+        """``attn(norm(h) [+ pe], context, mask)``, fused with the norm where that applies (no positions,
+        no extra processor arguments)."""
+        if self.pos_embed is None and not kwargs:
+            fused = layer_norm_attention(norm, attn, hidden_states, encoder_hidden_states, mask)
+            if fused is not None:
+                return fused
+        return attn(self._with_positions(norm(hidden_states)), encoder_hidden_states=encoder_hidden_states,
+                    attention_mask=mask, **kwargs)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
@@ -225,12 +415,11 @@ class BasicTransformerBlock(nn.Module):
         if kwargs.pop("gligen", None) is not None:
             raise NotImplementedError("GLIGEN (cross_attention_kwargs['gligen']) is not supported by fastunet")
 
-        hidden_states = hidden_states + self.attn1(
-            self._with_positions(self.norm1(hidden_states)),
-            encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
-            attention_mask=attention_mask, **kwargs)
+        hidden_states = hidden_states + self._attend(
+            self.attn1, self.norm1, hidden_states, encoder_hidden_states if self.only_cross_attention else None,
+            attention_mask, kwargs)
         if self.attn2 is not None:
-            hidden_states = hidden_states + self.attn2(
-                self._with_positions(self.norm2(hidden_states)), encoder_hidden_states=encoder_hidden_states,
-                attention_mask=encoder_attention_mask, **kwargs)
-        return hidden_states + self._feed_forward(self.norm3(hidden_states))
+            hidden_states = hidden_states + self._attend(self.attn2, self.norm2, hidden_states, encoder_hidden_states,
+                                                         encoder_attention_mask, kwargs)
+        fused = layer_norm_feed_forward(self.norm3, self.ff, hidden_states) if self._chunk_size is None else None
+        return hidden_states + (fused if fused is not None else self._feed_forward(self.norm3(hidden_states)))

@@ -61,6 +61,94 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act_fn: str | None = None, add
     return y if post is None else post(y)  # an elementwise post-activation keeps y's layout
 
 
+def norm_act_conv(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Module, act_fn: str | None = None,
+                  add: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None, dropout: nn.Module | None = None) -> torch.Tensor:
+    """``conv(dropout(norm_act(norm, x, act_fn, add, scale, shift)))``, saving less for backward.
+
+    ``conv`` is an ``nn.Conv1d``/``Conv2d``/``Conv3d``. In a training forward the two run as one autograd
+    node that keeps only what the fused GroupNorm keeps (``x`` and the small vectors): the normalised,
+    activated tensor the convolution reads is not saved but recomputed in backward (one more
+    ``group_norm_act`` forward, an elementwise pass) before the convolution's gradients. Where that
+    node does not apply -- no gradient wanted, autocast, an activation the kernel cannot fuse, an
+    active dropout, a convolution other than plain zero-padded ``nn.ConvNd`` or one with hooks -- the
+    two run as separate ops, with the same result.
+    """
+    if not _fusable_conv(conv, x, dropout) or (act_fn is not None and act_fn.lower() in _UNFUSED):
+        h = norm_act(norm, x, act_fn, add=add, scale=scale, shift=shift)
+        return conv(h if dropout is None else dropout(h))
+    activation = fused_activation_name(act_fn) or _NO_ACTIVATION
+    return _NormActConv.apply(x, norm.weight, norm.bias, add, scale, shift, conv.weight, conv.bias,
+                              norm.num_groups, float(norm.eps), activation, tuple(conv.stride),
+                              tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+_NO_ACTIVATION = "none"  # group_norm_act_fwd's name for no activation
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _fusable_conv(conv: nn.Module, x: torch.Tensor, dropout: nn.Module | None) -> bool:
+    """Whether :func:`norm_act_conv` may run as one node: a plain zero-padded convolution in a forward
+    that records gradients, outside autocast, with no dropout that acts and no hooks to honour."""
+    if type(conv) not in _CONVS or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        return False
+    if dropout is not None and dropout.training and dropout.p > 0:
+        return False
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.dim() == conv.weight.dim()
+
+
+class _NormActConv(torch.autograd.Function):
+    """``conv(group_norm_act(x))`` whose backward recomputes the ``group_norm_act`` output.
+
+    Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight. Backward:
+    ``group_norm_act`` forward again (same statistics, bit for bit), ``aten.convolution_backward`` for
+    the convolution's input, weight and bias gradients, then ``group_norm_act``'s own backward.
+    """
+
+    @staticmethod
+    def forward(x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, num_groups, eps,
+                activation, stride, padding, dilation, groups):
+        h, _, _ = torch.ops.fastunet.group_norm_act_fwd(x, norm_weight, norm_bias, add, scale, shift, num_groups,
+                                                        eps, activation, None)
+        return torch.ops.aten.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
+                                          [0] * len(stride), groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, num_groups, eps, activation,
+         stride, padding, dilation, groups) = inputs
+        ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight)
+        ctx.norm_args = (num_groups, eps, activation)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.has_conv_bias = conv_bias is not None
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, norm_weight, norm_bias, add, scale, shift, conv_weight = ctx.saved_tensors
+        num_groups, eps, activation = ctx.norm_args
+        stride, padding, dilation, groups = ctx.conv_args
+        h, mean, rstd = torch.ops.fastunet.group_norm_act_fwd(x, norm_weight, norm_bias, add, scale, shift,
+                                                              num_groups, eps, activation, None)
+        needs = ctx.needs_input_grad
+        norm_needs = any(needs[:6])
+        bias_sizes = [conv_weight.shape[0]] if ctx.has_conv_bias else None
+        dh, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
+            dy, h, conv_weight, bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups,
+            [norm_needs, needs[6], ctx.has_conv_bias and needs[7]])
+        del h
+        grads = [None] * 6
+        if norm_needs:
+            grads = list(torch.ops.fastunet.group_norm_act_bwd(dh, x, norm_weight, norm_bias, add, scale, shift,
+                                                               mean, rstd, num_groups, activation))
+            grads = [g if t is not None and need else None
+                     for g, t, need in zip(grads, (x, norm_weight, norm_bias, add, scale, shift), needs)]
+        return (*grads, dconv_weight, dconv_bias, None, None, None, None, None, None, None)
+
+
 def _relayout(y: torch.Tensor, out_layout: tuple[int, ...]) -> torch.Tensor:
     """``y`` copied into the memory order ``out_layout`` (outermost dim first), viewed in ``y``'s dim order."""
     order = tuple(out_layout)
@@ -73,4 +161,4 @@ def _relayout(y: torch.Tensor, out_layout: tuple[int, ...]) -> torch.Tensor:
     return y.permute(order).contiguous().permute(inverse)
 
 
-__all__ = ["auto_groups", "check_groups", "norm_act"]
+__all__ = ["auto_groups", "check_groups", "norm_act", "norm_act_conv"]

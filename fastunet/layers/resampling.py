@@ -172,6 +172,11 @@ class Upsample2D(nn.Module):
         conv = self.conv if self.name == "conv" else self.Conv2d_0
         if self.use_conv_transpose:
             return conv(hidden_states)
+        if self.interpolate and self.use_conv and _fusable_conv(conv, hidden_states):
+            size = tuple(output_size) if output_size is not None else tuple(2 * d for d in hidden_states.shape[2:])
+            return _NearestUpsampleConv.apply(hidden_states, conv.weight, conv.bias, size, output_size is None,
+                                              tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation),
+                                              conv.groups)
         if self.interpolate:
             if output_size is None:
                 hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
@@ -180,6 +185,48 @@ class Upsample2D(nn.Module):
         if self.use_conv:
             hidden_states = conv(hidden_states)
         return hidden_states
+
+
+def _fusable_conv(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a convolution may run inside :class:`_NearestUpsampleConv`: a plain zero-padded
+    ``nn.Conv2d`` without hooks, in a forward that records gradients, outside autocast."""
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and not (conv._forward_hooks or conv._forward_pre_hooks) and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+class _NearestUpsampleConv(torch.autograd.Function):
+    """``conv(interpolate(x, size, mode="nearest"))`` that saves ``x``, not the upsampled tensor (four
+    times larger): backward upsamples again (a copy) before the convolution's gradients, then sums the
+    input gradient back through aten's nearest-upsampling backward, as autograd would."""
+
+    @staticmethod
+    def forward(x, weight, bias, size, by_factor, stride, padding, dilation, groups):
+        up = F.interpolate(x, scale_factor=2.0, mode="nearest") if by_factor else F.interpolate(x, size=size,
+                                                                                                mode="nearest")
+        return torch.ops.aten.convolution(up, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, size, by_factor, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.args = (size, by_factor, stride, padding, dilation, groups, bias is not None)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        size, by_factor, stride, padding, dilation, groups, has_bias = ctx.args
+        needs = ctx.needs_input_grad
+        up = F.interpolate(x, scale_factor=2.0, mode="nearest") if by_factor else F.interpolate(x, size=size,
+                                                                                                mode="nearest")
+        dup, dweight, dbias = torch.ops.aten.convolution_backward(
+            dy, up, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, [0, 0],
+            groups, [needs[0], needs[1], has_bias and needs[2]])
+        dx = None
+        if needs[0]:
+            scales = (2.0, 2.0) if by_factor else (None, None)
+            dx = torch.ops.aten.upsample_nearest2d_backward(dup, list(size), list(x.shape), *scales)
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 class _FirResample2D(nn.Module):

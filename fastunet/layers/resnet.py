@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .activations import get_activation
-from .normalization import check_groups, norm_act
+from .normalization import check_groups, norm_act, norm_act_conv
 from .resampling import Downsample2D, FirDownsample2D, FirUpsample2D, Upsample2D
 from .utils import frames_per_sample
 
@@ -104,12 +104,13 @@ class ResnetBlock2D(nn.Module):
         if input_tensor.dim() != 4 or input_tensor.shape[1] != self.in_channels:
             raise ValueError(f"ResnetBlock2D expects (B, {self.in_channels}, H, W) input; "
                              f"got shape {tuple(input_tensor.shape)}")
-        hidden_states = norm_act(self.norm1, input_tensor, self.act_fn)
         resample = self.upsample if self.upsample is not None else self.downsample
         if resample is not None:
+            hidden_states = norm_act(self.norm1, input_tensor, self.act_fn)
             input_tensor = resample(input_tensor)
-            hidden_states = resample(hidden_states)
-        hidden_states = self.conv1(hidden_states)
+            hidden_states = self.conv1(resample(hidden_states))
+        else:
+            hidden_states = norm_act_conv(self.norm1, input_tensor, self.conv1, self.act_fn)
 
         modulation = {}
         if self.time_emb_proj is not None:
@@ -122,8 +123,8 @@ class ResnetBlock2D(nn.Module):
                 modulation["scale"], modulation["shift"] = temb.chunk(2, dim=1)
             else:
                 modulation["add"] = temb
-        hidden_states = norm_act(self.norm2, hidden_states, self.act_fn, **modulation)
-        hidden_states = self.conv2(self.dropout(hidden_states))
+        hidden_states = norm_act_conv(self.norm2, hidden_states, self.conv2, self.act_fn, dropout=self.dropout,
+                                      **modulation)
 
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
@@ -173,9 +174,9 @@ class TemporalConvLayer(nn.Module):
         batch = frames_per_sample(hidden_states, num_frames, self.in_dim, "TemporalConvLayer")
         _, channels, height, width = hidden_states.shape
         x = hidden_states.view(batch, num_frames, channels, height, width).transpose(1, 2)  # a view
-        h = self.conv1[2](norm_act(self.conv1[0], x, "silu"))  # reads x in place, writes (B, C, F, H, W)
+        h = norm_act_conv(self.conv1[0], x, self.conv1[2], "silu")  # reads x in place
         for stage in (self.conv2, self.conv3, self.conv4):
-            h = stage[3](stage[2](norm_act(stage[0], h, "silu")))
+            h = norm_act_conv(stage[0], h, stage[3], "silu", dropout=stage[2])
         # Where the operands' layouts differ, an elementwise op lays its output out like the first: x's
         # memory is (B, F, C, H, W), so the sum is already the (B*F, C, H, W) result and the reshape
         # below is a view.

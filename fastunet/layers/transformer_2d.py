@@ -30,7 +30,7 @@ from ..configuration import register_to_config, reject_unsupported
 from ..modeling import ModelMixin
 from ..outputs import ModelOutput
 from .attention import BasicTransformerBlock, mask_to_bias
-from .normalization import norm_act
+from .normalization import norm_act, norm_act_conv
 from .utils import maybe_checkpoint
 
 
@@ -121,12 +121,12 @@ class Transformer2DModel(ModelMixin):
         batch, _, height, width = hidden_states.shape
         residual = hidden_states
 
-        h = norm_act(self.norm, hidden_states)
-        if not self.use_linear_projection:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])
         if self.use_linear_projection:
-            h = self.proj_in(h)
+            h = norm_act(self.norm, hidden_states)
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1]))
+        else:  # the normalised map is recomputed in backward rather than kept for proj_in's weight gradient
+            h = norm_act_conv(self.norm, hidden_states, self.proj_in)
+            h = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])
 
         for block in self.transformer_blocks:
             h = maybe_checkpoint(self.gradient_checkpointing, block, h, attention_mask=attention_mask,
