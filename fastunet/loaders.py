@@ -198,6 +198,8 @@ def scales_lora(kwargs_name: str = "cross_attention_kwargs"):
         def scaled_forward(self, *args, **kwargs):
             bound = signature.bind(self, *args, **kwargs)
             options = bound.arguments.get(kwargs_name)
+            if options is not None and not isinstance(options, Mapping):
+                raise TypeError(f"{kwargs_name} must be a dict or None; got {type(options).__name__}")
             if not options or "scale" not in options:
                 return forward(*bound.args, **bound.kwargs)
             options = dict(options)

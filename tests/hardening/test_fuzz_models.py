@@ -431,9 +431,9 @@ def bad_frames(draw, name: str) -> Case:
 
 @st.composite
 def bad_kwargs_dict(draw, name: str) -> Case:
-    # UNet2DConditionModel's LoRA-scale decorator (loaders.py) reads the value before forward does: not a
-    # number nor a string containing "scale" there (test_lora_scale_decorator_reads_a_non_dict, xfail)
-    value = draw(st.sampled_from(["attention", [("scale", 1.0)]] + ["scale=1", 0.5] * (name in VIDEO)))
+    # UNet2DConditionModel's LoRA-scale decorator (loaders.py) reads the value before forward does, and
+    # checks it the same way (test_lora_scale_decorator_reads_a_non_dict keeps the two that once failed there)
+    value = draw(st.sampled_from(["attention", [("scale", 1.0)], "scale=1", 0.5]))
     return Case("cross_attention_kwargs type", {"cross_attention_kwargs": value}, (type(value).__name__, "dict"))
 
 
@@ -654,8 +654,6 @@ def test_regression_forward_chunking_arguments(name):
         net.disable_forward_chunking()
 
 
-@pytest.mark.xfail(strict=True, reason="fastunet/loaders.py scales_lora reads cross_attention_kwargs before forward "
-                                       "checks it; reported, not in this test's files")
 @pytest.mark.parametrize("value", ["scale=1", 0.5])
 def test_lora_scale_decorator_reads_a_non_dict(value):
     with pytest.raises(TypeError, match=f"cross_attention_kwargs must be a dict or None; got {type(value).__name__}"):
