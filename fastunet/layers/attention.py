@@ -12,6 +12,13 @@ diffusers' parameter names.
 transformers': positions are frames), added to both normalised inputs of the attentions.
 
 Attention goes through :class:`fastunet.layers.attention_processor.Attention` and its processors.
+
+Saved activations: in a training forward each LayerNorm runs fused with what reads it, so that the
+normalised tokens are recomputed in backward rather than kept: ``norm3`` with the whole feed-forward
+(:func:`layer_norm_feed_forward`, which also recomputes the GELU/GEGLU output), ``norm1``/``norm2`` with
+the query (self-attention: query, key and value) projections when the default processor runs
+(:func:`layer_norm_attention`). Anything else (LoRA layers, hooks, other processors, autocast,
+positions, chunking) takes the plain path.
 """
 
 from __future__ import annotations

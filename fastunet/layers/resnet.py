@@ -9,7 +9,9 @@ frame convolutions of the video UNets, with GroupNorm+activation fused.
     out = (shortcut(resample(x)) + h) / output_scale_factor
 
 with ``t`` (or ``scale, shift``) = ``time_emb_proj(act(temb))``. Both norm+act pairs run as one
-``fastunet.kernels.group_norm_act`` call, the time embedding folded in as its ``add`` or ``scale``/``shift``.
+``fastunet.kernels.group_norm_act`` call, the time embedding folded in as its ``add`` or ``scale``/``shift``;
+in training each runs with the conv after it as one :func:`~fastunet.layers.normalization.norm_act_conv`
+node, which keeps the norm's input instead of the activation the conv reads (recomputed in backward).
 
 ``TemporalConvLayer`` on frames ``(B*F, C, H, W)``, seen as ``x`` ``(B, C, F, H, W)``::
 

@@ -4,7 +4,8 @@ with diffusers' parameter names; its ``BasicTransformerBlock`` lives in :mod:`fa
 Data flow of ``Transformer2DModel`` on ``x`` ``(B, C, H, W)``::
 
     h = GroupNorm(x)                       # fastunet.kernels.group_norm_act(activation=None), eps 1e-6
-    h = proj_in(h)  -> (B, H*W, inner)     # 1x1 conv before the flattening, or Linear after it
+    h = proj_in(h)  -> (B, H*W, inner)     # 1x1 conv before the flattening (fused with the norm:
+                                           # norm_act_conv), or Linear after it
     for block in transformer_blocks:       # BasicTransformerBlock, pre-LayerNorm residual sub-layers:
         h = h + attn1(norm1(h))            #   self-attention (cross-attention if only_cross_attention)
         h = h + attn2(norm2(h), context)   #   cross-attention (self-attention if double_self_attention)
