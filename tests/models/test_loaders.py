@@ -311,3 +311,22 @@ def test_custom_diffusion_round_trip(tmp_path):
         assert rel_err(again(sample, 10, context).sample, actual, norm="max") < 1e-6
     with pytest.raises(ValueError, match="custom_diffusion"):
         ours.load_attn_procs({"down_blocks.0.x.weight": torch.zeros(1)})
+
+
+def test_pipeline_level_lora_switches_skip_fastunets_unet(parts, tmp_path):
+    """README, known differences: ``pipe.fuse_lora()`` (and the other pipeline-level switches) only reach
+    diffusers' own model classes, so on fastunet's UNet it changes nothing; ``pipe.unet.fuse_lora()`` does."""
+    theirs, ours = pipelines(parts)
+    write_lora(theirs.unet, tmp_path, seed=3)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(tmp_path, adapter_name="a")
+    before = {n: p.detach().clone() for n, p in ours.unet.named_parameters() if "base_layer" in n}
+    theirs_before = {n: p.detach().clone() for n, p in theirs.unet.named_parameters() if "base_layer" in n}
+    for pipe in (theirs, ours):
+        pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+    changed = [n for n, p in theirs.unet.named_parameters() if n in theirs_before and not torch.equal(p, theirs_before[n])]
+    assert changed, "diffusers' pipe.fuse_lora fuses into diffusers' UNet"
+    assert all(torch.equal(p, before[n]) for n, p in ours.unet.named_parameters() if n in before)
+    ours.unet.fuse_lora(lora_scale=1.0)
+    assert any(not torch.equal(p, before[n]) for n, p in ours.unet.named_parameters() if n in before)
+    assert_same(images(theirs), images(ours), "fused through pipe.fuse_lora / pipe.unet.fuse_lora")

@@ -332,3 +332,24 @@ def test_bad_timestep_and_sample_types():
 def test_bad_configs(overrides, message):
     with pytest.raises(ValueError, match=message):
         UNet1DModel(**dict(DANCE, **overrides))
+
+
+def test_dance_diffusion_config_without_time_embedding_dim(tmp_path):
+    """README, known differences: harmonai's Dance Diffusion configs lack time_embedding_dim; diffusers
+    0.42 cannot load such a directory, fastunet refuses it with an error naming the mismatched weight and
+    both shapes, and loads it with ``time_embedding_dim=16``."""
+    import json
+
+    ours, theirs = twins(DANCE)
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["time_embedding_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception):
+        DiffusersUNet1DModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"time_proj.weight: checkpoint \[8\], model \[16\]"):
+        UNet1DModel.from_pretrained(tmp_path)
+    loaded = UNet1DModel.from_pretrained(tmp_path, time_embedding_dim=16)
+    x, t = torch.randn(2, 2, 32), torch.tensor([3, 500])
+    with torch.no_grad():
+        assert rel_err(loaded(x, t).sample, theirs(x, t).sample) < 1e-5
