@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ..checkpoint import load_state_dict_under
 from ..configuration import register_to_config
 from ..layers.attention import mask_to_bias
 from ..layers.embeddings import TimestepEmbedding, Timesteps
@@ -407,14 +408,12 @@ class UNetMotionModel(UNetSkeleton):
         """Copy the motion modules of ``motion_adapter`` (fastunet's or diffusers') into this UNet."""
         self._check_adapter_config(dict(motion_adapter.config), self.config.block_out_channels,
                                    self.config.layers_per_block, "the UNetMotionModel")
-        for ours, theirs in [*zip(self.down_blocks, motion_adapter.down_blocks),
-                             *zip(self.up_blocks, motion_adapter.up_blocks)]:
-            ours.motion_modules.load_state_dict(theirs.motion_modules.state_dict())
-        if hasattr(self.mid_block, "motion_modules"):
-            if motion_adapter.mid_block is None:
-                raise ValueError("the UNetMotionModel has a motion mid block (use_motion_mid_block=True) but the "
-                                 "motion adapter has none (use_motion_mid_block=False)")
-            self.mid_block.motion_modules.load_state_dict(motion_adapter.mid_block.motion_modules.state_dict())
+        if hasattr(self.mid_block, "motion_modules") and motion_adapter.mid_block is None:
+            raise ValueError("the UNetMotionModel has a motion mid block (use_motion_mid_block=True) but the "
+                             "motion adapter has none (use_motion_mid_block=False)")
+        # all or nothing: every motion module's entries are checked before any is copied
+        load_state_dict_under(self, motion_adapter.state_dict(),
+                              [name for name, _ in self.named_modules() if name.endswith("motion_modules")])
 
     def save_motion_modules(self, save_directory, is_main_process: bool = True, safe_serialization: bool = True,
                             variant: str | None = None, push_to_hub: bool = False, **kwargs) -> None:

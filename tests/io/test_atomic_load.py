@@ -276,3 +276,19 @@ def test_save_motion_modules_round_trip_through_the_atomic_load(tmp_path):
     adapter = fastunet.MotionAdapter.from_pretrained(tmp_path)
     theirs = adapter.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in unet.state_dict().items() if ".motion_modules." in k)
+
+
+def test_load_motion_modules_is_all_or_nothing():
+    """UNetMotionModel.load_motion_modules goes through the atomic sub-module load: an adapter with one
+    misshapen tensor in its last up block leaves every motion module (the down blocks' too) as it was."""
+    unet = perturb_(fastunet.UNetMotionModel(**MOTION_UNET))
+    before = snapshot(unet)
+    adapter = perturb_(fastunet.MotionAdapter(**MOTION_ADAPTER), seed=3)
+    name, param = [(n, p) for n, p in adapter.named_parameters() if n.startswith("up_blocks.")][-1]
+    module = adapter.get_submodule(name.rsplit(".", 1)[0])
+    setattr(module, name.rsplit(".", 1)[1], nn.Parameter(torch.zeros(param.shape[0] + 1, *param.shape[1:])))
+    with pytest.raises(RuntimeError, match=f"size mismatch for {name}"):
+        unet.load_motion_modules(adapter)
+    assert_unchanged(unet, before)
+    unet.load_motion_modules(perturb_(fastunet.MotionAdapter(**MOTION_ADAPTER), seed=4))
+    assert any(not torch.equal(v, before[k]) for k, v in unet.state_dict().items() if ".motion_modules." in k)
