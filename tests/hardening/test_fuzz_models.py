@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,21 +30,18 @@ from hypothesis import strategies as st
 
 from fastunet import UNet1DModel, UNet2DConditionModel, UNet2DModel, UNet3DConditionModel, UNetMotionModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from training_parts import CONFIGS as TRAINING_CONFIGS  # noqa: E402
+
 FUZZ = settings.get_profile("fastunet-fuzz")
 B, F, S, CROSS, TOKENS, TEXT, TIME_DIM, COND = 2, 3, 4, 16, 5, 8, 4, 8  # S: the side of the images
 PROJECTION = TEXT + 6 * TIME_DIM  # SDXL: pooled text embeddings + six time ids of TIME_DIM features each
 MAX_FRAMES = 8
 
 CONFIGS: dict[str, tuple[type, dict]] = {
-    "unet_1d": (UNet1DModel, dict(
-        in_channels=6, out_channels=6, sample_size=16, time_embedding_type="positional", use_timestep_embedding=True,
-        flip_sin_to_cos=False, freq_shift=1, act_fn="mish", down_block_types=("DownResnetBlock1D",) * 2,
-        up_block_types=("UpResnetBlock1D",), mid_block_type="MidResTemporalBlock1D", out_block_type="OutConv1DBlock",
-        block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1)),
-    "unet_2d": (UNet2DModel, dict(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-        num_class_embeds=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"))),
+    # the training tests' tiny 1-D and 2-D models as they are
+    "unet_1d": TRAINING_CONFIGS["unet_1d"],
+    "unet_2d": TRAINING_CONFIGS["unet_2d"],
     # SDXL's added embeddings, LCM's timestep_cond and a projection class embedding in one model
     "unet_2d_condition": (UNet2DConditionModel, dict(
         block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=CROSS, norm_num_groups=8,
