@@ -789,13 +789,23 @@ def _cpu_flash_applies(q, k, v, attn_mask) -> bool:
     (an infinite entry of q or k, or a ``+inf`` in a float mask). In fp16/bf16 those kernels give a
     row whose max score is ``+inf`` an output of zeros (measured on torch 2.13), where SDPA's math
     path, its fp32 fused kernel and the Triton kernels give NaN (``exp(inf - inf)``); the chunked
-    recomputation gives NaN too. The check reads q and k once, against the N * M * D of the op."""
+    recomputation gives NaN too. The check reads q and k once (a min/max reduction each, no full-size
+    temporary unless they hold a NaN), against the N * M * D of the op."""
     batch, heads, seqlen_q, d = q.shape
     if not (q.device.type == "cpu" and d == v.shape[-1] and min(batch * heads, seqlen_q, k.shape[2]) > 0):
         return False
-    if attn_mask is not None and attn_mask.dtype != torch.bool and bool((attn_mask == float("inf")).any()):
+    if attn_mask is not None and attn_mask.dtype != torch.bool and _has_inf(attn_mask, positive_only=True):
         return False
-    return not (bool(torch.isinf(q).any()) or bool(torch.isinf(k).any()))
+    return not (_has_inf(q) or _has_inf(k))
+
+
+def _has_inf(t: torch.Tensor, positive_only: bool = False) -> bool:
+    """Whether ``t`` holds ``+inf`` (or, unless ``positive_only``, ``-inf``), from its extremes: two
+    scalars and no temporary of ``t``'s size, except when a NaN hides them (then an element-wise test)."""
+    low, high = torch.aminmax(t)
+    if bool(torch.isnan(high)):
+        return bool((t == float("inf")).any()) if positive_only else bool(torch.isinf(t).any())
+    return bool(high == float("inf")) or (not positive_only and bool(low == float("-inf")))
 
 
 def _cpu_flash_operand(t: torch.Tensor) -> torch.Tensor:
