@@ -28,7 +28,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastunet import UNet1DModel, UNet2DConditionModel, UNet2DModel, UNet3DConditionModel, UNetMotionModel
+from fastunet import UNet2DConditionModel, UNetMotionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from training_parts import CONFIGS as TRAINING_CONFIGS  # noqa: E402
@@ -42,22 +42,15 @@ CONFIGS: dict[str, tuple[type, dict]] = {
     # the training tests' tiny 1-D and 2-D models as they are
     "unet_1d": TRAINING_CONFIGS["unet_1d"],
     "unet_2d": TRAINING_CONFIGS["unet_2d"],
-    # SDXL's added embeddings, LCM's timestep_cond and a projection class embedding in one model
-    "unet_2d_condition": (UNet2DConditionModel, dict(
-        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=CROSS, norm_num_groups=8,
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM, projection_class_embeddings_input_dim=PROJECTION, time_cond_proj_dim=COND,
-        class_embed_type="projection",
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))),
-    "unet_3d_condition": (UNet3DConditionModel, dict(
-        block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, cross_attention_dim=CROSS,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock3D",), up_block_types=("CrossAttnUpBlock3D",))),
-    "unet_motion": (UNetMotionModel, dict(
-        block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, cross_attention_dim=CROSS,
-        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=MAX_FRAMES,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=PROJECTION,
-        down_block_types=("CrossAttnDownBlockMotion",), up_block_types=("CrossAttnUpBlockMotion",))),
+    # the training tests' SDXL-style model (added embeddings, LCM's timestep_cond) with a projection class
+    # embedding too
+    "unet_2d_condition": (UNet2DConditionModel, dict(TRAINING_CONFIGS["unet_2d_condition"][1],
+                                                     class_embed_type="projection")),
+    "unet_3d_condition": TRAINING_CONFIGS["unet_3d_condition"],
+    # the training tests' motion model with SDXL's added embeddings
+    "unet_motion": (UNetMotionModel, dict(TRAINING_CONFIGS["unet_motion"][1], motion_max_seq_length=MAX_FRAMES,
+                                          addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+                                          projection_class_embeddings_input_dim=PROJECTION)),
 }
 NAMES = list(CONFIGS)
 VIDEO = ("unet_3d_condition", "unet_motion")
