@@ -622,10 +622,10 @@ class TritonSlicedAttnProcessor(SlicedAttnProcessor, TritonAttnProcessor):
     (sample, head) pairs one launch holds; the result equals the unsliced kernel's."""
 
     def attend(self, attn, query, key, value, attention_mask, batch):
-        q, k, v, mask = _heads_views(attn, query, key, value, attention_mask, batch)
-        heads = q.shape[1]
+        heads = attn.heads
         if self.slice_size >= batch * heads:
             return TritonAttnProcessor.attend(self, attn, query, key, value, attention_mask, batch)
+        q, k, v, mask = _heads_views(attn, query, key, value, attention_mask, batch)
         out = query.new_empty(query.shape)
         out_heads = out.view(batch, -1, heads, q.shape[-1]).transpose(1, 2)
         for b, h0, h1 in _row_slices(batch, heads, self.slice_size):
