@@ -47,8 +47,9 @@ to ``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial-tile ra
 Every reduction is in a fixed order: no atomics, bitwise reproducible runs. Autograd saves ``x``,
 ``add``, ``mean``/``rstd`` ((B, G) fp32) and the small vectors only, on every backend; backward
 recomputes ``x + add`` and everything after it. Without Triton (CPU tensors outside the interpreter)
-the same forward and backward run in torch: aten's fused GroupNorm and activation-gradient kernels
-plus the backward algebra of the kernels, not autograd through ``F.group_norm``.
+the same forward and backward run in torch, not autograd through ``F.group_norm``: aten's fused
+GroupNorm and activation(-gradient) kernels; the backward on aten's GroupNorm backward (fed the
+centred input) where there is no scale/shift, else on the backward algebra of the kernels.
 
 Both passes are ``torch.library`` custom ops (``fastunet::group_norm_act_fwd``/``_bwd``) with fake
 implementations (giving the same output strides) and ``register_autograd`` (in place of a
@@ -862,10 +863,49 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
     return _as_layout(y, x, _out_strides(x.shape, out_layout)), mean, rstd
 
 
+def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation):
+    """Torch backward without scale/shift, on aten's fused GroupNorm backward: ``(dx, dweight, dbias,
+    dadd, None, None)``. Passes over memory: the centred input ``xc = x + add - mean`` (one, into an
+    fp32 buffer of our own), ``u = xc * rstd w + bias`` (one), the activation's gradient over ``u``
+    (one), ``native_group_norm_backward`` on ``xc`` with zero means (its sums ``sum(du xc)`` then need
+    no ``- mean sum(du)``, which cancels for a large mean) and, with ``add``, ``dadd = sum(dx)``."""
+    B, C = x.shape[:2]
+    L = x.numel() // (B * C)
+    Cg = C // num_groups
+    shift_c = mean.neg().repeat_interleave(Cg, dim=1)
+    if add is not None:
+        shift_c = shift_c.add_(add.float())
+    # computed in fp32 (x is promoted); a contiguous buffer whatever x's strides
+    xc = torch.add(x.reshape(B, C, L), shift_c[..., None],
+                   out=torch.empty((B, C, L), dtype=torch.float32, device=x.device))
+    # aten's CPU backward wants a weight whenever it returns dbias: ones stand in for a missing one
+    w = weight.float() if weight is not None else torch.ones(C, device=x.device)
+    scale_c = rstd.repeat_interleave(Cg, dim=1).mul_(w)
+    offset = (bias.float() if bias is not None else torch.zeros((), device=x.device)).expand(B, C)
+    u = torch.addcmul(offset[..., None], xc, scale_c[..., None])
+    # aten's GroupNorm backward reads its gradient as contiguous: mish_backward (and the identity's
+    # clone) keep the strides of a strided dy
+    du = _activation_grad_torch(dy.reshape(B, C, L).float(), u, activation).contiguous()
+    dh, dw, db = torch.ops.aten.native_group_norm_backward(
+        du, xc, torch.zeros_like(mean), rstd, w, B, C, L, num_groups,
+        [True, weight is not None, bias is not None])
+    return (
+        _as_layout(dh, x, torch.empty_like(x, device="meta").stride()),
+        dw.to(weight.dtype) if weight is not None else None,
+        db.to(bias.dtype) if bias is not None else None,
+        dh.sum(-1).to(add.dtype) if add is not None else None,
+        None,
+        None,
+    )
+
+
 def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
-    """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``,
+    """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``.
+    Without scale/shift, aten's GroupNorm backward (``_group_norm_act_bwd_torch_aten``); with them,
     the same algebra as the kernels: dx = rstd (gain du - c1 - xhat c2). ``dy`` may have any strides
     (copied to a contiguous fp32 buffer); ``dx`` is laid out as ``torch.empty_like(x)``."""
+    if scale is None and shift is None:
+        return _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation)
     B, C = x.shape[:2]
     Cg = C // num_groups
     w, bia, s1p, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)

@@ -582,3 +582,77 @@ def test_out_layout_validation():
         group_norm_act(x, 4, out_layout="0123")
     with pytest.raises(TypeError, match="sequence of ints"):
         group_norm_act(x, 4, out_layout=(0, 1, 2.0, 3))
+
+
+# Without scale/shift the torch backward runs on aten's native_group_norm_backward (issue 12's CPU
+# speed); these cases pin that path: add or not, every activation, missing weight or bias, half x with
+# fp32 vectors, a channels-last x and a non-contiguous incoming gradient.
+ATEN_BWD_CASES = [
+    ("add-silu-fp32", (2, 64, 16, 16), 32, F32, "silu", dict(add=True)),
+    ("no-add-gelu-bf16", (2, 32, 8, 8), 8, BF16, "gelu", dict()),
+    ("no-affine-mish-fp16", (3, 16, 37), 4, F16, "mish", dict(affine=False, add=True)),
+    ("identity-fp32-1group", (1, 24, 5, 7), 1, F32, None, dict(add=True)),
+    ("fp16-x-fp32-vectors", (2, 64, 8, 8), 8, F16, "silu", dict(add=True, vec_dtype=F32)),
+    ("video-3d-bf16", (1, 32, 3, 4, 4), 8, BF16, "silu", dict(add=True)),
+]
+
+
+@pytest.mark.parametrize("shape, num_groups, dtype, activation, opts",
+                         [c[1:] for c in ATEN_BWD_CASES], ids=[c[0] for c in ATEN_BWD_CASES])
+def test_torch_backward_without_modulation_matches_float64(shape, num_groups, dtype, activation, opts):
+    inputs, dy = make_inputs(shape, dtype, **opts)
+    assert_matches_oracle(inputs, dy, num_groups, activation, run_backend("torch", inputs, dy, num_groups, activation))
+
+
+@pytest.mark.parametrize("missing", ["weight", "bias"])
+def test_torch_backward_weight_or_bias_alone(missing):
+    """The oracle is taken with the missing vector present as its identity (ones, zeros): aten's own
+    GroupNorm backward fails for a bias without a weight."""
+    inputs, dy = make_inputs((2, 32, 6, 6), F32, add=True)
+    full = dict(inputs, **{missing: (torch.ones if missing == "weight" else torch.zeros)(32)})
+    del inputs[missing]
+    ours = run_backend("torch", inputs, dy, 8, "silu")
+    ref = run(group_norm_act_reference, full, dy, 8, "silu", cast=torch.float64)
+    low = run(group_norm_act_reference, full, dy, 8, "silu")
+    assert set(ours) == set(ref) - {missing}
+    for name in ours:
+        check_against_oracle(ours[name], ref[name], low[name], floor=FLOOR[F32] * max(1.0, ref[name].abs().max().item()),
+                             name=name)
+
+
+@pytest.mark.parametrize("activation", ["silu", "mish", None])
+def test_torch_backward_strided_input_and_gradient(activation):
+    """A channels-last x and a transposed incoming gradient (as an attention block's proj_in hands
+    back): the gradient of x is laid out like ``torch.empty_like(x)`` (channels-last) and matches
+    the oracle, whichever activation (the identity's and mish's gradients keep dy's strides)."""
+    inputs, _ = make_inputs((2, 32, 6, 5), F32, add=True)
+    inputs["x"] = inputs["x"].contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 32, 5, 6).transpose(2, 3)
+    ours = run_backend("torch", inputs, dy, 8, activation)
+    assert ours["x"].stride() == torch.empty_like(inputs["x"]).stride()
+    assert_matches_oracle(inputs, dy, 8, activation, ours)
+
+
+def test_torch_backward_paths_agree():
+    """The aten-backed backward (no scale/shift) and the kernels' algebra (taken with scale = 0, which
+    changes nothing mathematically) give the same gradients to fp32 rounding."""
+    x = torch.randn(2, 32, 8, 8) * 3 + 5
+    w, b, add, dy = torch.randn(32), torch.randn(32), torch.randn(2, 32), torch.randn(2, 32, 8, 8)
+    y, mean, rstd = gna._group_norm_act_fwd_torch(x, w, b, add, None, None, 8, 1e-5, "silu")
+    fast = gna._group_norm_act_bwd_torch(dy, x, w, b, add, None, None, mean, rstd, 8, "silu")
+    algebra = gna._group_norm_act_bwd_torch(dy, x, w, b, add, torch.zeros(2, 32), None, mean, rstd, 8, "silu")
+    assert fast[4] is None and fast[5] is None
+    for got, want in zip(fast[:4], algebra[:4]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_torch_backward_nan_stays_in_its_group():
+    """A NaN in one group of one sample: NaN gradients exactly where the float64 oracle has them (that
+    group of x and add, those channels of weight and bias), finite elsewhere."""
+    inputs, dy = make_inputs((2, 16, 4, 4), F32, add=True)
+    inputs["x"][1, 5, 2, 3] = float("nan")
+    ours = run_backend("torch", inputs, dy, 4, "silu")
+    ref = run(group_norm_act_reference, inputs, dy, 4, "silu", cast=torch.float64)
+    for name, r in ref.items():
+        assert torch.equal(ours[name].isnan(), r.isnan()), name
+        assert ours[name].isnan().any() and not ours[name].isnan().all(), name
