@@ -15,6 +15,8 @@ Providers:
   torch             F.scaled_dot_product_attention with PyTorch's own backend choice
   torch.compile     torch.compile of the SDPA call (CUDA, or CPU with FASTUNET_BENCH_COMPILE=1)
   sdpa-flash        SDPA with the FlashAttention-2 backend forced (CUDA only)
+  sdpa-mem-efficient  SDPA with the memory-efficient backend forced (CUDA only)
+  torch-math        eager softmax(q k^T * scale) v in explicit matmuls (the scores materialised)
 
 Columns: ``tflops`` counts 4*B*H*N*M*D flops forward and 2.5 times that for the backward (so
 3.5 times for fwd+bwd); ``peak_mib`` is the peak memory of one call beyond what was allocated before
@@ -55,6 +57,12 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def _math(q, k, v):
+    """Attention spelled out in eager ops: the (B, H, N, M) scores are materialised."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def setup(provider: str, shape, dtype: torch.dtype, backward: bool, device):
     """A zero-argument callable running ``provider`` once (forward, and backward when ``backward``)."""
     b, h, n, m, d = shape
@@ -67,12 +75,16 @@ def setup(provider: str, shape, dtype: torch.dtype, backward: bool, device):
         def fn(q, k, v):
             with fastunet.use_backend(backend):
                 return attention(q, k, v)
-    elif provider == "sdpa-flash":
+    elif provider in ("sdpa-flash", "sdpa-mem-efficient"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        forced = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.EFFICIENT_ATTENTION
+
         def fn(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(forced):
                 return _sdpa(q, k, v)
+    elif provider == "torch-math":
+        fn = _math
     else:
         fn = torch.compile(_sdpa) if provider == "torch.compile" else _sdpa
 

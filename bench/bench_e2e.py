@@ -17,12 +17,16 @@ everywhere.
 
 from __future__ import annotations
 
-import diffusers
 import pytest
 import torch
 from harness import COMPILE, CUDA, cuda_peak_bytes, saved_bytes, small, time_rounds, warm_up
 
 import fastunet
+
+try:
+    import diffusers
+except ImportError:  # the diffusers providers need it; fastunet's run on randomly initialised weights
+    diffusers = None
 
 DTYPE = torch.float16 if CUDA else torch.float32
 
@@ -71,16 +75,36 @@ def _inputs(spec: dict, device) -> dict:
     return inputs
 
 
-def setup(provider: str, name: str, mode: str, device):
-    """A zero-argument callable running one forward ("fwd") or forward+backward ("fwd_bwd")."""
-    spec = CONFIGS[name]
-    reference = getattr(diffusers, spec["cls"])(**spec["config"])
-    if provider.startswith("diffusers"):
-        model = reference
-    else:
+_MODELS: dict = {}
+
+
+def _model(kind: str, name: str, device) -> torch.nn.Module:
+    """The ``kind`` ("diffusers" or "fastunet") model of config ``name`` on ``device`` in ``DTYPE``, built
+    once per (config, device, dtype) and shared by the providers and modes (a real-size init takes
+    seconds). Both hold the same random weights; without diffusers fastunet's own initialisation."""
+    key = (name, str(device), DTYPE)
+    if key not in _MODELS:
+        spec = CONFIGS[name]
+        reference = getattr(diffusers, spec["cls"])(**spec["config"]) if diffusers is not None else None
         model = getattr(fastunet, spec["cls"])(**spec["config"])
-        model.load_state_dict(reference.state_dict(), strict=True)
-    model = model.to(device=device, dtype=DTYPE)
+        if reference is not None:
+            model.load_state_dict(reference.state_dict(), strict=True)
+        _MODELS.clear()  # one config's pair at a time
+        _MODELS[key] = {"fastunet": model.to(device=device, dtype=DTYPE),
+                        "diffusers": None if reference is None else reference.to(device=device, dtype=DTYPE)}
+    return _MODELS[key][kind]
+
+
+def setup(provider: str, name: str, mode: str, device):
+    """A zero-argument callable running one forward ("fwd"), forward+backward ("fwd_bwd") or training
+    step ("train": forward, backward and an AdamW step)."""
+    if mode not in ("fwd", "fwd_bwd", "train"):
+        raise ValueError(f"mode must be 'fwd', 'fwd_bwd' or 'train'; got {mode!r}")
+    spec = CONFIGS[name]
+    if diffusers is None and provider.startswith("diffusers"):
+        raise ImportError(f"provider {provider!r} needs diffusers, which is not installed")
+    model = _model("diffusers" if provider.startswith("diffusers") else "fastunet", name, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if mode == "train" else None
     if provider.endswith("compile"):
         model = torch.compile(model)
     backend = "torch" if provider == "fastunet-torch" else "auto"
@@ -94,6 +118,8 @@ def setup(provider: str, name: str, mode: str, device):
             model.zero_grad(set_to_none=True)
             out = model(**inputs).sample
             out.float().square().mean().backward()
+            if optimizer is not None:
+                optimizer.step()
             return out
 
     return step

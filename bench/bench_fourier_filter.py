@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
 from harness import COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, record_rate, small, time_rounds, triton_runs, warm_up
 
 import fastunet
@@ -34,19 +33,40 @@ PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "diffusers", "torc
 THRESHOLD, SCALE = 1, 0.9
 
 
-def setup(provider: str, shape: tuple, dtype: torch.dtype, device):
-    """A zero-argument callable filtering one fresh random ``shape`` tensor with ``provider``."""
-    x = torch.randn(shape, device=device, dtype=dtype)
+def _diffusers_filter():
+    """diffusers' filter (the baseline); an ImportError when diffusers is not installed."""
+    from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
+
+    return diffusers_fourier_filter
+
+
+def setup(provider: str, shape: tuple, dtype: torch.dtype, device, backward: bool = False):
+    """A zero-argument callable filtering one fresh random ``shape`` tensor with ``provider`` (and
+    back-propagating a random gradient through it when ``backward``)."""
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
+    grad = torch.randn(shape, device=device, dtype=dtype)
     if provider.startswith("fastunet"):
         backend = {"fastunet": "auto", "fastunet-torch": "torch", "fastunet-triton": "triton"}[provider]
 
-        def run():
+        def fn(x):
             with fastunet.use_backend(backend):
                 return fourier_filter(x, THRESHOLD, SCALE)
+    else:
+        baseline = _diffusers_filter()
+        compiled = torch.compile(baseline) if provider == "torch.compile" else baseline
 
-        return run
-    fn = torch.compile(diffusers_fourier_filter) if provider == "torch.compile" else diffusers_fourier_filter
-    return lambda: fn(x, THRESHOLD, SCALE)
+        def fn(x):
+            return compiled(x, THRESHOLD, SCALE)
+
+    def run():
+        if not backward:
+            return fn(x)
+        x.grad = None
+        y = fn(x)
+        y.backward(grad)
+        return y
+
+    return run
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,6 +3,9 @@
 Variants:
   plain       act(GroupNorm(x)) with the affine weight/bias (norm1/norm2 of a resnet block)
   modulated   act(GroupNorm(x + add) * (1 + scale) + shift): the time embedding fused in
+  add         act(GroupNorm(x + add)): the per-channel add alone (``fastunet bench``'s real-shape runs)
+x may be 3-, 4- or 5-D ``(B, C, ...)``; the activation is SiLU unless ``setup`` is given another
+(``None``: the transformers' plain input norm).
 
 Providers:
   fastunet          fastunet.kernels.group_norm_act, backend "auto": the Triton kernels on CUDA, the
@@ -39,19 +42,25 @@ PROVIDERS = ["fastunet", "fastunet-torch", "fastunet-triton", "torch", "torch.co
 GROUPS = 32
 
 
-def _eager(x, weight, bias, add, scale, shift):
+def _eager(x, weight, bias, add, scale, shift, activation="silu"):
     """The unfused torch spelling of the op."""
+    per_channel = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     if add is not None:
-        x = x + add[:, :, None, None]
+        x = x + add.view(per_channel)
     y = F.group_norm(x, GROUPS, weight, bias, 1e-5)
     if scale is not None:
-        y = y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-    return F.silu(y)
+        y = y * (1 + scale.view(per_channel)) + shift.view(per_channel)
+    return F.silu(y) if activation == "silu" else y
 
 
-def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backward: bool, device):
+def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backward: bool, device,
+          activation: str | None = "silu"):
     """A zero-argument callable running ``provider`` once on fresh random inputs (forward, and
     backward when ``backward``)."""
+    if variant not in ("plain", "modulated", "add"):
+        raise ValueError(f"variant must be 'plain', 'modulated' or 'add'; got {variant!r}")
+    if activation not in ("silu", None):
+        raise ValueError(f"activation must be 'silu' or None; got {activation!r}")
     B, C = shape[:2]
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
     weight = torch.randn(C, device=device, dtype=dtype, requires_grad=backward)
@@ -59,6 +68,8 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backwar
     vecs = [None, None, None]
     if variant == "modulated":
         vecs = [torch.randn(B, C, device=device, dtype=dtype, requires_grad=backward) for _ in range(3)]
+    elif variant == "add":
+        vecs = [torch.randn(B, C, device=device, dtype=dtype, requires_grad=backward), None, None]
     dy = torch.randn(shape, device=device, dtype=dtype)
 
     if provider.startswith("fastunet"):
@@ -66,9 +77,12 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backwar
 
         def fn(*args):
             with fastunet.use_backend(backend):
-                return group_norm_act(args[0], GROUPS, *args[1:3], 1e-5, "silu", *args[3:])
+                return group_norm_act(args[0], GROUPS, *args[1:3], 1e-5, activation, *args[3:])
     else:
-        fn = torch.compile(_eager) if provider == "torch.compile" else _eager
+        eager = torch.compile(_eager) if provider == "torch.compile" else _eager
+
+        def fn(*args):
+            return eager(*args, activation=activation)
 
     leaves = [t for t in (x, weight, bias, *vecs) if t is not None]
 

@@ -138,8 +138,8 @@ def _classify(func, args, out, module: str, in_motion: bool) -> tuple[str, float
     name = str(func.overloadpacket)
     if name == "fastunet.group_norm_act_fwd":
         x = args[0]
-        return "GroupNorm+act", 8.0 * x.numel(), dict(groups=args[6], activation=args[8],
-                                                       modulated=args[3] is not None or args[4] is not None)
+        return "GroupNorm+act", 8.0 * x.numel(), dict(groups=args[6], activation=args[8], has_add=args[3] is not None,
+                                                       has_scale=args[4] is not None)
     if name == "fastunet.attention_fwd":
         q, k, v = args[:3]
         b, h, n, d = q.shape
