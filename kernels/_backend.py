@@ -34,6 +34,7 @@ from collections import Counter
 from typing import Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _VALID = ("auto", "triton", "torch")
 _state = threading.local()
@@ -168,3 +169,16 @@ def register_once(module_name: str, op: str, register: Callable[[], object]) -> 
     namespace, name = op.split("::")
     if module_name.startswith("fastunet.kernels.") and not hasattr(getattr(torch.ops, namespace), name):
         register()
+
+
+def direct_call(x: torch.Tensor) -> bool:
+    """Whether an op called on ``x`` may run its implementation directly, not through ``torch.ops.fastunet``.
+
+    True in eager mode on a plain tensor (not fake, meta or a subclass, not wrapped by a functorch
+    transform) with no torch dispatch mode active. There the dispatcher adds nothing but its own cost
+    (schema defaults, the autograd and dynamo wrappers: tens of microseconds per call on a CPU, more
+    than a small tensor's work); ``torch.compile``, fake tensors, transforms and dispatch modes (flop
+    counters, tracers) still see the custom ops.
+    """
+    return (type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _get_current_dispatch_mode() is None)

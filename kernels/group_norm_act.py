@@ -66,7 +66,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._backend import record_launch, register_once, tl, triton, use_triton
+from ._backend import direct_call, record_launch, register_once, tl, triton, use_triton
 
 _ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -863,34 +863,44 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
     return _as_layout(y, x, _out_strides(x.shape, out_layout)), mean, rstd
 
 
+def _grad_like(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dh`` (contiguous, x's number of elements) as x's gradient: x's shape and dtype, laid out as
+    ``torch.empty_like(x)`` (a view of ``dh`` when x is contiguous, the common case)."""
+    if x.is_contiguous():
+        return dh.view(x.shape).to(x.dtype)
+    return _as_layout(dh, x, torch.empty_like(x, device="meta").stride())
+
+
 def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation):
     """Torch backward without scale/shift, on aten's fused GroupNorm backward: ``(dx, dweight, dbias,
     dadd, None, None)``. Passes over memory: the centred input ``xc = x + add - mean`` (one, into an
     fp32 buffer of our own), ``u = xc * rstd w + bias`` (one), the activation's gradient over ``u``
     (one), ``native_group_norm_backward`` on ``xc`` with zero means (its sums ``sum(du xc)`` then need
-    no ``- mean sum(du)``, which cancels for a large mean) and, with ``add``, ``dadd = sum(dx)``."""
+    no ``- mean sum(du)``, which cancels for a large mean) and, with ``add``, ``dadd = sum(dx)``.
+    Per-channel factors come from broadcasting over a ``(B, G, Cg)`` view, not repeated tensors: on
+    small UNet layers this function's own Python and allocations are a visible part of a step."""
     B, C = x.shape[:2]
+    G = num_groups
+    Cg = C // G
     L = x.numel() // (B * C)
-    Cg = C // num_groups
-    shift_c = mean.neg().repeat_interleave(Cg, dim=1)
-    if add is not None:
-        shift_c = shift_c.add_(add.float())
     # computed in fp32 (x is promoted); a contiguous buffer whatever x's strides
-    xc = torch.add(x.reshape(B, C, L), shift_c[..., None],
-                   out=torch.empty((B, C, L), dtype=torch.float32, device=x.device))
+    xc = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
+    if add is None:
+        torch.sub(x.reshape(B, G, Cg * L), mean[..., None], out=xc.view(B, G, Cg * L))
+    else:
+        shift_c = (add.float().view(B, G, Cg) - mean[..., None]).view(B, C)
+        torch.add(x.reshape(B, C, L), shift_c[..., None], out=xc)
     # aten's CPU backward wants a weight whenever it returns dbias: ones stand in for a missing one
     w = weight.float() if weight is not None else torch.ones(C, device=x.device)
-    scale_c = rstd.repeat_interleave(Cg, dim=1).mul_(w)
-    offset = (bias.float() if bias is not None else torch.zeros((), device=x.device)).expand(B, C)
-    u = torch.addcmul(offset[..., None], xc, scale_c[..., None])
+    scale_c = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
+    u = torch.mul(xc, scale_c) if bias is None else torch.addcmul(bias.float()[:, None], xc, scale_c)
     # aten's GroupNorm backward reads its gradient as contiguous: mish_backward (and the identity's
     # clone) keep the strides of a strided dy
     du = _activation_grad_torch(dy.reshape(B, C, L).float(), u, activation).contiguous()
     dh, dw, db = torch.ops.aten.native_group_norm_backward(
-        du, xc, torch.zeros_like(mean), rstd, w, B, C, L, num_groups,
-        [True, weight is not None, bias is not None])
+        du, xc, torch.zeros_like(mean), rstd, w, B, C, L, G, [True, weight is not None, bias is not None])
     return (
-        _as_layout(dh, x, torch.empty_like(x, device="meta").stride()),
+        _grad_like(dh, x),
         dw.to(weight.dtype) if weight is not None else None,
         db.to(bias.dtype) if bias is not None else None,
         dh.sum(-1).to(add.dtype) if add is not None else None,
@@ -929,7 +939,7 @@ def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd
     dh = du.mul_(gain_r[..., None]).sub_((rstd_c * c1.repeat_interleave(Cg, dim=1))[..., None])
     dh.addcmul_(xc, q[..., None], value=-1)
     return (
-        _as_layout(dh, x, torch.empty_like(x, device="meta").stride()),
+        _grad_like(dh, x),
         (s1p * s_du_xhat).sum(0).to(weight.dtype) if weight is not None else None,
         (s1p * s_du).sum(0).to(bias.dtype) if bias is not None else None,
         dh.sum(-1).to(add.dtype) if add is not None else None,
@@ -995,8 +1005,8 @@ def _group_norm_act_setup_context(ctx, inputs, output):
 
 def _group_norm_act_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
-    grads = torch.ops.fastunet.group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd,
-                                                  ctx.num_groups, ctx.activation)
+    grads = group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, ctx.num_groups,
+                                    ctx.activation)
     present = (x, weight, bias, add, scale, shift)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
     return (*grads, None, None, None, None)
@@ -1018,6 +1028,44 @@ def _register_ops() -> None:
 
 
 register_once(__name__, "fastunet::group_norm_act_fwd", _register_ops)
+
+
+class _GroupNormActEager(torch.autograd.Function):
+    """``fastunet::group_norm_act_fwd`` with its registered autograd, minus the dispatcher: what an
+    eager call runs (``direct_call``). Same outputs, same saved tensors, same backward. (A forward
+    taking ``ctx``: the separate-``setup_context`` form binds default arguments through ``inspect``
+    on every call.)"""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = _group_norm_act_fwd_op(*args)
+        _group_norm_act_setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_group_norm_act_backward)
+
+
+# the package's module only: a stray top-level ``kernels`` import (see register_once) goes through the ops
+_DIRECT = __name__.startswith("fastunet.kernels.")
+
+
+def group_norm_act_fwd_call(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout):
+    """``torch.ops.fastunet.group_norm_act_fwd(...)``, differentiable, with the dispatcher skipped where
+    ``direct_call`` allows (the layers call this, not the op)."""
+    args = (x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout)
+    if not (_DIRECT and direct_call(x)):
+        return torch.ops.fastunet.group_norm_act_fwd(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+        return _GroupNormActEager.apply(*args)
+    return _group_norm_act_fwd_op(*args)
+
+
+def group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+    """``torch.ops.fastunet.group_norm_act_bwd(...)``, with the dispatcher skipped where ``direct_call`` allows."""
+    args = (dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation)
+    if _DIRECT and direct_call(x) and direct_call(dy):
+        return _group_norm_act_bwd_op(*args)
+    return torch.ops.fastunet.group_norm_act_bwd(*args)
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift, out_layout=None):
@@ -1086,7 +1134,6 @@ def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="
     """
     _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift, out_layout)
     layout = None if out_layout is None else [int(d) for d in out_layout]
-    y, _, _ = torch.ops.fastunet.group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, float(eps),
-                                                    activation if activation is not None else _NO_ACTIVATION,
-                                                    layout)
+    y, _, _ = group_norm_act_fwd_call(x, weight, bias, add, scale, shift, num_groups, float(eps),
+                                      activation if activation is not None else _NO_ACTIVATION, layout)
     return y

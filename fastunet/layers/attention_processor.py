@@ -468,9 +468,13 @@ class _AttnProcessorBase:
     def _finish(self, attn, hidden_states, residual, image_shape):
         """Back to the input's layout, then the residual and the output rescale."""
         if image_shape is not None:
+            # a channels-last view of the (B, H*W, C) tokens; the residual add below, with the contiguous
+            # residual as its first operand, writes a contiguous (B, C, H, W) result in the same pass, so
+            # the next GroupNorm and convolution read NCHW instead of copying it (diffusers' sum, in the
+            # other order, stays channels-last)
             hidden_states = hidden_states.transpose(1, 2).reshape(image_shape[0], -1, *image_shape[2:])
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
+            hidden_states = residual + hidden_states
         if attn.rescale_output_factor != 1.0:
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
@@ -515,7 +519,7 @@ class _AttnProcessorBase:
                                        value=True if attention_mask.dtype == torch.bool else 0.0)
         hidden_states = self.attend(attn, query, key, value, attention_mask, batch)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        return hidden_states.transpose(1, 2).reshape(residual.shape) + residual
+        return residual + hidden_states.transpose(1, 2).reshape(residual.shape)  # contiguous, see _finish
 
 
 class TritonAttnProcessor(_AttnProcessorBase):

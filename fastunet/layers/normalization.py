@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import group_norm_act
+from ..kernels.group_norm_act import group_norm_act_bwd_call, group_norm_act_fwd_call
 from .activations import fused_activation_name
 
 # diffusers activations that group_norm_act cannot fuse, applied after it instead
@@ -110,29 +111,26 @@ class _NormActConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, num_groups, eps,
+    def forward(ctx, x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, num_groups, eps,
                 activation, stride, padding, dilation, groups):
-        h, _, _ = torch.ops.fastunet.group_norm_act_fwd(x, norm_weight, norm_bias, add, scale, shift, num_groups,
-                                                        eps, activation, None)
-        return torch.ops.aten.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
-                                          [0] * len(stride), groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (x, norm_weight, norm_bias, add, scale, shift, conv_weight, conv_bias, num_groups, eps, activation,
-         stride, padding, dilation, groups) = inputs
+        # forward(ctx, ...) rather than a separate setup_context: apply() then binds no default arguments
+        # through inspect, a cost on every one of a UNet's ~40 calls per step
+        h, _, _ = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
+                                          activation, None)
         ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight)
         ctx.norm_args = (num_groups, eps, activation)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_conv_bias = conv_bias is not None
+        return torch.ops.aten.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
+                                          [0] * len(stride), groups)
 
     @staticmethod
     def backward(ctx, dy):
         x, norm_weight, norm_bias, add, scale, shift, conv_weight = ctx.saved_tensors
         num_groups, eps, activation = ctx.norm_args
         stride, padding, dilation, groups = ctx.conv_args
-        h, mean, rstd = torch.ops.fastunet.group_norm_act_fwd(x, norm_weight, norm_bias, add, scale, shift,
-                                                              num_groups, eps, activation, None)
+        h, mean, rstd = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
+                                                activation, None)
         needs = ctx.needs_input_grad
         norm_needs = any(needs[:6])
         bias_sizes = [conv_weight.shape[0]] if ctx.has_conv_bias else None
@@ -142,8 +140,8 @@ class _NormActConv(torch.autograd.Function):
         del h
         grads = [None] * 6
         if norm_needs:
-            grads = list(torch.ops.fastunet.group_norm_act_bwd(dh, x, norm_weight, norm_bias, add, scale, shift,
-                                                               mean, rstd, num_groups, activation))
+            grads = list(group_norm_act_bwd_call(dh, x, norm_weight, norm_bias, add, scale, shift, mean, rstd,
+                                                 num_groups, activation))
             grads = [g if t is not None and need else None
                      for g, t, need in zip(grads, (x, norm_weight, norm_bias, add, scale, shift), needs)]
         return (*grads, dconv_weight, dconv_bias, None, None, None, None, None, None, None)
