@@ -104,6 +104,26 @@ def test_self_attention_block_4d(processor, head_dim):
 
 
 @pytest.mark.parametrize("processor", list(PROCESSORS))
+@pytest.mark.parametrize("added_kv", [False, True])
+def test_image_output_is_contiguous(processor, added_kv):
+    """An image-shaped attention output comes out NCHW-contiguous, equal to diffusers' (which is a
+    channels-last tensor), so the next GroupNorm or convolution reads it without a layout copy."""
+    if added_kv:
+        kwargs = dict(cross_attention_dim=64, heads=4, dim_head=16, added_kv_proj_dim=24, norm_num_groups=8)
+        ref, ours = make_pair(64, processor=dap.AttnAddedKVProcessor2_0(), **kwargs)
+        args = (torch.randn(2, 64, 4, 5), torch.randn(2, 6, 24))
+    else:
+        ref, ours = make_pair(64, **block_kwargs(64, 8))
+        args = (torch.randn(2, 64, 4, 5),)
+    with torch.no_grad():
+        expected = ref(*args)
+    actual = run(ours, processor, *args)
+    assert not expected.is_contiguous()  # what diffusers' layout would cost the next layer
+    assert actual.is_contiguous(), actual.stride()
+    assert rel_err(actual, expected, norm="max") < RTOL
+
+
+@pytest.mark.parametrize("processor", list(PROCESSORS))
 def test_same_processor_object_runs_on_diffusers_attention(processor):
     ref, _ = make_pair(64, **block_kwargs(64, 8))
     x = torch.randn(2, 64, 4, 6)
