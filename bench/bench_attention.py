@@ -30,7 +30,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, record_rate, saved_bytes, small, time_rounds, warm_up
+from harness import (CUDA, available, cpu_peak_bytes, cuda_peak_bytes, record_rate, saved_bytes, small, time_rounds,
+                     warm_up)
 
 import fastunet
 from fastunet.kernels import attention
@@ -45,7 +46,7 @@ else:
     DTYPES = [torch.float32]
 if small():  # smoke-test sizes, one per kind (a 40 and a 64 head dim, a short-sequence batch)
     SHAPES = {"self-256": (1, 2, 256, 256, 64), "cross-77": (1, 2, 64, 77, 40), "temporal-16": (16, 2, 16, 16, 40)}
-PROVIDERS = ["fastunet", "fastunet-torch", "torch", "torch.compile", "sdpa-flash"]
+PROVIDERS = ["fastunet", "fastunet-torch", "torch", "torch.compile", "sdpa-flash", "sdpa-mem-efficient", "torch-math"]
 
 
 def flops(shape, backward: bool) -> float:
@@ -103,12 +104,8 @@ def setup(provider: str, shape, dtype: torch.dtype, backward: bool, device):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", available(PROVIDERS))
 def test_attention(benchmark, provider, name, dtype, mode, device):
-    if provider == "sdpa-flash" and not CUDA:
-        pytest.skip("SDPA's FlashAttention-2 backend needs CUDA")
-    if provider == "torch.compile" and not COMPILE:
-        pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     shape = SHAPES[name]
     backward = mode == "fwd+bwd"
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import COMPILE, CUDA, cuda_peak_bytes, saved_bytes, small, time_rounds, warm_up
+from harness import CUDA, available, cuda_peak_bytes, saved_bytes, small, time_rounds, warm_up
 
 import fastunet
 
@@ -127,10 +127,8 @@ def setup(provider: str, name: str, mode: str, device):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", available(PROVIDERS))
 def test_unet(benchmark, provider, name, mode, device):
-    if provider.endswith("compile") and not COMPILE:
-        pytest.skip("torch.compile providers run on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     step = setup(provider, name, mode, device)
     if benchmark.enabled:  # disabled (a smoke run): time_rounds runs it once, nothing is measured

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, record_rate, small, time_rounds, triton_runs, warm_up
+from harness import CUDA, available, cpu_peak_bytes, cuda_peak_bytes, record_rate, small, time_rounds, warm_up
 
 import fastunet
 from fastunet.kernels import fourier_filter
@@ -71,12 +71,8 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, device, backward: boo
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", available(PROVIDERS))
 def test_fourier_filter(benchmark, provider, shape, dtype, device):
-    if provider == "fastunet-triton" and not triton_runs():
-        pytest.skip("the Triton kernel needs a CUDA device (or, at the small sizes, Triton's interpreter)")
-    if provider == "torch.compile" and not COMPILE:
-        pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     run = setup(provider, shape, dtype, device)
     if benchmark.enabled:  # disabled (a smoke run): time_rounds runs it once, nothing is measured

@@ -28,8 +28,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import (COMPILE, CUDA, cpu_peak_bytes, cuda_peak_bytes, record_rate, saved_bytes, small, time_rounds,
-                     triton_runs, warm_up)
+from harness import (CUDA, available, cpu_peak_bytes, cuda_peak_bytes, record_rate, saved_bytes, small, time_rounds,
+                     warm_up)
 
 import fastunet
 from fastunet.kernels import group_norm_act
@@ -101,12 +101,8 @@ def setup(provider: str, shape: tuple, dtype: torch.dtype, variant: str, backwar
 @pytest.mark.parametrize("variant", ["plain", "modulated"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", available(PROVIDERS))
 def test_group_norm_act(benchmark, provider, shape, dtype, variant, backward, device):
-    if provider == "fastunet-triton" and not triton_runs():
-        pytest.skip("the Triton kernels need a CUDA device (or, at the small sizes, Triton's interpreter)")
-    if provider == "torch.compile" and not COMPILE:
-        pytest.skip("torch.compile runs on CUDA, or on CPU with FASTUNET_BENCH_COMPILE=1")
     torch.manual_seed(0)
     run = setup(provider, shape, dtype, variant, backward, device)
     if benchmark.enabled:  # disabled (a smoke run): time_rounds runs it once, nothing is measured

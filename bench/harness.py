@@ -37,6 +37,22 @@ def triton_runs() -> bool:
     return CUDA or (small() and interpreter_enabled())
 
 
+def available(providers: list[str]) -> list[str]:
+    """``providers`` less those this machine cannot run, so no case is collected only to be skipped: SDPA's
+    forced backends (``sdpa-*``) without CUDA, the torch.compile ones without :data:`COMPILE`, and
+    ``fastunet-triton`` unless :func:`triton_runs`."""
+    def runs(p: str) -> bool:
+        if p.startswith("sdpa-"):
+            return CUDA
+        if p.endswith("compile"):
+            return COMPILE
+        if p == "fastunet-triton":
+            return triton_runs()
+        return True
+
+    return [p for p in providers if runs(p)]
+
+
 def sync() -> None:
     """Wait for the queued CUDA work (no-op on CPU)."""
     if CUDA:

@@ -19,8 +19,10 @@ Per call:
 
 The "achieved fraction" column is a **model, not a measurement**: the fraction of the lower bound a
 call is expected to reach, ``efficiency of the binding resource x counted-traffic factor``, with the
-constants of :data:`EFFICIENCY` and :func:`call_fraction` (documented there). No GPU has timed these
-kernels; ``fastunet bench --device cuda`` measures them.
+constants of :data:`EFFICIENCY` and :func:`call_fraction` (documented there) and the kernels' counted
+traffic (``tests/ops/test_traffic.py``). ``fastunet.static_report`` gives each compiled config's registers,
+spills and shared memory but no per-loop instruction counts yet, so no occupancy term enters the model.
+No GPU has timed these kernels; ``fastunet bench --device cuda`` measures them.
 
 ``python -m fastunet.roofline`` prints the Markdown; ``--write`` puts it into README.md between
 ``<!-- roofline:begin -->`` and ``<!-- roofline:end -->``; ``--check`` exits 1 when README.md is stale.
