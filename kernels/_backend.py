@@ -182,3 +182,15 @@ def direct_call(x: torch.Tensor) -> bool:
     """
     return (type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _get_current_dispatch_mode() is None)
+
+
+def compute_capability(device: torch.device) -> int:
+    """The arch a launcher sizes its kernels for: ``major * 10 + minor`` of a CUDA ``device``
+    (``torch.cuda.get_device_capability``; 80 for an A100, 90 for an H100), and 80 for any other
+    device (CPU tensors under Triton's interpreter, which has no arch). Launchers call it as
+    ``_backend.compute_capability(...)`` so that a report or test can substitute an arch."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
