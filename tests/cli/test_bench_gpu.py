@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -127,13 +128,28 @@ def test_bad_numbers_are_refused(flag, value, capsys):
 
 
 def test_kernel_test_runner_counts_outcomes_and_stops_at_its_budget(tmp_path):
+    tests = tmp_path / "test_outcomes.py"
+    tests.write_text(textwrap.dedent("""
+        import time, pytest
+        def test_passes(): pass
+        def test_fails(): assert 1 == 2
+        @pytest.mark.xfail(strict=True)
+        def test_xfails(): assert 1 == 2
+        def test_sleeps(): time.sleep(float(__import__("os").environ.get("SLEEP", "0")))
+    """))
     log = tmp_path / "kernel_tests.txt"
-    done = bench.run_kernel_tests("cpu", 300, paths=["tests/ops/test_register_once.py"], out_file=log)
-    assert not done["timed_out"] and done["returncode"] == 0
-    assert done["counts"]["passed"] >= 1 and done["counts"]["failed"] == 0 and not done["failing"]
+    done = bench.run_kernel_tests("cpu", 300, paths=[str(tests)], out_file=log)
+    assert not done["timed_out"] and done["returncode"] == 1
+    assert done["counts"] == dict(passed=2, failed=1, error=0, skipped=0, xfailed=1, xpassed=0)
+    assert [t.rsplit("::", 1)[1] for t in done["failing"]] == ["test_fails"]
     assert "PASSED" in log.read_text()
-    stopped = bench.run_kernel_tests("cpu", 0.2, paths=["tests/ops/test_register_once.py"])
-    assert stopped["timed_out"] and stopped["returncode"] is None
+    os.environ["SLEEP"] = "60"
+    try:
+        stopped = bench.run_kernel_tests("cpu", 15, paths=[str(tests)])
+    finally:
+        del os.environ["SLEEP"]
+    assert stopped["timed_out"] and stopped["returncode"] is None and stopped["seconds"] < 60
+    assert stopped["counts"]["passed"] == 1 and stopped["counts"]["failed"] == 1  # what finished before the stop
 
 
 def test_without_diffusers_its_providers_are_left_out_with_a_message(monkeypatch, capsys):
