@@ -191,3 +191,24 @@ def test_tests_cuda_switch_refuses_a_machine_without_a_gpu():
                           timeout=300)
     assert proc.returncode != 0
     assert "FASTUNET_TEST_DEVICE=cuda, but torch sees no CUDA GPU" in proc.stdout + proc.stderr
+
+
+def test_a_failing_provider_is_a_result_and_the_run_goes_on(tmp_path):
+    """SDPA's forced backends are CUDA providers; on a CPU the flash one runs and the memory-efficient one
+    has no kernel: its row records the error and the next case still runs."""
+    shape = (1, 2, 64, 64, 32)
+    cases = [bench.Case(suite="attention", label=f"attention self {bench._x(shape)}", provider=p, dtype=torch.float32,
+                        backward=b, priority=2, flops=4.0 * 2 * 64 * 64 * 32, args=dict(shape=shape))
+             for p in ("sdpa-mem-efficient", "sdpa-flash") for b in (False, True)]
+    rows = bench.run_cases(cases, torch.device("cpu"), 2, None, bench.time.perf_counter())
+    assert [r["status"].split(":")[0] for r in rows] == ["error", "error", "ok", "ok"]
+    assert "No viable backend" in rows[0]["status"] and rows[0]["median_ms"] == ""
+    assert all(r["rounds"] == 2 and r["rate"].endswith("TFLOP/s") for r in rows[2:])
+    tests = dict(counts=dict(passed=90, failed=2, error=0, skipped=0, xfailed=0, xpassed=0), timed_out=True,
+                 returncode=None, seconds=150.2, command="python -m pytest tests/ops", failing=["t.py::a", "t.py::b"],
+                 ignored=["tests/ops/test_traffic.py"])
+    bench.write_report(rows, tmp_path, "title", tests, ["a note."])
+    md = (tmp_path / "results.md").read_text()
+    assert "stopped after 150 s (budget)" in md and "90 passed, 2 failed" in md and "- `t.py::b`" in md
+    assert "interpreter-only): tests/ops/test_traffic.py" in md and md.rstrip().endswith("a note.")
+    assert md.count("| attention self 1x2x64x64x32 float32 ") == 4
