@@ -85,9 +85,10 @@ SHAPES_PER_KIND = {"group_norm_act": 4, "attention": 3, "fourier_filter": 4}
 CEILINGS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
 #: The least time a case must have left to start, by kind (compilation dominates the compile providers).
 MIN_SECONDS = {"op": 1.0, "op-compile": 15.0, "unet": 20.0, "unet-compile": 240.0}
-#: Kernel test files left out on CUDA: they count the bytes the kernels move by wrapping Triton's
-#: interpreter, so they only mean something under it.
-INTERPRETER_ONLY_TESTS = ("tests/ops/test_traffic.py",)
+#: Kernel tests left out on CUDA because they test Triton's interpreter itself: test_traffic.py counts the
+#: bytes the kernels move by wrapping the interpreter, and one backend test asserts the interpreter is on.
+INTERPRETER_ONLY_TESTS = ("tests/ops/test_traffic.py",
+                          "tests/ops/test_backend_api.py::test_use_triton_decisions_on_cpu_under_the_interpreter")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -338,16 +339,22 @@ def print_plan(cases: list[Case], out=None) -> None:
         print(f"  [{c.priority}] {c.suite:<15} {c.name:<60} {c.provider:<20} {','.join(c.models)}", file=out)
 
 
+def kernel_test_command(device_type: str, paths: list[str] | None = None) -> list[str]:
+    """The pytest command line of the kernel tests (verbose, so outcomes can be counted as they finish);
+    on CUDA without :data:`INTERPRETER_ONLY_TESTS`."""
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line", *(paths or ["tests/ops"])]
+    if device_type == "cuda":
+        cmd += [f"--deselect={p}" if "::" in p else f"--ignore={p}" for p in INTERPRETER_ONLY_TESTS]
+    return cmd
+
+
 def run_kernel_tests(device_type: str, timeout_s: float, paths: list[str] | None = None,
                      out_file: Path | None = None) -> dict:
     """``pytest tests/ops`` in a child process on ``device_type`` (FASTUNET_TEST_DEVICE; on CUDA with
     TRITON_INTERPRET unset), stopped after ``timeout_s``. Returns the counts per outcome read from its
     verbose output (so a run that timed out still reports what finished), ``timed_out``, ``seconds``,
     the command and the failing test ids."""
-    paths = paths or ["tests/ops"]
-    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line", *paths]
-    if device_type == "cuda":
-        cmd += [f"--ignore={p}" for p in INTERPRETER_ONLY_TESTS]
+    cmd = kernel_test_command(device_type, paths)
     env = dict(os.environ, FASTUNET_TEST_DEVICE=device_type, PYTHONUNBUFFERED="1")  # unbuffered: a timed-out
     # child's finished tests are still in what it printed
     if device_type == "cuda":

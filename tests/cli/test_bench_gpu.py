@@ -152,6 +152,16 @@ def test_kernel_test_runner_counts_outcomes_and_stops_at_its_budget(tmp_path):
     assert stopped["counts"]["passed"] == 1 and stopped["counts"]["failed"] == 1  # what finished before the stop
 
 
+def test_cuda_kernel_test_command_leaves_out_the_interpreter_tests():
+    cuda = bench.kernel_test_command("cuda")
+    assert cuda[1:4] == ["-m", "pytest", "-v"] and "tests/ops" in cuda
+    assert "--ignore=tests/ops/test_traffic.py" in cuda
+    assert "--deselect=tests/ops/test_backend_api.py::test_use_triton_decisions_on_cpu_under_the_interpreter" in cuda
+    for path in bench.INTERPRETER_ONLY_TESTS:  # the files named still exist
+        assert (ROOT / path.split("::")[0]).is_file(), path
+    assert not any(a.startswith(("--ignore", "--deselect")) for a in bench.kernel_test_command("cpu"))
+
+
 def test_without_diffusers_its_providers_are_left_out_with_a_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     assert cli.main(["bench", "--device", "cpu", "--dry-run", "--only", "fourier_filter", "sd15"]) == 0
