@@ -34,6 +34,7 @@ import argparse
 import csv
 import gc
 import importlib
+import importlib.util
 import os
 import re
 import statistics
@@ -549,6 +550,11 @@ def run(args) -> int:
 
     out = args.out or ROOT / "bench" / "results" / _slug(device_name(device))
     tests = None
+    if want_tests and importlib.util.find_spec("pytest") is None:
+        message = "pytest is not installed: the kernel tests are left out (pip install -e '.[test]')"
+        print(message)
+        notes.append(message + ".")
+        want_tests = False
     if want_tests:
         tests_budget = args.tests_budget if budget is None else min(args.tests_budget, budget)
         print(f"kernel tests: pytest tests/ops on {device.type} (at most {tests_budget:.0f} s)")
@@ -556,11 +562,17 @@ def run(args) -> int:
         print("kernel tests: " + ", ".join(f"{v} {k}" for k, v in tests["counts"].items())
               + (" (stopped: budget)" if tests["timed_out"] else ""))
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(cases), desc="benchmarks", disable=args.quiet)
-    rows = run_cases(cases, device, rounds, budget, started, progress=lambda i, n: bar.update(1))
-    bar.close()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("tqdm is not installed: no progress bar")
+        tqdm = None
+    bar = tqdm(total=len(cases), desc="benchmarks", disable=args.quiet) if tqdm is not None else None
+    rows = run_cases(cases, device, rounds, budget, started,
+                     progress=None if bar is None else (lambda i, n: bar.update(1) if i else None))
+    if bar is not None:
+        bar.update(len(cases) - bar.n)
+        bar.close()
     title = (f"fastunet bench, {size} size, {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, on "
              f"{device_name(device)} (torch {torch.__version__})")
     if not cuda:
@@ -581,8 +593,12 @@ def run(args) -> int:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    """Median time per benchmark, one bar per provider (log scale)."""
-    import matplotlib
+    """Median time per benchmark, one bar per provider (log scale); nothing without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name} (the tables are written)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

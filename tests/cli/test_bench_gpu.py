@@ -222,3 +222,14 @@ def test_a_failing_provider_is_a_result_and_the_run_goes_on(tmp_path):
     assert "stopped after 150 s (budget)" in md and "90 passed, 2 failed" in md and "- `t.py::b`" in md
     assert "interpreter-only): tests/ops/test_traffic.py" in md and md.rstrip().endswith("a note.")
     assert md.count("| attention self 1x2x64x64x32 float32 ") == 4
+
+
+def test_without_matplotlib_and_tqdm_the_tables_are_still_written(tmp_path, monkeypatch, capsys):
+    for name in ("matplotlib", "tqdm"):
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "report"
+    assert cli.main(["bench", "--device", "cpu", "--size", "small", "--budget", "0", "--only", "fourier_filter",
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "matplotlib is not installed: no results.png" in text and "tqdm is not installed" in text
+    assert (out / "results.md").is_file() and (out / "results.csv").is_file() and not (out / "results.png").exists()
