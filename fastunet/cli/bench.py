@@ -514,6 +514,10 @@ def run(args) -> int:
               f"CUDA build: {torch.version.cuda or 'no'}); run with --device cpu, or --dry-run to see the plan",
               file=sys.stderr)
         return 2
+    if device.type == "cuda" and cuda_ok and device.index is not None and device.index >= torch.cuda.device_count():
+        print(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0",
+              file=sys.stderr)
+        return 2
     cuda = device.type == "cuda"
     size = args.size or ("full" if cuda else "small")
     dtypes = [getattr(torch, args.dtype)] if args.dtype else (

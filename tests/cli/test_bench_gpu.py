@@ -35,6 +35,13 @@ def test_cuda_is_refused_without_a_gpu(device, monkeypatch, capsys):
     assert f"--device {device}: no CUDA GPU is available" in err and "--device cpu" in err
 
 
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["bench", "--device", "cuda:3"]) == 2
+    assert "--device cuda:3: this machine has 1 CUDA GPU(s), numbered from 0" in capsys.readouterr().err
+
+
 def test_full_cuda_plan_covers_every_op_at_the_real_shapes(cuda_plan):
     by_suite = {}
     for c in cuda_plan:
