@@ -164,7 +164,8 @@ def test_cuda_kernel_test_command_leaves_out_the_interpreter_tests():
     assert cuda[1:4] == ["-m", "pytest", "-v"] and "tests/ops" in cuda
     assert "--ignore=tests/ops/test_traffic.py" in cuda
     assert "--deselect=tests/ops/test_backend_api.py::test_use_triton_decisions_on_cpu_under_the_interpreter" in cuda
-    for path in bench.INTERPRETER_ONLY_TESTS:  # the files named still exist
+    assert "--ignore=tests/ops/test_attention_compile.py" in cuda
+    for path in bench.INTERPRETER_ONLY_TESTS + bench.NO_GPU_NEEDED_TESTS:  # the files named still exist
         assert (ROOT / path.split("::")[0]).is_file(), path
     assert not any(a.startswith(("--ignore", "--deselect")) for a in bench.kernel_test_command("cpu"))
 
@@ -227,7 +228,7 @@ def test_a_failing_provider_is_a_result_and_the_run_goes_on(tmp_path):
     bench.write_report(rows, tmp_path, "title", tests, ["a note."])
     md = (tmp_path / "results.md").read_text()
     assert "stopped after 150 s (budget)" in md and "90 passed, 2 failed" in md and "- `t.py::b`" in md
-    assert "interpreter-only): tests/ops/test_traffic.py" in md and md.rstrip().endswith("a note.")
+    assert "compile-only without a GPU's help): tests/ops/test_traffic.py" in md and md.rstrip().endswith("a note.")
     assert md.count("| attention self 1x2x64x64x32 float32 ") == 4
 
 
