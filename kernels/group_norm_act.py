@@ -871,19 +871,15 @@ def _grad_like(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _as_layout(dh, x, torch.empty_like(x, device="meta").stride())
 
 
-def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation):
-    """Torch backward without scale/shift, on aten's fused GroupNorm backward: ``(dx, dweight, dbias,
-    dadd, None, None)``. Passes over memory: the centred input ``xc = x + add - mean`` (one, into an
-    fp32 buffer of our own), ``u = xc * rstd w + bias`` (one), the activation's gradient over ``u``
-    (one), ``native_group_norm_backward`` on ``xc`` with zero means (its sums ``sum(du xc)`` then need
-    no ``- mean sum(du)``, which cancels for a large mean) and, with ``add``, ``dadd = sum(dx)``.
-    Per-channel factors come from broadcasting over a ``(B, G, Cg)`` view, not repeated tensors: on
-    small UNet layers this function's own Python and allocations are a visible part of a step."""
+def _centred_torch(x, weight, bias, add, mean, rstd, num_groups):
+    """From the saved statistics, without scale/shift: fp32 ``(xc, u, w)``, the centred input
+    ``xc = x + add - mean`` and the pre-activation ``u = xc rstd w + bias`` (each ``(B, C, L)``, buffers
+    of our own whatever x's strides), and the weight (ones for none). Per-channel factors broadcast over
+    a ``(B, G, Cg)`` view rather than repeated tensors: on small layers this Python is part of a step."""
     B, C = x.shape[:2]
     G = num_groups
     Cg = C // G
     L = x.numel() // (B * C)
-    # computed in fp32 (x is promoted); a contiguous buffer whatever x's strides
     xc = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
     if add is None:
         torch.sub(x.reshape(B, G, Cg * L), mean[..., None], out=xc.view(B, G, Cg * L))
@@ -907,6 +903,35 @@ def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_gro
         None,
         None,
     )
+
+
+def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation):
+    """Torch backward without scale/shift: ``(dx, dweight, dbias, dadd, None, None)``. Passes over
+    memory: ``xc`` and ``u`` (``_centred_torch``, one each), the activation's gradient over ``u`` (one),
+    ``native_group_norm_backward`` (two) and, with ``add``, ``dadd = sum(dx)``."""
+    xc, u, w = _centred_torch(x, weight, bias, add, mean, rstd, num_groups)
+    du = _activation_grad_torch(dy.reshape(xc.shape).float(), u, activation)
+    return _norm_grads_torch(du, xc, w, x, weight, bias, add, rstd, num_groups)
+
+
+def group_norm_act_recompute_torch(x, weight, bias, add, mean, rstd, num_groups, activation):
+    """For a backward that needs the forward's output again (a convolution after the GroupNorm):
+    ``(y, state)``, y recomputed from the saved statistics (contiguous, x's dtype; equal to the
+    forward's y up to rounding), and the state ``group_norm_act_recomputed_bwd_torch`` continues from,
+    so that the centred input and pre-activation are made once, not again by the backward. Torch path
+    without scale/shift only; ``activation`` as the op takes it (``"none"`` for none)."""
+    act = _activation_of(activation)
+    xc, u, w = _centred_torch(x, weight, bias, add, mean, rstd, num_groups)
+    y = _TORCH_ACTIVATIONS[act](u).view(x.shape).to(x.dtype)
+    return y, (xc, u, w, act)
+
+
+def group_norm_act_recomputed_bwd_torch(dy, state, x, weight, bias, add, rstd, num_groups):
+    """The GroupNorm+activation backward from ``group_norm_act_recompute_torch``'s state:
+    ``(dx, dweight, dbias, dadd, None, None)``."""
+    xc, u, w, act = state
+    du = _activation_grad_torch(dy.reshape(xc.shape).float(), u, act)
+    return _norm_grads_torch(du, xc, w, x, weight, bias, add, rstd, num_groups)
 
 
 def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):

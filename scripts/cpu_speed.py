@@ -1,6 +1,6 @@
 """CPU forward+backward speed, fastunet against diffusers on the same weights (issue 12).
 
-    .venv/bin/python scripts/cpu_speed.py [ddpm_cifar|sd_tiny|all] [--repeats N] [--threads T] [--profile]
+    .venv/bin/python scripts/cpu_speed.py [ddpm_cifar|sd_tiny|all] [--repeats N] [--threads T] [--cpu-time] [--profile]
 
 Configs (those of tests/training/test_saved_activations.py): ``ddpm_cifar``, a DDPM-CIFAR-structured
 UNet2DModel (channels (32, 64, 64, 64), 32 groups, attention at 16x16), batch 8 of 32x32; ``sd_tiny``, an
@@ -9,7 +9,8 @@ attention dim 32), batch 4 of 32x32 latents and 77 tokens. Both models get one p
 (``fastunet.testing.perturbed_pair``). Each timed step is ``model(**inputs).sample.square().mean()
 .backward()`` with the gradients cleared first; fastunet and diffusers alternate, so that a busy machine
 slows both alike; after warm-up runs, the median of ``--repeats`` (at least 7) is reported, and the ratio
-diffusers/fastunet (above 1: fastunet faster). ``--profile`` adds a torch.profiler table of each
+diffusers/fastunet (above 1: fastunet faster). ``--cpu-time`` times
+with ``time.process_time`` instead of wall time (use with ``--threads 1``). ``--profile`` adds a torch.profiler table of each
 model's step, sorted by self CPU time.
 """
 
@@ -36,15 +37,17 @@ def _step(model, inputs):
     model(**inputs).sample.square().mean().backward()
 
 
-def time_pair(ours, theirs, inputs, repeats: int) -> dict[str, float]:
-    """Median seconds of one fwd+bwd step of each model, the two alternating."""
+def time_pair(ours, theirs, inputs, repeats: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median seconds of one fwd+bwd step of each model, the two alternating, on ``clock``
+    (``time.process_time`` counts this process's CPU seconds only: with one thread, steadier than
+    wall time on a machine that other jobs share)."""
     times = {"fastunet": [], "diffusers": []}
     for i in range(WARMUP + repeats):
         for who, model in (("fastunet", ours), ("diffusers", theirs)):
-            start = time.perf_counter()
+            start = clock()
             _step(model, inputs)
             if i >= WARMUP:
-                times[who].append(time.perf_counter() - start)
+                times[who].append(clock() - start)
     return {who: statistics.median(t) for who, t in times.items()}
 
 
@@ -80,10 +83,11 @@ def main(argv: list[str]) -> None:
         ours, theirs, inputs = make(name)
         ours.train()
         theirs.train()
-        t = time_pair(ours, theirs, inputs, repeats)
-        print(f"{name}: fwd+bwd median of {repeats}, {threads} threads: fastunet {t['fastunet'] * 1e3:.1f} ms, "
-              f"diffusers {t['diffusers'] * 1e3:.1f} ms; diffusers/fastunet {t['diffusers'] / t['fastunet']:.3f}",
-              flush=True)
+        clock, what_clock = (time.process_time, "CPU time") if "--cpu-time" in argv else (time.perf_counter, "wall")
+        t = time_pair(ours, theirs, inputs, repeats, clock)
+        print(f"{name}: fwd+bwd median of {repeats} ({what_clock}), {threads} threads: fastunet "
+              f"{t['fastunet'] * 1e3:.1f} ms, diffusers {t['diffusers'] * 1e3:.1f} ms; diffusers/fastunet "
+              f"{t['diffusers'] / t['fastunet']:.3f}", flush=True)
         if "--profile" in argv:
             profile_pair(ours, theirs, inputs)
 

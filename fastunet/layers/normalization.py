@@ -17,7 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import group_norm_act
-from ..kernels.group_norm_act import group_norm_act_bwd_call, group_norm_act_fwd_call
+from ..kernels._backend import direct_call, use_triton
+from ..kernels.group_norm_act import (
+    group_norm_act_bwd_call,
+    group_norm_act_fwd_call,
+    group_norm_act_recompute_torch,
+    group_norm_act_recomputed_bwd_torch,
+)
 from .activations import fused_activation_name
 
 # diffusers activations that group_norm_act cannot fuse, applied after it instead
@@ -105,9 +111,11 @@ def _fusable_conv(conv: nn.Module, x: torch.Tensor, dropout: nn.Module | None) -
 class _NormActConv(torch.autograd.Function):
     """``conv(group_norm_act(x))`` whose backward recomputes the ``group_norm_act`` output.
 
-    Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight. Backward:
-    ``group_norm_act`` forward again (same statistics, bit for bit), ``aten.convolution_backward`` for
-    the convolution's input, weight and bias gradients, then ``group_norm_act``'s own backward.
+    Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight, the (B, G)
+    statistics. Backward: the ``group_norm_act`` output again (the Triton path: its forward, same
+    statistics bit for bit; the torch path: from the saved statistics, keeping the centred input for
+    the next step), ``aten.convolution_backward`` for the convolution's input, weight and bias
+    gradients, then ``group_norm_act``'s own backward.
     """
 
     @staticmethod
@@ -115,9 +123,9 @@ class _NormActConv(torch.autograd.Function):
                 activation, stride, padding, dilation, groups):
         # forward(ctx, ...) rather than a separate setup_context: apply() then binds no default arguments
         # through inspect, a cost on every one of a UNet's ~40 calls per step
-        h, _, _ = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
-                                          activation, None)
-        ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight)
+        h, mean, rstd = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
+                                                activation, None)
+        ctx.save_for_backward(x, norm_weight, norm_bias, add, scale, shift, conv_weight, mean, rstd)
         ctx.norm_args = (num_groups, eps, activation)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_conv_bias = conv_bias is not None
@@ -126,11 +134,18 @@ class _NormActConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, norm_weight, norm_bias, add, scale, shift, conv_weight = ctx.saved_tensors
+        x, norm_weight, norm_bias, add, scale, shift, conv_weight, mean, rstd = ctx.saved_tensors
         num_groups, eps, activation = ctx.norm_args
         stride, padding, dilation, groups = ctx.conv_args
-        h, mean, rstd = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
-                                                activation, None)
+        # the torch path recomputes from the saved statistics and keeps the centred input and
+        # pre-activation for the GroupNorm backward (6 passes over x's size instead of 8)
+        state = None
+        if scale is None and shift is None and direct_call(x) and not use_triton(x, norm_weight, norm_bias, add):
+            h, state = group_norm_act_recompute_torch(x, norm_weight, norm_bias, add, mean, rstd, num_groups,
+                                                      activation)
+        else:
+            h, _, _ = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
+                                              activation, None)
         needs = ctx.needs_input_grad
         norm_needs = any(needs[:6])
         bias_sizes = [conv_weight.shape[0]] if ctx.has_conv_bias else None
@@ -139,7 +154,10 @@ class _NormActConv(torch.autograd.Function):
             [norm_needs, needs[6], ctx.has_conv_bias and needs[7]])
         del h
         grads = [None] * 6
-        if norm_needs:
+        if norm_needs and state is not None:
+            grads = list(group_norm_act_recomputed_bwd_torch(dh, state, x, norm_weight, norm_bias, add, rstd,
+                                                             num_groups))
+        elif norm_needs:
             grads = list(group_norm_act_bwd_call(dh, x, norm_weight, norm_bias, add, scale, shift, mean, rstd,
                                                  num_groups, activation))
             grads = [g if t is not None and need else None
