@@ -890,11 +890,19 @@ def _centred_torch(x, weight, bias, add, mean, rstd, num_groups):
     w = weight.float() if weight is not None else torch.ones(C, device=x.device)
     scale_c = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
     u = torch.mul(xc, scale_c) if bias is None else torch.addcmul(bias.float()[:, None], xc, scale_c)
+    return xc, u, w
+
+
+def _norm_grads_torch(du, xc, w, x, weight, bias, add, rstd, num_groups):
+    """``(dx, dweight, dbias, dadd, None, None)`` from dL/du, on aten's fused GroupNorm backward fed the
+    centred input with zero means (its sums ``sum(du xc)`` then need no ``- mean sum(du)``, which
+    cancels for a large mean)."""
+    B, C, L = xc.shape
     # aten's GroupNorm backward reads its gradient as contiguous: mish_backward (and the identity's
     # clone) keep the strides of a strided dy
-    du = _activation_grad_torch(dy.reshape(B, C, L).float(), u, activation).contiguous()
     dh, dw, db = torch.ops.aten.native_group_norm_backward(
-        du, xc, torch.zeros_like(mean), rstd, w, B, C, L, G, [True, weight is not None, bias is not None])
+        du.contiguous(), xc, torch.zeros_like(rstd), rstd, w, B, C, L, num_groups,
+        [True, weight is not None, bias is not None])
     return (
         _grad_like(dh, x),
         dw.to(weight.dtype) if weight is not None else None,
