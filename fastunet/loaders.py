@@ -539,7 +539,11 @@ class UNet2DConditionLoadersMixin:
                         raise ValueError(f"IP-Adapter {i} has no {key!r} for {name}; its ip_adapter keys end at "
                                          f"{sorted(sd['ip_adapter'])[-2:]}")
                     weights[f"{kind}.{i}.weight"] = sd["ip_adapter"][key]
-            check_state_dict(ip, weights)
+            try:
+                check_state_dict(ip, weights)
+            except RuntimeError as e:  # name the layer and the file's keys, not only the processor's own
+                raise RuntimeError(f"IP-Adapter weights {key_id}.to_k_ip / {key_id}.to_v_ip for {name} (hidden size "
+                                   f"{width}, cross_attention_dim {self.config.cross_attention_dim}): {e}") from e
             ip.load_state_dict(weights, strict=True)
             processors[name] = ip
             key_id += 2

@@ -330,3 +330,39 @@ def test_pipeline_level_lora_switches_skip_fastunets_unet(parts, tmp_path):
     ours.unet.fuse_lora(lora_scale=1.0)
     assert any(not torch.equal(p, before[n]) for n, p in ours.unet.named_parameters() if n in before)
     assert_same(images(theirs), images(ours), "fused through pipe.fuse_lora / pipe.unet.fuse_lora")
+
+
+@pytest.mark.parametrize("fault", ["to_k_ip shape", "image_proj shape", "missing to_v_ip"])
+def test_a_faulty_ip_adapter_is_refused_and_leaves_the_unet_as_it_was(tmp_path, fault):
+    """A wrongly shaped or missing IP-Adapter weight: one error naming the entry (with both shapes where
+    it has them), and the UNet keeps its processors, projections and weights."""
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    folder = ip_adapter_file(tmp_path, unet, seed=5)
+    state = safetensors.torch.load_file(folder / "ip.safetensors")
+    split = {"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
+             "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}}
+    if fault == "to_k_ip shape":
+        good = split["ip_adapter"]["3.to_k_ip.weight"]
+        split["ip_adapter"]["3.to_k_ip.weight"] = torch.randn(good.shape[0] + 1, good.shape[1])
+        error, words = RuntimeError, ["3.to_k_ip", "to_k_ip.0.weight", str(tuple(good.shape)),
+                                      str((good.shape[0] + 1, good.shape[1]))]
+    elif fault == "image_proj shape":
+        good = split["image_proj"]["norm.weight"]
+        split["image_proj"]["norm.weight"] = torch.randn(good.shape[0] + 3)
+        error, words = RuntimeError, ["norm.weight", str(good.shape[0]), str(good.shape[0] + 3)]
+    else:
+        del split["ip_adapter"]["5.to_v_ip.weight"]
+        error, words = ValueError, ["'5.to_v_ip.weight'"]
+    processors = unet.attn_processors
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    projection = unet.encoder_hid_proj
+    with pytest.raises(error) as raised:
+        unet._load_ip_adapter_weights([split])
+    message = str(raised.value).replace("torch.Size([", "(").replace("])", ")").replace("[", "(").replace("]", ")")
+    for word in words:
+        assert word in message, (word, str(raised.value))
+    assert unet.attn_processors == processors
+    assert unet.encoder_hid_proj is projection
+    after = unet.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
