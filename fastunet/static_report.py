@@ -19,6 +19,7 @@ handed to Triton as its ``attrs`` dict ``{(arg_index,): [["tt.divisibility", 16]
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -376,7 +377,8 @@ def _attention_probes():
     """(name, thunk) pairs calling the attention launchers: SD 1.5, SDXL and AnimateDiff shapes (few
     images: the batch changes no config), every query/key length bucket, every head dim bucket and
     masked and unmasked head dims, layouts (contiguous, ``(B, N, H, D)`` transposed, a slice of a
-    fused qkv projection), masks (none, bool, bias in q's dtype, fp32 bias, broadcast), every dtype."""
+    fused qkv projection), masks (none, bool, bias in q's dtype, fp32 bias, broadcast), every dtype;
+    fp32 under torch's fp32 matmul precision "highest" (the default) and "high"."""
     import torch
 
     attn = importlib.import_module(f"{KERNEL_PACKAGE}.attention")
@@ -411,16 +413,26 @@ def _attention_probes():
         dv = d if dv is None else dv
         dt = getattr(torch, dtype)
 
-        def thunk():
-            q, k, v = qkv(dt, b, h, n, m, d, dv, layout)
-            msk = mask_of(mask, dt, b, h, n, m)
-            scale = 1.0 / math.sqrt(d)
-            out, lse = attn._attention_fwd(q, k, v, msk, scale)
-            if backward:
-                do = torch.empty_like(out)
-                attn._attention_bwd(do, q, k, v, out, lse, msk, scale)
+        def thunk(precision):
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(precision)
+            try:
+                q, k, v = qkv(dt, b, h, n, m, d, dv, layout)
+                msk = mask_of(mask, dt, b, h, n, m)
+                scale = 1.0 / math.sqrt(d)
+                out, lse = attn._attention_fwd(q, k, v, msk, scale)
+                if backward:
+                    do = torch.empty_like(out)
+                    attn._attention_bwd(do, q, k, v, out, lse, msk, scale)
+            finally:
+                torch.set_float32_matmul_precision(previous)
 
-        probes.append((f"attention {name} {dtype} B{b} H{h} N{n} M{m} D{d}/{dv} {layout} mask={mask}", thunk))
+        # fp32 launches depend on torch's fp32 matmul precision: PyTorch's default "highest", and
+        # "high", which pipelines often set
+        for precision in ("highest", "high") if dtype == "float32" else ("highest",):
+            probes.append((f"attention {name} {dtype} B{b} H{h} N{n} M{m} D{d}/{dv} {layout} mask={mask}"
+                           f"{' matmul=high' if precision == 'high' else ''}",
+                           functools.partial(thunk, precision)))
 
     for dtype in _DTYPES:
         # SD 1.5 (heads 8, head dims 40/80/160), self and cross (77 text tokens); latents 64/32/16/8 scaled
@@ -823,7 +835,8 @@ def save_baseline(cases: list[dict], results: list[dict], path: str = BASELINE_P
 def check_case(case: dict, res: dict, baseline: dict | None = None, fp32_mma: bool | None = None) -> list[str]:
     """Problems of one compiled case: a compile error, spills, too many registers, shared memory over
     the limit, an attention dot without tensor-core instructions (fp32 only once
-    :func:`fp32_tensor_cores_expected`), an innermost loop grown past the baseline (its largest loop
+    :func:`fp32_tensor_cores_expected`, and not where the launch's ``DOT_PRECISION`` is "ieee", the
+    exact FMA dots a config may choose), an innermost loop grown past the baseline (its largest loop
     or the loops' total)."""
     what = describe(case)
     if "error" in res:
@@ -832,7 +845,8 @@ def check_case(case: dict, res: dict, baseline: dict | None = None, fp32_mma: bo
     if fp32_mma is None:
         fp32_mma = fp32_tensor_cores_expected()
     if op_of(case) == "attention" and res["has_dot"] and not (res["hmma"] or res["hgmma"]):
-        if dtype_of(case) != "fp32" or fp32_mma:
+        # fp32: tensor cores once the module says so, except where the launch asks for exact FMA dots
+        if dtype_of(case) != "fp32" or (fp32_mma and case["constexprs"].get("DOT_PRECISION") != "ieee"):
             problems.append(f"{what}: tl.dot did not lower to tensor-core instructions (no HMMA/HGMMA)")
     if baseline is not None and baseline_key(case) in baseline:
         old, new = baseline[baseline_key(case)], res["loops"]
@@ -947,15 +961,19 @@ ATTENTION_LENGTHS = (1, 17, 33, 4097)
 
 
 def attention_config_space(ccs=(80, 90)) -> set[tuple]:
-    """Every ``(cc, (kind, precision, BLOCK_D, (block_m, block_n, num_warps, num_stages)))`` the
+    """Every ``(cc, (kind, precision, BLOCK_D, (block_m, block_n, num_warps, num_stages, fma)))`` the
     attention config functions return for compute capability ``cc`` over the head dims and length
     buckets the launchers distinguish (block_n is None for the preprocess kernel, which has no key
-    tile), together with what the module's own ``_attention_configs()`` lists where it has one."""
+    tile; fma: the config asks for exact FMA dots, ``DOT_PRECISION="ieee"``), together with what the
+    module's own ``_attention_configs()`` lists where it has one."""
     import inspect
 
     import torch
 
     attn = importlib.import_module(f"{KERNEL_PACKAGE}.attention")
+
+    def norm(cfg, preprocess=False):
+        return (cfg[0], None if preprocess else cfg[1], cfg[2], cfg[3], bool(getattr(cfg, "fma", False)))
 
     def call(f, *args, cc, **kw):
         if "cc" in inspect.signature(getattr(f, "__wrapped__", f)).parameters:
@@ -973,26 +991,23 @@ def attention_config_space(ccs=(80, 90)) -> set[tuple]:
                         for backward in (False, True):
                             short = call(attn._attention_short_config, bd, n, m, dtype, backward=backward, cc=cc)
                             if short is not None:
-                                seen.add((cc, ("short_bwd" if backward else "short_fwd", prec, bd, tuple(short))))
+                                seen.add((cc, ("short_bwd" if backward else "short_fwd", prec, bd, norm(short))))
                             elif not backward:
-                                seen.add((cc, ("fwd", prec, bd, tuple(call(attn._attention_fwd_config, bd, dtype,
-                                                                           cc=cc)))))
+                                seen.add((cc, ("fwd", prec, bd, norm(call(attn._attention_fwd_config, bd, dtype,
+                                                                          cc=cc)))))
                             else:
                                 pre = attn._attention_bwd_preprocess_config(bd)
-                                seen.add((cc, ("preprocess", prec, bd, (pre.block_m, None, pre.num_warps,
-                                                                        pre.num_stages))))
+                                seen.add((cc, ("preprocess", prec, bd, norm(pre, preprocess=True))))
                                 for kind, f in (("dkdv", attn._attention_bwd_dkdv_config),
                                                 ("dq", attn._attention_bwd_dq_config)):
-                                    seen.add((cc, (kind, prec, bd, tuple(call(f, bd, dtype, cc=cc)))))
+                                    seen.add((cc, (kind, prec, bd, norm(call(f, bd, dtype, cc=cc)))))
         for entry in getattr(attn, "_attention_configs", lambda: [])():
             name, dtype, bd, arch, cfg = entry
             if getattr(attn, "_arch", lambda c: c)(cc) != arch:
                 continue
             kind = ATTENTION_KINDS[name]
-            cfg = tuple(cfg)
-            if kind == "preprocess":
-                cfg = (cfg[0], None, cfg[2], cfg[3])
-            seen.add((cc, (kind, "fp32" if dtype == torch.float32 else "half", bd, cfg)))
+            seen.add((cc, (kind, "fp32" if dtype == torch.float32 else "half", bd,
+                           norm(cfg, preprocess=kind == "preprocess"))))
     return seen
 
 
@@ -1001,7 +1016,8 @@ def attention_config_of(case: dict) -> tuple:
     kind = ATTENTION_KINDS.get(case["kernel"], case["kernel"])
     prec = "fp32" if dtype_of(case) == "fp32" else "half"
     block_n = None if kind == "preprocess" else c.get("BLOCK_N")
-    return (kind, prec, c.get("BLOCK_D"), (c.get("BLOCK_M"), block_n, case["num_warps"], case["num_stages"]))
+    fma = c.get("DOT_PRECISION") == "ieee"
+    return (kind, prec, c.get("BLOCK_D"), (c.get("BLOCK_M"), block_n, case["num_warps"], case["num_stages"], fma))
 
 
 def group_norm_act_config_space() -> list[dict]:
