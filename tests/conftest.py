@@ -25,6 +25,11 @@ if TEST_DEVICE == "cuda":
         raise RuntimeError("FASTUNET_TEST_DEVICE=cuda, but torch sees no CUDA GPU")
     torch.set_default_device("cuda")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several pytest-xdist workers (scripts/test.sh runs one per core): one torch thread each, so
+    # the workers do not oversubscribe the cores with intra-op threads
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _isolate_backend_and_seed():
