@@ -130,7 +130,9 @@ class ResnetBlock2D(nn.Module):
 
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden_states) / self.output_scale_factor
+        output = input_tensor + hidden_states
+        # x / 1.0 is x bit for bit: the common factor costs no pass over the output, forward or backward
+        return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor
 
 
 class TemporalConvLayer(nn.Module):
