@@ -53,6 +53,12 @@ _MAX_FREQS = 8  # scaled frequencies per axis the kernel takes
 _MAX_SIDE = 2048  # plane height and width the kernel takes (widths above it would need a column loop)
 _ONE_TILE_ELEMENTS = 4096  # planes up to this many padded elements are loaded once
 _TILE_ELEMENTS = 2048  # tile size for larger planes
+# Tile elements a thread holds on the one-tile path. Every step of the unrolled transform is a
+# reduction across the tile, so the warps mostly repeat one another's bookkeeping: on a 64x64 fp16
+# plane at 2 x 2 frequencies (FreeU's) sm_90 issues 1488 instructions a warp at 16 warps (8 a thread),
+# 1704 at 8, 2024 at 4, i.e. 23.8K, 13.6K and 8.1K warp-instructions a plane; at 32 a thread the
+# heaviest pads (8 x 8, fp32) take 192-196 registers, no spills.
+_ONE_TILE_PER_THREAD = 32
 # r_pad * BLOCK_H per warp: 2 * 512 row twiddles (cos and sin) over 32 threads is 32 per thread
 _TWIDDLE_ROWS_PER_WARP = 512
 
@@ -137,7 +143,11 @@ def _fourier_filter_synthesize(cols, row_cos, row_sin, v0, n_cols, W, coef_re, c
     return corr
 
 
-@triton.jit(do_not_specialize=["C", "H", "W", "u0", "n_rows", "v0", "n_cols"])
+# W is specialised (Triton marks it divisible by 16 when it is, e.g. every SD plane from 16 wide): with
+# unit column strides and row strides divisible by 16, the mask cols < W is then constant over 8 (16)
+# consecutive lanes and a thread's row segment loads and stores as 16-byte vectors (ld.global.v4.b32)
+# instead of 2-byte scalars (ld.global.b16). Sizes that gain nothing from it stay unspecialised.
+@triton.jit(do_not_specialize=["C", "H", "u0", "n_rows", "v0", "n_cols"])
 def _fourier_filter_fwd_kernel(
     x_ptr,  # (B, C, H, W) input planes, any strides, fp16/bf16/fp32
     y_ptr,  # (B, C, H, W) output planes, same dtype as x, any strides
@@ -204,8 +214,8 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
     A tile always spans the full (padded) width.  Planes up to 4096 padded elements are one tile,
-    loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles.  Either way
-    a thread holds about 8 elements of a tile.  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
+    loaded once, at up to 32 elements a thread (``_ONE_TILE_PER_THREAD``: a 64x64 plane on 4 warps);
+    larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles, 8 a thread.  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
     held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
     the rows per tile shrink) until a thread holds at most 32 twiddles.  Without that a one-tile
     2048x1 plane at ``r_pad = 8`` held 128 per thread and spilled 104 B of stack on sm_80.
@@ -215,7 +225,7 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     twiddle_warps = r_pad * block_h // _TWIDDLE_ROWS_PER_WARP
     if block_h * block_w <= _ONE_TILE_ELEMENTS and twiddle_warps <= 16:
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
-                "num_warps": min(max(block_h * block_w // 256, twiddle_warps, 1), 16)}
+                "num_warps": min(max(block_h * block_w // (32 * _ONE_TILE_PER_THREAD), twiddle_warps, 1), 16)}
     rows = min(max(1, _TILE_ELEMENTS // block_w), 8 * _TWIDDLE_ROWS_PER_WARP // r_pad)
     return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 8}
 

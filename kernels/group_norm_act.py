@@ -28,21 +28,30 @@ spatial dims among themselves) does it copy, to contiguous buffers. The torch pa
 ``x`` into a contiguous fp32 buffer (aten's GroupNorm needs one) and writes the result into the
 requested layout, one copy more than the kernels.
 
-Kernels. A group is the ``(Cg, S0, S1)`` block of sample ``b``; programs walk it in ``(BLOCK_C,
-BLOCK_L)`` tiles over ``(channels, S1)``, one row ``s0`` at a time: a spatial tile index ``t`` runs
-over ``S0 * cdiv(S1, BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up
-to ``_MAX_SPLIT`` programs (a grid of channel-block ranges times spatial-tile ranges):
+Kernels. A group is the ``(Cg, S0, S1)`` block of sample ``b``. Where it fits one program's
+registers (a ``(next_pow2(Cg), next_pow2(S0 * S1))`` tile of at most 8192 lanes forward, 4096
+backward, 16 warps at the most), one program per group does each pass alone (``ONE_PASS``, in the
+``_fwd`` and ``_bwd_dx`` kernels): the forward loads x once, takes the moments of ``h - pivot`` about
+their own mean from the registers, and stores y (2 passes over memory); the backward loads x and dy
+once, holds ``x - mean`` and ``du`` through its reductions, and stores dx (3 passes). Larger groups
+take two kernels each way; their programs walk a group in ``(BLOCK_C, BLOCK_L)`` tiles over
+``(channels, S1)``, one row ``s0`` at a time: a spatial tile index ``t`` runs over ``S0 * cdiv(S1,
+BLOCK_L)`` tiles. To fill a GPU when ``B * G`` is small, a group is split over up to ``_MAX_SPLIT``
+programs (a grid of channel-block ranges times spatial-tile ranges):
 
 * forward: ``_stats`` writes each program's (count, mean, M2) of ``h - pivot``, the pivot being the
   group's first element (shifted data: the mean of a near-constant group keeps full precision),
-  from a Welford accumulator per lane merged with Chan's parallel formula; ``_fwd`` merges a
-  group's partials (Chan again, one vector reduction), then normalises, modulates, activates and
-  stores ``y``; its first program stores ``mean``/``rstd``.
+  from per-lane sums of ``h - pivot`` and its square and a count in scalar arithmetic; ``_fwd``
+  merges a group's partials (Chan's parallel formula, one vector reduction), then normalises,
+  modulates, activates and stores ``y``; its first program stores ``mean``/``rstd``. 3 passes.
 * backward: ``_bwd_reduce`` recomputes ``u`` from ``x`` and writes per-(b, c, spatial range) sums of
   ``du``, ``du * xhat`` and ``xhat``, plus per-program group sums of ``gain * du`` and
   ``gain * du * xhat``; ``_bwd_dx`` merges them, writes ``dx`` and, from one program per channel, the
   per-(b, c) gradients of add/scale/shift and per-sample rows of dweight/dbias, which torch sums
-  over the batch.
+  over the batch. 5 passes (x and dy read twice).
+
+The second kernel of each pair numbers its programs from the end of the grid, so that on a GPU it
+starts on the groups the first kernel read last, still in L2.
 
 Every reduction is in a fixed order: no atomics, bitwise reproducible runs. Autograd saves ``x``,
 ``add``, ``mean``/``rstd`` ((B, G) fp32) and the small vectors only, on every backend; backward
@@ -85,6 +94,9 @@ _NUM_WARPS = 4
 _MAX_REGISTERS = {"_group_norm_act_stats_kernel": 128, "_group_norm_act_fwd_kernel": 128,
                   "_group_norm_act_bwd_reduce_kernel": 160, "_group_norm_act_bwd_dx_kernel": 160}
 _MAX_SPLIT = 64
+# ONE_PASS launches: a group is one program's register tile, at most this many elements a thread
+# (forward, backward) over at most 16 warps: groups of up to 8192 (forward), 4096 (backward) lanes.
+_ONE_PASS_PER_THREAD = (16, 8)
 _MAX_SPLIT_L = 16
 # A launch aims for this many programs per SM on CUDA, and for _CPU_PROGRAMS under Triton's CPU
 # interpreter (which runs programs one after another, each with a large fixed cost).
@@ -123,10 +135,14 @@ _SIZE_ARGS = ["n_bg", "G", "Cg", "L", "S1", "n_lt1", "n_lt", "cb_per_prog", "lt_
 
 
 @triton.jit
-def _group_norm_act_group(G, Cg):
+def _group_norm_act_group(G, Cg, n_bg=0, REVERSE: tl.constexpr = False):
     """``(pid_bg, b, ch_base)`` in int64 (for offsets): this program's group ``b * G + g`` (grid dim 0),
-    its sample and its first channel ``g * Cg``, divided out in int32 (64-bit division is slow)."""
+    its sample and its first channel ``g * Cg``, divided out in int32 (64-bit division is slow).
+    ``REVERSE`` numbers the groups from the end of the grid (of ``n_bg``): the second kernel of a pair
+    starts where the first ended, on what it left in L2."""
     pid = tl.program_id(0)
+    if REVERSE:
+        pid = n_bg - 1 - pid
     b = pid // G
     return pid.to(tl.int64), b.to(tl.int64), ((pid - b * G) * Cg).to(tl.int64)
 
@@ -210,6 +226,33 @@ def _group_norm_act_grad_u(x_ptrs, dy_ptrs, mask, centre, gain_r, offset, ACTIVA
     return xc, du
 
 
+@triton.jit
+def _group_norm_act_activate(u, ACTIVATION: tl.constexpr):
+    """``act(u)`` of one tile, fp32."""
+    if ACTIVATION == "silu":
+        u = u / (1.0 + tl.exp(-u))
+    elif ACTIVATION == "gelu":
+        u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    elif ACTIVATION == "mish":
+        # tanh(softplus(u)) = n / (n + 2) with n = e^u (e^u + 2); it is 1 in fp32 beyond u = 20
+        e = tl.exp(tl.minimum(u, 20.0))
+        n = e * (e + 2.0)
+        u = u * (n / (n + 2.0))
+    return u
+
+
+@triton.jit
+def _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_c, stride_s0, stride_s1, ONE_ROW: tl.constexpr):
+    """int32 offsets of a whole group's ``[BLOCK_C, BLOCK_N]`` tile (position ``n = s0 * S1 + s1``)
+    within its first channel, for the one-pass kernels; the division by S1 runs once per program."""
+    if ONE_ROW:
+        pos = n_lanes * stride_s1
+    else:
+        s0 = n_lanes // S1
+        pos = s0 * stride_s0 + (n_lanes - s0 * S1) * stride_s1
+    return c_lanes[:, None] * stride_c + pos[None, :]
+
+
 @triton.jit(do_not_specialize=_SIZE_ARGS)
 def _group_norm_act_stats_kernel(
     x_ptr,     # (B, C, S0, S1) input, strides stride_x_*
@@ -228,11 +271,16 @@ def _group_norm_act_stats_kernel(
     c_lanes = tl.arange(0, BLOCK_C)
     l_lanes = tl.arange(0, BLOCK_L)
     tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
-    # Welford per lane of h - pivot; the lanes are merged with Chan's formula at the end
+    # Shifted sums per lane of d = h - pivot, and the program's element count in scalar arithmetic.
+    # (A per-lane Welford count, count += mask, lived in another layout than the data tile: each
+    # 1024-element step converted it through shared memory, 2 STSM + 2 LDS + 2 BAR.SYNC on sm_90.)
+    # The shift is an element of the group, so sum(d^2) - sum(d)^2 / n cancels only as far as the
+    # group's mean lies from that element in units of its spread: nothing for x = 1000 + noise, and
+    # an exactly constant group sums zeros.
     pivot = _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
-    count = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
-    mean = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
-    m2 = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    acc_d = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    acc_d2 = tl.full([BLOCK_C, BLOCK_L], 0.0, tl.float32)
+    count = 0
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cmask = (c_lanes < (c_hi - c0))[:, None]
         if HAS_ADD:
@@ -248,15 +296,15 @@ def _group_norm_act_stats_kernel(
                 h = h.to(tl.float32)
                 if HAS_ADD:
                     h += addv
-                h -= pivot
-                count += mask.to(tl.float32)
-                delta = h - mean
-                mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-                m2 += tl.where(mask, delta * (h - mean), 0.0)
-    total = tl.sum(count)
-    prog_mean = tl.sum(count * mean) / total
-    dev = mean - prog_mean
-    prog_m2 = tl.sum(m2 + count * dev * dev)
+                d = tl.where(mask, h - pivot, 0.0)
+                acc_d += d
+                acc_d2 += d * d
+                count += tl.minimum(c_hi - c0, BLOCK_C) * tl.minimum(l_end - l0, BLOCK_L)
+    total = count.to(tl.float32)
+    sum_d = tl.sum(acc_d)
+    prog_mean = sum_d / total
+    # rounding can leave the difference a hair below 0; the clamp keeps a NaN (inf - inf) NaN
+    prog_m2 = tl.maximum(tl.sum(acc_d2) - sum_d * prog_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = part_ptr + pid_bg * n_split + pid_s
     tl.store(out, total)
     tl.store(out + n_bg * n_split, prog_mean)
@@ -277,74 +325,74 @@ def _group_norm_act_fwd_kernel(
     rstd_ptr,    # (B*G,) fp32 out: 1 / sqrt(var + eps)
     stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
     stride_y_b, stride_y_c, stride_y_s0, stride_y_s1,
-    n_bg, G, Cg, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split, eps,
+    n_bg, G, Cg, L, S1, n_lt1, n_lt, cb_per_prog, lt_per_prog, split_l, n_split, eps,
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, Y_LIKE_X: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
-    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
-    pid_s = tl.program_id(1)
-    if Y_LIKE_X:  # y's strides are x's: one offset tile serves both
-        stride_y_b, stride_y_c, stride_y_s0, stride_y_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+    if ONE_PASS:  # the whole group in one (BLOCK_C, BLOCK_L) tile of this program: see the helper
+        _group_norm_act_fwd_one_pass(
+            x_ptr, add_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+            stride_x_b, stride_x_c, stride_x_s0, stride_x_s1, stride_y_b, stride_y_c, stride_y_s0, stride_y_s1,
+            G, Cg, L, S1, eps, HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, Y_LIKE_X,
+            BLOCK_C, BLOCK_L, ONE_ROW)
+    else:
+        pid_bg, b, ch_base = _group_norm_act_group(G, Cg, n_bg, True)
+        pid_s = n_split - 1 - tl.program_id(1)
+        if Y_LIKE_X:  # y's strides are x's: one offset tile serves both
+            stride_y_b, stride_y_c, stride_y_s0, stride_y_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
 
-    # merge the group's partial moments of h - pivot (Chan, all at once)
-    offs = tl.arange(0, BLOCK_SPLIT)
-    smask = offs < n_split
-    part = part_ptr + pid_bg * n_split + offs
-    p_count = tl.load(part, mask=smask, other=0.0)
-    p_mean = tl.load(part + n_bg * n_split, mask=smask, other=0.0)
-    p_m2 = tl.load(part + 2 * n_bg * n_split, mask=smask, other=0.0)
-    total = tl.sum(p_count)
-    mean = tl.sum(p_count * p_mean) / total
-    dev = p_mean - mean
-    mean += _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
-    # Every term is non-negative, so var needs no clamp at 0; a clamp by tl.maximum would also turn
-    # the NaN of a group holding an Inf (inf - inf in the moments) into 0, and x - mean into a finite
-    # or infinite result where F.group_norm gives NaN for the whole group.
-    var = tl.sum(p_m2 + p_count * dev * dev) / total
-    rstd = 1.0 / tl.sqrt(var + eps)
-    if pid_s == 0:
-        tl.store(mean_ptr + pid_bg, mean)
-        tl.store(rstd_ptr + pid_bg, rstd)
+        # merge the group's partial moments of h - pivot (Chan, all at once)
+        offs = tl.arange(0, BLOCK_SPLIT)
+        smask = offs < n_split
+        part = part_ptr + pid_bg * n_split + offs
+        p_count = tl.load(part, mask=smask, other=0.0)
+        p_mean = tl.load(part + n_bg * n_split, mask=smask, other=0.0)
+        p_m2 = tl.load(part + 2 * n_bg * n_split, mask=smask, other=0.0)
+        total = tl.sum(p_count)
+        mean = tl.sum(p_count * p_mean) / total
+        dev = p_mean - mean
+        mean += _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
+        # Every term is non-negative, so var needs no clamp at 0; a clamp by tl.maximum would also turn
+        # the NaN of a group holding an Inf (inf - inf in the moments) into 0, and x - mean into a finite
+        # or infinite result where F.group_norm gives NaN for the whole group.
+        var = tl.sum(p_m2 + p_count * dev * dev) / total
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if pid_s == 0:
+            tl.store(mean_ptr + pid_bg, mean)
+            tl.store(rstd_ptr + pid_bg, rstd)
 
-    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
-                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
-    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
-        s0_lo, s0_hi = 0, 1
-    c_lanes = tl.arange(0, BLOCK_C)
-    l_lanes = tl.arange(0, BLOCK_L)
-    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
-    tile_y = c_lanes[:, None] * stride_y_c + l_lanes[None, :] * stride_y_s1
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cmask = c_lanes < (c_hi - c0)
-        # u = (x - centre) * gain * rstd + offset
-        gain, offset, centre = _group_norm_act_channel_coefs(
-            weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch_base + c0, pid_bg * Cg + c0, c_lanes, cmask, mean,
-            HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
-        gain = (gain * rstd)[:, None]
-        offset = offset[:, None]
-        centre = centre[:, None]
-        cmask = cmask[:, None]
-        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
-        y_rows = y_ptr + (b * stride_y_b + (ch_base + c0) * stride_y_c)
-        for s0 in range(s0_lo, s0_hi):
-            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
-            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
-            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
-                mask = cmask & (l_lanes < (l_end - l0))[None, :]
-                x_tile = x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x)
-                u = (tl.load(x_tile, mask=mask, other=0.0).to(tl.float32) - centre) * gain + offset
-                if ACTIVATION == "silu":
-                    u = u / (1.0 + tl.exp(-u))
-                elif ACTIVATION == "gelu":
-                    u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-                elif ACTIVATION == "mish":
-                    # tanh(softplus(u)) = n / (n + 2) with n = e^u (e^u + 2); it is 1 in fp32 beyond u = 20
-                    e = tl.exp(tl.minimum(u, 20.0))
-                    n = e * (e + 2.0)
-                    u = u * (n / (n + 2.0))
-                tl.store(y_rows + s0 * stride_y_s0 + (l0 * stride_y_s1 + tile_y), u.to(y_ptr.dtype.element_ty),
-                         mask=mask)
+        c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                              lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+        if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+            s0_lo, s0_hi = 0, 1
+        c_lanes = tl.arange(0, BLOCK_C)
+        l_lanes = tl.arange(0, BLOCK_L)
+        tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
+        tile_y = c_lanes[:, None] * stride_y_c + l_lanes[None, :] * stride_y_s1
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            cmask = c_lanes < (c_hi - c0)
+            # u = (x - centre) * gain * rstd + offset
+            gain, offset, centre = _group_norm_act_channel_coefs(
+                weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch_base + c0, pid_bg * Cg + c0, c_lanes, cmask, mean,
+                HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+            gain = (gain * rstd)[:, None]
+            offset = offset[:, None]
+            centre = centre[:, None]
+            cmask = cmask[:, None]
+            x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+            y_rows = y_ptr + (b * stride_y_b + (ch_base + c0) * stride_y_c)
+            for s0 in range(s0_lo, s0_hi):
+                # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+                l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+                for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                    mask = cmask & (l_lanes < (l_end - l0))[None, :]
+                    x_tile = x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x)
+                    u = (tl.load(x_tile, mask=mask, other=0.0).to(tl.float32) - centre) * gain + offset
+                    u = _group_norm_act_activate(u, ACTIVATION)
+                    tl.store(y_rows + s0 * stride_y_s0 + (l0 * stride_y_s1 + tile_y), u.to(y_ptr.dtype.element_ty),
+                             mask=mask)
 
 
 @triton.jit(do_not_specialize=_SIZE_ARGS)
@@ -451,97 +499,250 @@ def _group_norm_act_bwd_dx_kernel(
     HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, DY_LIKE_X: tl.constexpr, DX_LIKE_X: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-    BLOCK_SPLIT_L: tl.constexpr,
+    BLOCK_SPLIT_L: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
+    if ONE_PASS:  # the whole group in one (BLOCK_C, BLOCK_L) tile of this program: see the helper
+        _group_norm_act_bwd_one_pass(
+            x_ptr, add_ptr, dy_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dx_ptr,
+            dadd_ptr, dscale_ptr, dshift_ptr, dweight_ptr, dbias_ptr,
+            stride_x_b, stride_x_c, stride_x_s0, stride_x_s1, stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1,
+            stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1, G, Cg, L, S1,
+            HAS_ADD, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, ACTIVATION, DY_LIKE_X, DX_LIKE_X,
+            BLOCK_C, BLOCK_L, ONE_ROW)
+    else:
+        pid_bg, b, ch_base = _group_norm_act_group(G, Cg, n_bg, True)
+        pid_s = n_split - 1 - tl.program_id(1)
+        if DY_LIKE_X:  # dy's (dx's) strides are x's: one offset tile serves both
+            stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+        if DX_LIKE_X:
+            stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+        mean = tl.load(mean_ptr + pid_bg)
+        rstd = tl.load(rstd_ptr + pid_bg)
+        n_elem = (Cg * L).to(tl.float32)
+
+        # c1 = mean over the group of gain*du, c2 = mean of gain*du*xhat
+        offs = tl.arange(0, BLOCK_SPLIT)
+        smask = offs < n_split
+        gpart = gpart_ptr + pid_bg * n_split + offs
+        c1 = tl.sum(tl.load(gpart, mask=smask, other=0.0)) / n_elem
+        c2 = tl.sum(tl.load(gpart + n_bg * n_split, mask=smask, other=0.0)) / n_elem
+        # dx = rstd (gain du - c1 - xhat c2) = du gain_r - xc q - r
+        q = rstd * rstd * c2
+        r = rstd * c1
+
+        c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
+                                                                              lt_per_prog, split_l, BLOCK_C, BLOCK_L)
+        if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
+            s0_lo, s0_hi = 0, 1
+        c_lanes = tl.arange(0, BLOCK_C)
+        l_lanes = tl.arange(0, BLOCK_L)
+        tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
+        tile_dy = c_lanes[:, None] * stride_dy_c + l_lanes[None, :] * stride_dy_s1
+        tile_dx = c_lanes[:, None] * stride_dx_c + l_lanes[None, :] * stride_dx_s1
+        owner = pid_s % split_l == 0
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            cmask = c_lanes < (c_hi - c0)
+            # _group_norm_act_channel_coefs written out (this kernel needs w, bias and 1 + scale too):
+            # through the helper, ptxas spilled 8 bytes here (sm_90, fp16, gelu, BLOCK_C 16 x BLOCK_L 64:
+            # STL.64/LDL.64 of an address, at 96 registers)
+            ch = ch_base + c0
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+            bia = tl.full([BLOCK_C], 0.0, tl.float32)
+            s1p = tl.full([BLOCK_C], 1.0, tl.float32)
+            centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                bia = tl.load(bias_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                s1p += tl.load(scale_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            gain = w * s1p
+            offset = bia * s1p
+            if HAS_SHIFT:
+                offset += tl.load(shift_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                centre -= tl.load(add_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+            if owner:
+                # this program owns channels c0 + c_lanes: merge their spatial partial sums, store small grads
+                j_lanes = tl.arange(0, BLOCK_SPLIT_L)
+                pmask = cmask[:, None] & (j_lanes < split_l)[None, :]
+                part = cpart_ptr + (pid_bg * Cg + c0) * split_l + ((c_lanes * split_l)[:, None] + j_lanes[None, :])
+                cpart_stride = n_bg * Cg * split_l
+                s_du = tl.sum(tl.load(part, mask=pmask, other=0.0), axis=1)
+                s_du_xhat = tl.sum(tl.load(part + cpart_stride, mask=pmask, other=0.0), axis=1)
+                out = pid_bg * Cg + c0 + c_lanes
+                if HAS_ADD:
+                    s_xhat = tl.sum(tl.load(part + 2 * cpart_stride, mask=pmask, other=0.0), axis=1)
+                    tl.store(dadd_ptr + out, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
+                if HAS_SCALE:
+                    tl.store(dscale_ptr + out, w * s_du_xhat + bia * s_du, mask=cmask)
+                if HAS_SHIFT:
+                    tl.store(dshift_ptr + out, s_du, mask=cmask)
+                if HAS_WEIGHT:
+                    tl.store(dweight_ptr + out, s1p * s_du_xhat, mask=cmask)
+                if HAS_BIAS:
+                    tl.store(dbias_ptr + out, s1p * s_du, mask=cmask)
+            gain_r = (gain * rstd)[:, None]
+            offset = offset[:, None]
+            centre = centre[:, None]
+            cmask2 = cmask[:, None]
+            x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
+            dy_rows = dy_ptr + (b * stride_dy_b + (ch_base + c0) * stride_dy_c)
+            dx_rows = dx_ptr + (b * stride_dx_b + (ch_base + c0) * stride_dx_c)
+            for s0 in range(s0_lo, s0_hi):
+                # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
+                l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
+                for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
+                    mask = cmask2 & (l_lanes < (l_end - l0))[None, :]
+                    xc, du = _group_norm_act_grad_u(x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x),
+                                                    dy_rows + s0 * stride_dy_s0 + (l0 * stride_dy_s1 + tile_dy),
+                                                    mask, centre, gain_r, offset, ACTIVATION)
+                    tl.store(dx_rows + s0 * stride_dx_s0 + (l0 * stride_dx_s1 + tile_dx),
+                             (du * gain_r - xc * q - r).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_act_fwd_one_pass(
+    x_ptr,       # (B, C, S0, S1) input, strides stride_x_*
+    add_ptr,     # (B, C) addend, read when HAS_ADD
+    weight_ptr,  # (C,) weight, read when HAS_WEIGHT
+    bias_ptr,    # (C,) bias, read when HAS_BIAS
+    scale_ptr,   # (B, C) scale, read when HAS_SCALE
+    shift_ptr,   # (B, C) shift, read when HAS_SHIFT
+    y_ptr,       # (B, C, S0, S1) output, x's dtype, strides stride_y_*
+    mean_ptr,    # (B*G,) fp32 out: group mean
+    rstd_ptr,    # (B*G,) fp32 out: 1 / sqrt(var + eps)
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    stride_y_b, stride_y_c, stride_y_s0, stride_y_s1,
+    G, Cg, L, S1, eps,
+    HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, Y_LIKE_X: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr,
+):
+    """The ``ONE_PASS`` forward: one program per group, the whole group in one register tile: x is read once, y written once.
+    The moments are those of ``h - pivot`` taken about their own mean (two reductions over the
+    registers), so a large mean does not cancel and an exactly constant group gives ``h - mean = 0``."""
     pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
-    pid_s = tl.program_id(1)
-    if DY_LIKE_X:  # dy's (dx's) strides are x's: one offset tile serves both
-        stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
-    if DX_LIKE_X:
-        stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+    if Y_LIKE_X:
+        stride_y_b, stride_y_c, stride_y_s0, stride_y_s1 = stride_x_b, stride_x_c, stride_x_s0, stride_x_s1
+    c_lanes = tl.arange(0, BLOCK_C)
+    n_lanes = tl.arange(0, BLOCK_N)
+    cmask = c_lanes < Cg
+    mask = cmask[:, None] & (n_lanes < L)[None, :]
+    tile_x = _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_x_c, stride_x_s0, stride_x_s1, ONE_ROW)
+    pivot = _group_norm_act_pivot(x_ptr, add_ptr, b, ch_base, pid_bg, Cg, stride_x_b, stride_x_c, HAS_ADD)
+    h = tl.load(x_ptr + (b * stride_x_b + ch_base * stride_x_c) + tile_x, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        h += tl.load(add_ptr + pid_bg * Cg + c_lanes, mask=cmask, other=0.0).to(tl.float32)[:, None]
+    n_elem = (Cg * L).to(tl.float32)
+    h = tl.where(mask, h - pivot, 0.0)
+    mean_s = tl.sum(h) / n_elem
+    d = tl.where(mask, h - mean_s, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d) / n_elem + eps)
+    tl.store(mean_ptr + pid_bg, mean_s + pivot)
+    tl.store(rstd_ptr + pid_bg, rstd)
+    # centre 0: d is already centred
+    gain, offset, _ = _group_norm_act_channel_coefs(
+        weight_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, ch_base, pid_bg * Cg, c_lanes, cmask, 0.0,
+        False, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    u = _group_norm_act_activate(d * (gain * rstd)[:, None] + offset[:, None], ACTIVATION)
+    if Y_LIKE_X:
+        tile_y = tile_x
+    else:
+        tile_y = _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_y_c, stride_y_s0, stride_y_s1, ONE_ROW)
+    tl.store(y_ptr + (b * stride_y_b + ch_base * stride_y_c) + tile_y, u.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_act_bwd_one_pass(
+    x_ptr,        # (B, C, S0, S1) input, strides stride_x_*
+    add_ptr,      # (B, C) addend, read when HAS_ADD
+    dy_ptr,       # (B, C, S0, S1) gradient of y, strides stride_dy_*
+    weight_ptr,   # (C,) weight, read when HAS_WEIGHT
+    bias_ptr,     # (C,) bias, read when HAS_BIAS
+    scale_ptr,    # (B, C) scale, read when HAS_SCALE
+    shift_ptr,    # (B, C) shift, read when HAS_SHIFT
+    mean_ptr,     # (B*G,) fp32 group mean
+    rstd_ptr,     # (B*G,) fp32 group 1 / sqrt(var + eps)
+    dx_ptr,       # (B, C, S0, S1) out: gradient of x, x's dtype, strides stride_dx_*
+    dadd_ptr,     # (B, C) fp32 out when HAS_ADD: gradient of add
+    dscale_ptr,   # (B, C) fp32 out when HAS_SCALE: gradient of scale
+    dshift_ptr,   # (B, C) fp32 out when HAS_SHIFT: gradient of shift
+    dweight_ptr,  # (B, C) fp32 out when HAS_WEIGHT: per-sample gradient of weight
+    dbias_ptr,    # (B, C) fp32 out when HAS_BIAS: per-sample gradient of bias
+    stride_x_b, stride_x_c, stride_x_s0, stride_x_s1,
+    stride_dy_b, stride_dy_c, stride_dy_s0, stride_dy_s1,
+    stride_dx_b, stride_dx_c, stride_dx_s0, stride_dx_s1,
+    G, Cg, L, S1,
+    HAS_ADD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, ACTIVATION: tl.constexpr, DY_LIKE_X: tl.constexpr, DX_LIKE_X: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr,
+):
+    """The ``ONE_PASS`` backward: one program per group, ``xc`` and ``du`` of the whole group held in registers between the
+    reductions and ``dx``: x and dy are read once, dx written once. Same algebra as the two-kernel
+    backward, each sum a fixed-order tree over the tile."""
+    pid_bg, b, ch_base = _group_norm_act_group(G, Cg)
     mean = tl.load(mean_ptr + pid_bg)
     rstd = tl.load(rstd_ptr + pid_bg)
-    n_elem = (Cg * L).to(tl.float32)
-
-    # c1 = mean over the group of gain*du, c2 = mean of gain*du*xhat
-    offs = tl.arange(0, BLOCK_SPLIT)
-    smask = offs < n_split
-    gpart = gpart_ptr + pid_bg * n_split + offs
-    c1 = tl.sum(tl.load(gpart, mask=smask, other=0.0)) / n_elem
-    c2 = tl.sum(tl.load(gpart + n_bg * n_split, mask=smask, other=0.0)) / n_elem
-    # dx = rstd (gain du - c1 - xhat c2) = du gain_r - xc q - r
-    q = rstd * rstd * c2
-    r = rstd * c1
-
-    c_lo, c_hi, t_hi, s0_lo, s0_hi, l0_lo = _group_norm_act_program_range(pid_s, Cg, n_lt1, n_lt, cb_per_prog,
-                                                                          lt_per_prog, split_l, BLOCK_C, BLOCK_L)
-    if ONE_ROW:  # S0 == 1 (every 2-D layout): the loop over rows folds away
-        s0_lo, s0_hi = 0, 1
     c_lanes = tl.arange(0, BLOCK_C)
-    l_lanes = tl.arange(0, BLOCK_L)
-    tile_x = c_lanes[:, None] * stride_x_c + l_lanes[None, :] * stride_x_s1
-    tile_dy = c_lanes[:, None] * stride_dy_c + l_lanes[None, :] * stride_dy_s1
-    tile_dx = c_lanes[:, None] * stride_dx_c + l_lanes[None, :] * stride_dx_s1
-    owner = pid_s % split_l == 0
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cmask = c_lanes < (c_hi - c0)
-        # _group_norm_act_channel_coefs written out (this kernel needs w, bias and 1 + scale too):
-        # through the helper, ptxas spilled 8 bytes here (sm_90, fp16, gelu, BLOCK_C 16 x BLOCK_L 64:
-        # STL.64/LDL.64 of an address, at 96 registers)
-        ch = ch_base + c0
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        bia = tl.full([BLOCK_C], 0.0, tl.float32)
-        s1p = tl.full([BLOCK_C], 1.0, tl.float32)
-        centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bia = tl.load(bias_ptr + ch + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            s1p += tl.load(scale_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        gain = w * s1p
-        offset = bia * s1p
-        if HAS_SHIFT:
-            offset += tl.load(shift_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_ADD:
-            centre -= tl.load(add_ptr + pid_bg * Cg + c0 + c_lanes, mask=cmask, other=0.0).to(tl.float32)
-        if owner:
-            # this program owns channels c0 + c_lanes: merge their spatial partial sums, store small grads
-            j_lanes = tl.arange(0, BLOCK_SPLIT_L)
-            pmask = cmask[:, None] & (j_lanes < split_l)[None, :]
-            part = cpart_ptr + (pid_bg * Cg + c0) * split_l + ((c_lanes * split_l)[:, None] + j_lanes[None, :])
-            cpart_stride = n_bg * Cg * split_l
-            s_du = tl.sum(tl.load(part, mask=pmask, other=0.0), axis=1)
-            s_du_xhat = tl.sum(tl.load(part + cpart_stride, mask=pmask, other=0.0), axis=1)
-            out = pid_bg * Cg + c0 + c_lanes
-            if HAS_ADD:
-                s_xhat = tl.sum(tl.load(part + 2 * cpart_stride, mask=pmask, other=0.0), axis=1)
-                tl.store(dadd_ptr + out, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
-            if HAS_SCALE:
-                tl.store(dscale_ptr + out, w * s_du_xhat + bia * s_du, mask=cmask)
-            if HAS_SHIFT:
-                tl.store(dshift_ptr + out, s_du, mask=cmask)
-            if HAS_WEIGHT:
-                tl.store(dweight_ptr + out, s1p * s_du_xhat, mask=cmask)
-            if HAS_BIAS:
-                tl.store(dbias_ptr + out, s1p * s_du, mask=cmask)
-        gain_r = (gain * rstd)[:, None]
-        offset = offset[:, None]
-        centre = centre[:, None]
-        cmask2 = cmask[:, None]
-        x_rows = x_ptr + (b * stride_x_b + (ch_base + c0) * stride_x_c)
-        dy_rows = dy_ptr + (b * stride_dy_b + (ch_base + c0) * stride_dy_c)
-        dx_rows = dx_ptr + (b * stride_dx_b + (ch_base + c0) * stride_dx_c)
-        for s0 in range(s0_lo, s0_hi):
-            # this row's positions: from l0_lo in the first row, up to the program's last tile in the last
-            l_end = tl.minimum(S1, (t_hi - s0 * n_lt1) * BLOCK_L)
-            for l0 in range(tl.where(s0 == s0_lo, l0_lo, 0), l_end, BLOCK_L):
-                mask = cmask2 & (l_lanes < (l_end - l0))[None, :]
-                xc, du = _group_norm_act_grad_u(x_rows + s0 * stride_x_s0 + (l0 * stride_x_s1 + tile_x),
-                                                dy_rows + s0 * stride_dy_s0 + (l0 * stride_dy_s1 + tile_dy),
-                                                mask, centre, gain_r, offset, ACTIVATION)
-                tl.store(dx_rows + s0 * stride_dx_s0 + (l0 * stride_dx_s1 + tile_dx),
-                         (du * gain_r - xc * q - r).to(dx_ptr.dtype.element_ty), mask=mask)
+    n_lanes = tl.arange(0, BLOCK_N)
+    cmask = c_lanes < Cg
+    mask = cmask[:, None] & (n_lanes < L)[None, :]
+    bc = pid_bg * Cg + c_lanes
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    bia = tl.full([BLOCK_C], 0.0, tl.float32)
+    s1p = tl.full([BLOCK_C], 1.0, tl.float32)
+    centre = tl.full([BLOCK_C], 0.0, tl.float32) + mean
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + ch_base + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bia = tl.load(bias_ptr + ch_base + c_lanes, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s1p += tl.load(scale_ptr + bc, mask=cmask, other=0.0).to(tl.float32)
+    gain = w * s1p
+    offset = bia * s1p
+    if HAS_SHIFT:
+        offset += tl.load(shift_ptr + bc, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        centre -= tl.load(add_ptr + bc, mask=cmask, other=0.0).to(tl.float32)
+    gain_r = (gain * rstd)[:, None]
+    tile_x = _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_x_c, stride_x_s0, stride_x_s1, ONE_ROW)
+    if DY_LIKE_X:
+        stride_dy_b, stride_dy_c = stride_x_b, stride_x_c
+        tile_dy = tile_x
+    else:
+        tile_dy = _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_dy_c, stride_dy_s0, stride_dy_s1,
+                                                ONE_ROW)
+    xc, du = _group_norm_act_grad_u(x_ptr + (b * stride_x_b + ch_base * stride_x_c) + tile_x,
+                                    dy_ptr + (b * stride_dy_b + ch_base * stride_dy_c) + tile_dy,
+                                    mask, centre[:, None], gain_r, offset[:, None], ACTIVATION)
+    xc = tl.where(mask, xc, 0.0)
+    s_du = tl.sum(du, axis=1)
+    s_du_xhat = tl.sum(du * xc, axis=1) * rstd
+    n_elem = (Cg * L).to(tl.float32)
+    c1 = tl.sum(gain * s_du) / n_elem
+    c2 = tl.sum(gain * s_du_xhat) / n_elem
+    if HAS_ADD:
+        s_xhat = tl.sum(xc, axis=1) * rstd
+        tl.store(dadd_ptr + bc, rstd * (gain * s_du - L * c1 - c2 * s_xhat), mask=cmask)
+    if HAS_SCALE:
+        tl.store(dscale_ptr + bc, w * s_du_xhat + bia * s_du, mask=cmask)
+    if HAS_SHIFT:
+        tl.store(dshift_ptr + bc, s_du, mask=cmask)
+    if HAS_WEIGHT:
+        tl.store(dweight_ptr + bc, s1p * s_du_xhat, mask=cmask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bc, s1p * s_du, mask=cmask)
+    # dx = rstd (gain du - c1 - xhat c2) = du gain_r - xc q - r
+    dx = du * gain_r - xc * (rstd * rstd * c2) - rstd * c1
+    if DX_LIKE_X:
+        stride_dx_b, stride_dx_c = stride_x_b, stride_x_c
+        tile_dx = tile_x
+    else:
+        tile_dx = _group_norm_act_group_offsets(c_lanes, n_lanes, S1, stride_dx_c, stride_dx_s0, stride_dx_s1,
+                                                ONE_ROW)
+    tl.store(dx_ptr + (b * stride_dx_b + ch_base * stride_dx_c) + tile_dx, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +775,25 @@ def _group_norm_act_config(Cg: int, S1: int, channels_inner: bool = False) -> di
 
     block_l = max(_BLOCK_L_CHOICES, key=lambda bl: (used_fraction(bl), bl))
     return {"BLOCK_C": _TILE // block_l, "BLOCK_L": block_l, "num_warps": _NUM_WARPS}
+
+
+@functools.lru_cache(maxsize=256)
+def _group_norm_act_one_pass_config(Cg: int, L: int, backward: bool = False) -> dict | None:
+    """Tile, warps and register cap of a ONE_PASS launch, or None where a group does not fit one
+    program's registers.
+
+    The tile is the whole group, ``(next_pow2(Cg), next_pow2(L))`` as ``BLOCK_C`` x ``BLOCK_N``, over
+    enough warps (4 to 16) that a thread holds at most ``_ONE_PASS_PER_THREAD`` lanes of it: 16 in the
+    forward (the tile of ``h``), 8 in the backward, which holds two tiles (``x - mean`` and ``du``)
+    and the offsets of three tensors between its reductions and ``dx``; at 16 a thread it spilled
+    8 to 72 bytes in 4 of 7 tiles on sm_90. The cap is what the warps leave of an SM's 64K registers
+    (at most 255)."""
+    per_thread = _ONE_PASS_PER_THREAD[backward]
+    block_c, block_n = triton.next_power_of_2(Cg), triton.next_power_of_2(L)
+    if block_c * block_n > 16 * 32 * per_thread:
+        return None
+    warps = min(16, max(_NUM_WARPS, block_c * block_n // (32 * per_thread)))
+    return {"BLOCK_C": block_c, "BLOCK_N": block_n, "num_warps": warps, "maxnreg": min(255, 65536 // (32 * warps))}
 
 
 def _group_norm_act_configs() -> list[dict]:
@@ -693,15 +913,30 @@ def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act
     if y is None:
         y = _alloc_out(x, out_layout)
     (xk,), (yk,), S0, S1, (sx, sy), cfg = _kernel_operands([x], [y], Cg)
+    # two tensors: the custom op's outputs may not alias one another
     mean = torch.empty((B, G), dtype=torch.float32, device=dev)
     rstd = torch.empty((B, G), dtype=torch.float32, device=dev)
+    add_c = _contiguous_or_dummy(add, xk)
+    one = _group_norm_act_one_pass_config(Cg, S0 * S1)
+    if one is not None:
+        # the fwd kernel alone (ONE_PASS): the split arguments are unused
+        _group_norm_act_fwd_kernel[(B * G,)](
+            xk, add_c, *(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), yk, mean, mean, rstd,
+            *sx, *sy, B * G, G, Cg, S0 * S1, S1, 1, 1, 1, 1, 1, 1, eps,
+            HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation, Y_LIKE_X=sy == sx,
+            BLOCK_C=one["BLOCK_C"], BLOCK_L=one["BLOCK_N"], ONE_ROW=S0 == 1, BLOCK_SPLIT=1, ONE_PASS=True,
+            num_warps=one["num_warps"], maxnreg=one["maxnreg"])
+        record_launch("_group_norm_act_fwd_kernel")
+        if yk is not y:
+            y.copy_(yk)
+        return y, mean, rstd
     split = _group_norm_act_split(B * G, Cg, S1, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev), S0)
     part = torch.empty((3, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     grid = (B * G, split["n_split"])
     n_lt1 = _cdiv(S1, cfg["BLOCK_L"])
     dims = (B * G, G, Cg, S1, n_lt1, S0 * n_lt1, split["cb_per_prog"], split["lt_per_prog"], split["split_l"],
             split["n_split"])
-    add_c = _contiguous_or_dummy(add, xk)
     _group_norm_act_stats_kernel[grid](
         xk, add_c, part, *sx, *dims,
         HAS_ADD=add is not None, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1,
@@ -709,10 +944,10 @@ def _group_norm_act_fwd(x, weight, bias, add, scale, shift, num_groups, eps, act
     record_launch("_group_norm_act_stats_kernel")
     _group_norm_act_fwd_kernel[grid](
         xk, add_c, *(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), yk, part, mean, rstd,
-        *sx, *sy, *dims, eps,
+        *sx, *sy, dims[0], G, Cg, S0 * S1, *dims[3:], eps,
         HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation, Y_LIKE_X=sy == sx,
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1, BLOCK_SPLIT=_MAX_SPLIT,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1, BLOCK_SPLIT=_MAX_SPLIT, ONE_PASS=False,
         num_warps=cfg["num_warps"], maxnreg=_MAX_REGISTERS["_group_norm_act_fwd_kernel"])
     record_launch("_group_norm_act_fwd_kernel")
     if yk is not y:
@@ -732,6 +967,30 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
     if dx is None:
         dx = torch.empty_like(x)
     (xk, dyk), (dxk,), S0, S1, (sx, sdy, sdx), cfg = _kernel_operands([x, dy], [dx], Cg)
+    add_c = _contiguous_or_dummy(add, xk)
+    one = _group_norm_act_one_pass_config(Cg, S0 * S1, True)
+    if one is not None:
+        # dadd/dscale/dshift are returned as they are (the op's outputs may not alias one another): one
+        # buffer each; the per-sample rows of dweight and dbias, summed over the batch below, share one
+        rows = torch.empty((2, B, C), dtype=torch.float32, device=dev) if weight is not None or bias is not None \
+            else None
+        dadd, dscale, dshift = (torch.empty((B, C), dtype=torch.float32, device=dev) if t is not None else mean
+                                for t in (add, scale, shift))
+        dweight_rows, dbias_rows = (rows[0], rows[1]) if rows is not None else (mean, mean)
+        # the dx kernel alone (ONE_PASS): the partial-sum and split arguments are unused
+        _group_norm_act_bwd_dx_kernel[(B * G,)](
+            xk, add_c, dyk, *(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), mean, rstd,
+            mean, mean, dxk, dadd, dscale, dshift, dweight_rows, dbias_rows, *sx, *sdy, *sdx,
+            B * G, G, Cg, S0 * S1, S1, 1, 1, 1, 1, 1, 1,
+            HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
+            DY_LIKE_X=sdy == sx, DX_LIKE_X=sdx == sx, BLOCK_C=one["BLOCK_C"], BLOCK_L=one["BLOCK_N"],
+            ONE_ROW=S0 == 1, BLOCK_SPLIT=1, BLOCK_SPLIT_L=1, ONE_PASS=True, num_warps=one["num_warps"],
+            maxnreg=one["maxnreg"])
+        record_launch("_group_norm_act_bwd_dx_kernel")
+        if dxk is not dx:
+            dx.copy_(dxk)
+        return _small_grads(dx, weight, bias, add, scale, shift, dweight_rows, dbias_rows, dadd, dscale, dshift)
     split = _group_norm_act_split(B * G, Cg, S1, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev), S0)
     gpart = torch.empty((2, B * G, split["n_split"]), dtype=torch.float32, device=dev)
     cpart = torch.empty((3 if add is not None else 2, B * C, split["split_l"]), dtype=torch.float32, device=dev)
@@ -744,7 +1003,6 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
     dims = (B * G, G, Cg, S1, n_lt1, S0 * n_lt1, split["cb_per_prog"], split["lt_per_prog"], split["split_l"],
             split["n_split"])
     vectors = (*(_contiguous_or_dummy(t, xk) for t in (weight, bias, scale, shift)), mean, rstd, gpart, cpart)
-    add_c = _contiguous_or_dummy(add, xk)
     flags = dict(HAS_ADD=add is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACTIVATION=activation,
                  BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"], ONE_ROW=S0 == 1, num_warps=cfg["num_warps"])
@@ -755,11 +1013,16 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
     _group_norm_act_bwd_dx_kernel[grid](xk, add_c, dyk, *vectors, dxk, dadd, dscale, dshift, dweight_rows,
                                         dbias_rows, *sx, *sdy, *sdx, dims[0], G, Cg, L, *dims[3:], **flags,
                                         DY_LIKE_X=sdy == sx, DX_LIKE_X=sdx == sx, BLOCK_SPLIT=_MAX_SPLIT,
-                                        BLOCK_SPLIT_L=_MAX_SPLIT_L,
+                                        BLOCK_SPLIT_L=_MAX_SPLIT_L, ONE_PASS=False,
                                         maxnreg=_MAX_REGISTERS["_group_norm_act_bwd_dx_kernel"])
     record_launch("_group_norm_act_bwd_dx_kernel")
     if dxk is not dx:
         dx.copy_(dxk)
+    return _small_grads(dx, weight, bias, add, scale, shift, dweight_rows, dbias_rows, dadd, dscale, dshift)
+
+
+def _small_grads(dx, weight, bias, add, scale, shift, dweight_rows, dbias_rows, dadd, dscale, dshift):
+    """The backward's result: dx, and the small gradients from the kernels' fp32 per-sample rows."""
     return (
         dx,
         dweight_rows.sum(0).to(weight.dtype) if weight is not None else None,

@@ -49,14 +49,20 @@ LAYOUTS = {
     "no-unit-stride": ({}, set(), False),
 }
 LIKE_FLAGS = ("Y_LIKE_X", "DY_LIKE_X", "DX_LIKE_X")
+# the kernels with a ONE_PASS mode (forward, backward), and their one-pass tiles (BLOCK_C, BLOCK_N): the
+# largest of each warp count (16, 8, 4) and the extreme aspect ratios
+ONE_PASS = {"_group_norm_act_fwd_kernel": False, "_group_norm_act_bwd_dx_kernel": True}
+ONE_PASS_TILES = {False: [(2, 4096), (16, 512), (64, 128), (1, 8192), (4, 512), (32, 64), (8, 256)],
+                  True: [(2, 2048), (16, 256), (64, 64), (1, 4096), (4, 256), (32, 32), (8, 128)]}
 
 
-def make_case(kernel: str, cfg: dict, dtype: str, cc: int, layout: str = "contiguous") -> dict:
+def make_case(kernel: str, cfg: dict, dtype: str, cc: int, layout: str = "contiguous", one_pass: bool = False) -> dict:
     fn = getattr(gna, kernel)
     vec_dtype, activation = VARIANTS[dtype]
     values = dict(HAS_ADD=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True,
-                  ACTIVATION=activation, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg["BLOCK_L"],
-                  BLOCK_SPLIT=gna._MAX_SPLIT, BLOCK_SPLIT_L=gna._MAX_SPLIT_L)
+                  ACTIVATION=activation, BLOCK_C=cfg["BLOCK_C"], BLOCK_L=cfg.get("BLOCK_L", cfg.get("BLOCK_N")),
+                  BLOCK_SPLIT=1 if one_pass else gna._MAX_SPLIT, BLOCK_SPLIT_L=1 if one_pass else gna._MAX_SPLIT_L,
+                  ONE_PASS=one_pass)
     unit, like_x, one_row = LAYOUTS[layout]
     values["ONE_ROW"] = one_row
     values.update({f"stride_{t}_{d}": 1 for t, d in unit.items()})
@@ -76,9 +82,14 @@ def make_case(kernel: str, cfg: dict, dtype: str, cc: int, layout: str = "contig
             signature[name] = "i32"
         else:  # statistics, partial sums, small gradients
             signature[name] = "*fp32"
+    # what Triton's launcher marks on SD-sized tensors: 16-byte aligned pointers, strides that are
+    # multiples of 16 (a merged-away row's stride 0 included); sizes are do_not_specialize
+    attrs = [[i, [["tt.divisibility", 16]]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or (name.startswith("stride_") and signature[name] == "i32")]
+    cap = cfg["maxnreg"] if one_pass else gna._MAX_REGISTERS[kernel]
     return dict(module="fastunet.kernels.group_norm_act", kernel=kernel, signature=signature,
-                constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"], num_stages=1,
-                maxnreg=gna._MAX_REGISTERS[kernel], layout=layout)
+                constexprs={k: v for k, v in constexprs.items() if k in fn.arg_names}, attrs=attrs, cc=cc,
+                num_warps=cfg["num_warps"], num_stages=1, maxnreg=cap, layout=layout, one_pass=one_pass)
 
 
 def compile_plan() -> list[dict]:
@@ -91,6 +102,14 @@ def compile_plan() -> list[dict]:
         for j, cfg in enumerate(configs):
             dtype = dtypes[(i + j) % len(dtypes)]
             cases += [make_case(kernel, cfg, dtype, cc, layout) for cc in (80, 90) for kernel in KERNELS]
+    # one pass: each tile in the layouts in turn, dtypes rotating
+    layouts = list(LAYOUTS)
+    for kernel, backward in ONE_PASS.items():
+        for i, (block_c, block_n) in enumerate(ONE_PASS_TILES[backward]):
+            cfg = gna._group_norm_act_one_pass_config(block_c, block_n, backward)
+            assert (cfg["BLOCK_C"], cfg["BLOCK_N"]) == (block_c, block_n)
+            cases += [make_case(kernel, cfg, dtypes[i % 3], cc, layouts[i % len(layouts)], one_pass=True)
+                      for cc in (80, 90)]
     return cases
 
 
@@ -103,7 +122,8 @@ def test_every_config_and_layout_compiles_without_spills():
     for case, res in zip(cases, results):
         problems += check_fits(case, res)
         c = case["constexprs"]
-        print(f"sm_{case['cc']} {case['kernel'][16:-7]:<10} {case['layout']:<14} {case['signature']['x_ptr']:<6}"
+        print(f"sm_{case['cc']} {case['kernel'][16:-7]:<10} {'1-pass' if case['one_pass'] else '':<6}"
+              f" {case['layout']:<14} {case['signature']['x_ptr']:<6}"
               f" {c['BLOCK_C']:>2}x{c['BLOCK_L']:<4} {str(c.get('ACTIVATION', '-')):<4}: {res['registers']:>3} regs,"
               f" {res['shared']:>5} B shared")
     assert not problems, "\n".join(problems)
@@ -119,7 +139,7 @@ def test_signature_covers_every_argument(kernel, layout):
              "gpart_ptr", "cpart_ptr", "dadd_ptr", "dscale_ptr", "dshift_ptr", "dweight_ptr", "dbias_ptr"}
              | {f"stride_{t}_{d}" for t in DATA for d in STRIDE_DIMS})
     constexprs = {"HAS_ADD", "HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT", "ACTIVATION", "BLOCK_C", "BLOCK_L",
-                  "BLOCK_SPLIT", "BLOCK_SPLIT_L", "ONE_ROW", *LIKE_FLAGS}
+                  "BLOCK_SPLIT", "BLOCK_SPLIT_L", "ONE_ROW", "ONE_PASS", *LIKE_FLAGS}
     assert set(fn.arg_names) <= known | constexprs
     for t, d in LAYOUTS[layout][0].items():
         assert (f"stride_{t}_{d}" in fn.arg_names) == (f"{t}_ptr" in fn.arg_names)
