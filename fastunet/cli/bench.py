@@ -193,7 +193,8 @@ def real_shapes() -> dict[str, list[tuple]]:
         for call in roofline.record(model):
             if call.category == "GroupNorm+act":
                 variant = "modulated" if call.meta["has_scale"] else ("add" if call.meta["has_add"] else None)
-                key = ("group_norm_act", model, "gn", (call.shapes[0], variant, call.meta["activation"]))
+                activation = None if call.meta["activation"] in (None, "none") else call.meta["activation"]
+                key = ("group_norm_act", model, "gn", (call.shapes[0], variant, activation))
             elif call.category in kinds:
                 key = ("attention", model, kinds[call.category], (kinds[call.category], call.meta["bhnmd"]))
             elif call.category == "FreeU filter":
@@ -399,10 +400,10 @@ def _rate(case: Case, seconds: float, device: torch.device) -> tuple[str, str]:
     ceiling = next((v for k, v in CEILINGS.items() if device.type == "cuda" and k in device_name(device)), None)
     if case.bytes:
         rate = case.bytes / seconds
-        return f"{rate / 1e9:.1f} GB/s", f"{rate / ceiling[0]:.2f}" if ceiling else ""
+        return f"{rate / 1e9:.3g} GB/s", f"{rate / ceiling[0]:.2f}" if ceiling else ""
     if case.flops:
         rate = case.flops / seconds
-        return f"{rate / 1e12:.1f} TFLOP/s", f"{rate / ceiling[1]:.2f}" if ceiling else ""
+        return f"{rate / 1e12:.3g} TFLOP/s", f"{rate / ceiling[1]:.2f}" if ceiling else ""
     return "", ""
 
 

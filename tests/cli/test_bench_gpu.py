@@ -63,6 +63,10 @@ def test_full_cuda_plan_covers_every_op_at_the_real_shapes(cuda_plan):
     assert ("cross", (2, 10, 4096, 77, 64)) in attention  # SDXL's first attention level
     assert ("temporal", (2 * 64 * 64, 8, 16, 16, 40)) in attention  # AnimateDiff's first motion module
     norms = {c.args["shape"] for c in by_suite["group_norm_act"]}
+    # the variants and activations are ones the benchmark's setup takes (the op records "none" as a string)
+    assert {(c.args["variant"], c.args["activation"]) for c in by_suite["group_norm_act"]} <= {
+        (v, a) for v in ("plain", "add", "modulated") for a in ("silu", None)}
+    assert (2, 320, 16, 64, 64) in norms  # AnimateDiff's temporal transformer norm, (B, C, F, H, W)
     assert {(2, 320, 64, 64), (2, 320, 128, 128), (32, 320, 64, 64)} <= norms
     assert (2, 1280, 16, 16) in {c.args["shape"] for c in by_suite["fourier_filter"]}
     sd15 = {(c.provider, c.args["mode"]) for c in by_suite["sd15"]}
