@@ -61,6 +61,9 @@ EFFICIENCY = {
 #: FreeU's recommended values per model family (the FreeU authors' table), used where FreeU is enabled.
 FREEU = {"sd15": dict(s1=0.9, s2=0.2, b1=1.5, b2=1.6), "sdxl": dict(s1=0.9, s2=0.2, b1=1.3, b2=1.4)}
 FREEU_THRESHOLD = 1
+#: The largest group (padded lanes) the GroupNorm+act forward runs in one pass over memory
+#: (kernels/group_norm_act.py's module docstring).
+GROUP_NORM_ONE_PASS_LANES = 8192
 
 SD15 = dict(cross_attention_dim=768)
 SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280),
@@ -222,7 +225,9 @@ def call_fraction(call: OpCall, device: str) -> float:
     """Modelled fraction of the lower bound that ``call`` reaches on ``device`` (model, not a measurement).
 
     * memory-bound calls: ``stream`` x (minimum traffic / the kernel's counted traffic). fastunet's
-      GroupNorm+act forward moves 3x the tensor against a 2x minimum (``tests/ops/test_traffic.py``), the
+      GroupNorm+act forward moves 2x the tensor (the minimum) where a group fits one program's register
+      tile (``next_pow2(C / G) * next_pow2(spatial)`` at most :data:`GROUP_NORM_ONE_PASS_LANES`), else 3x
+      (``tests/ops/test_traffic.py``); the
       Fourier filter 2x on planes of up to 4,096 padded elements and 3x above; conv/GEMM/eager ops
       are taken at their traffic floor with ``gemm``/``eager``;
     * compute-bound attention: ``mma`` x ``D / D_pad``, where the kernel's head-dim tile ``D_pad`` is the
@@ -233,7 +238,10 @@ def call_fraction(call: OpCall, device: str) -> float:
     bandwidth, peak = DEVICES[device]
     memory_bound = call.bytes / bandwidth >= call.flops / peak
     if call.category == "GroupNorm+act":
-        return eff["stream"] * 2.0 / 3.0
+        x = call.shapes[0]
+        cg, spatial = x[1] // call.meta["groups"], torch.Size(x[2:]).numel()
+        one_pass = _next_pow2(cg, 1) * _next_pow2(spatial, 1) <= GROUP_NORM_ONE_PASS_LANES
+        return eff["stream"] * (1.0 if one_pass else 2.0 / 3.0)
     if call.category == "FreeU filter":
         h, w = call.meta["plane"]
         return eff["stream"] * (1.0 if _next_pow2(h, 1) * _next_pow2(w, 1) <= 4096 else 2.0 / 3.0)

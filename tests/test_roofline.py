@@ -100,3 +100,13 @@ def test_replace_block_needs_exactly_one_block():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="one of .*'sd15'.*got 'sd3'"):
         roofline.build("sd3")
+
+
+def test_group_norm_fraction_follows_the_one_pass_rule(calls):
+    """A (C/G, spatial) group of at most 8192 padded lanes is one pass (2x traffic, the minimum), larger
+    ones three passes' worth (3x): SD 1.5's first norm (10 x 4096) against a mid-block one (40 x 64)."""
+    norms = [c for c in calls["sd15"] if c.category == "GroupNorm+act"]
+    stream = roofline.EFFICIENCY["H100"]["stream"]
+    assert roofline.call_fraction(norms[0], "H100") == pytest.approx(stream * 2 / 3)
+    mid = next(c for c in norms if c.module.startswith("mid_block") and c.shapes[0] == (2, 1280, 8, 8))
+    assert roofline.call_fraction(mid, "H100") == pytest.approx(stream)
