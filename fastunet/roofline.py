@@ -20,8 +20,9 @@ Per call:
 The "achieved fraction" column is a **model, not a measurement**: the fraction of the lower bound a
 call is expected to reach, ``efficiency of the binding resource x counted-traffic factor``, with the
 constants of :data:`EFFICIENCY` and :func:`call_fraction` (documented there) and the kernels' counted
-traffic (``tests/ops/test_traffic.py``). ``fastunet.static_report`` gives each compiled config's registers,
-spills and shared memory but no per-loop instruction counts yet, so no occupancy term enters the model.
+traffic (``tests/ops/test_traffic.py``). ``fastunet.static_report`` (compiled configs' registers,
+spills, shared memory, occupancy and SASS loop summaries) landed after this model was written and
+compiles in child processes for minutes, so no occupancy or per-loop term enters the model yet.
 No GPU has timed these kernels; ``fastunet bench --device cuda`` measures them.
 
 ``python -m fastunet.roofline`` prints the Markdown; ``--write`` puts it into README.md between
