@@ -143,7 +143,10 @@ class _LayerNormFeedForward(torch.autograd.Function):
         dims = [h.shape[-1]]
         normed, mean, rstd = torch.ops.aten.native_layer_norm(h, dims, norm_weight, norm_bias, eps)
         act, gelu_gate = _LayerNormFeedForward.activate(p, gated, approximate)
-        dy_rows = dy.reshape(-1, dy.shape[-1])
+        # a permuted incoming gradient (the transformer's tokens-to-image transpose) is copied once here;
+        # the row view and the matmul below would each copy it again
+        dy = dy.contiguous()
+        dy_rows = dy.view(-1, dy.shape[-1])
         dweight2 = dy_rows.t().mm(act.reshape(-1, act.shape[-1])) if needs[6] else None
         dbias2 = dy_rows.sum(0) if has_bias2 and needs[7] else None
         del act
@@ -193,7 +196,8 @@ class _LayerNormLinears(torch.autograd.Function):
         normed_rows = normed.reshape(-1, dims[0])
         grads, dnormed = [], None
         for i, (dout, weight, has_bias) in enumerate(zip(douts, weights, ctx.has_bias)):
-            rows = dout.reshape(-1, dout.shape[-1])
+            dout = dout.contiguous()  # once, not in both the row view and the matmul
+            rows = dout.view(-1, dout.shape[-1])
             grads.append(rows.t().mm(normed_rows) if needs[4 + 2 * i] else None)
             grads.append(rows.sum(0) if has_bias and needs[5 + 2 * i] else None)
             if any(needs[:3]):
