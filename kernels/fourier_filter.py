@@ -54,11 +54,11 @@ _MAX_SIDE = 2048  # plane height and width the kernel takes (widths above it wou
 _ONE_TILE_ELEMENTS = 4096  # planes up to this many padded elements are loaded once
 _TILE_ELEMENTS = 2048  # tile size for larger planes
 # Tile elements a thread holds on the one-tile path. Every step of the unrolled transform is a
-# reduction across the tile, so the warps mostly repeat one another's bookkeeping: on a 64x64 fp16
-# plane at 2 x 2 frequencies (FreeU's) sm_90 issues 1488 instructions a warp at 16 warps (8 a thread),
-# 1704 at 8, 2024 at 4, i.e. 23.8K, 13.6K and 8.1K warp-instructions a plane; at 32 a thread the
-# heaviest pads (8 x 8, fp32) take 192-196 registers, no spills.
-_ONE_TILE_PER_THREAD = 32
+# reduction across the tile, so fewer warps would issue fewer instructions a plane (64x64 fp16 at 2 x 2
+# frequencies, sm_90: 1488 a warp at 16 warps, 1704 at 8, 2024 at 4: 23.8K, 13.6K, 8.1K warp-instructions),
+# but at 32 a thread long rows spill: 1x2048 at K_PAD 8 on 2 warps, 2.2 KB of stack on sm_80 and
+# sm_90; 64x16 at 8 x 8 on 1 warp, 48 B. Kept at 8 until a config table is tuned on a GPU.
+_ONE_TILE_PER_THREAD = 8
 # r_pad * BLOCK_H per warp: 2 * 512 row twiddles (cos and sin) over 32 threads is 32 per thread
 _TWIDDLE_ROWS_PER_WARP = 512
 
@@ -214,8 +214,8 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
     A tile always spans the full (padded) width.  Planes up to 4096 padded elements are one tile,
-    loaded once, at up to 32 elements a thread (``_ONE_TILE_PER_THREAD``: a 64x64 plane on 4 warps);
-    larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles, 8 a thread.  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
+    loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles.  Either way
+    a thread holds about 8 elements of a tile (``_ONE_TILE_PER_THREAD``).  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
     held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
     the rows per tile shrink) until a thread holds at most 32 twiddles.  Without that a one-tile
     2048x1 plane at ``r_pad = 8`` held 128 per thread and spilled 104 B of stack on sm_80.

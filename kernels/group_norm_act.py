@@ -754,6 +754,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=256)
 def _group_norm_act_config(Cg: int, S1: int, channels_inner: bool = False) -> dict:
     """Tile shape and warps for a group of ``Cg`` channels by rows of ``S1`` positions.
 
@@ -808,6 +809,7 @@ def _target_programs(device: torch.device) -> int:
     return _CPU_PROGRAMS
 
 
+@functools.lru_cache(maxsize=1024)
 def _group_norm_act_split(n_bg: int, Cg: int, S1: int, block_c: int, block_l: int, target_programs: int,
                           S0: int = 1) -> dict:
     """How many programs share one group, so that ``n_bg = B * G`` groups make about
@@ -847,20 +849,41 @@ def _spatial_plan(shape, tensors: Sequence[torch.Tensor]):
     ``S0`` outer and ``S1`` inner, and per tensor ``(stride_b, stride_c, stride_s0, stride_s1)``. Two
     neighbouring dims merge where they do in every tensor (the outer one's stride is the inner one's
     times its size); size-1 dims drop out. None where more than two dims remain."""
+    return _spatial_plan_of_strides(tuple(shape), tuple(t.stride() for t in tensors))
+
+
+def _spatial_plan_of_strides(shape: tuple, all_strides: tuple):
+    """``_spatial_plan`` from each tensor's ``stride()`` tuple."""
     runs = []  # [size, innermost stride per tensor] of each run of merged dims
     for d in range(2, len(shape)):
         if shape[d] == 1:
             continue
-        strides = [t.stride(d) for t in tensors]
+        strides = [st[d] for st in all_strides]
         if runs and all(outer == s * shape[d] for outer, s in zip(runs[-1][1], strides)):
             runs[-1] = [runs[-1][0] * shape[d], strides]
         else:
             runs.append([shape[d], strides])
     if len(runs) > 2:
         return None
-    runs = [[1, [0] * len(tensors)]] * (2 - len(runs)) + runs
+    runs = [[1, [0] * len(all_strides)]] * (2 - len(runs)) + runs
     (S0, outer), (S1, inner) = runs
-    return S0, S1, [(t.stride(0), t.stride(1), so, si) for t, so, si in zip(tensors, outer, inner)]
+    return S0, S1, [(st[0], st[1], so, si) for st, so, si in zip(all_strides, outer, inner)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_plan(shape: tuple, all_strides: tuple, Cg: int):
+    """``(S0, S1, strides, cfg)`` for tensors of ``shape`` in these strides, or None where the kernels
+    cannot address them in place (see ``_kernel_operands``). Cached: a UNet step calls GroupNorm on a
+    few dozen shapes, again and again."""
+    plan = _spatial_plan_of_strides(shape, all_strides)
+    if plan is None:
+        return None
+    S0, S1, strides = plan
+    channels_inner = any(st[1] == 1 and st[3] != 1 for st in strides)
+    cfg = _group_norm_act_config(Cg, S1, channels_inner)
+    if not all(_fits_int32(Cg, S0, S1, st, cfg) for st in strides):
+        return None
+    return S0, S1, tuple(strides), cfg
 
 
 def _fits_int32(Cg: int, S0: int, S1: int, strides, cfg: dict) -> bool:
@@ -880,14 +903,10 @@ def _kernel_operands(inputs: list, outputs: list, Cg: int):
     caller copies a buffer into its output where they differ)."""
     shape = inputs[0].shape
     for attempt in range(2):
-        tensors = inputs + outputs
-        plan = _spatial_plan(shape, tensors)
+        plan = _layout_plan(tuple(shape), tuple(t.stride() for t in inputs + outputs), Cg)
         if plan is not None:
-            S0, S1, strides = plan
-            channels_inner = any(st[1] == 1 and st[3] != 1 for st in strides)
-            cfg = _group_norm_act_config(Cg, S1, channels_inner)
-            if all(_fits_int32(Cg, S0, S1, st, cfg) for st in strides):
-                return inputs, outputs, S0, S1, strides, cfg
+            S0, S1, strides, cfg = plan
+            return inputs, outputs, S0, S1, strides, cfg
         if attempt == 0:
             inputs = [t.contiguous() for t in inputs]
             outputs = [t if t.is_contiguous() else torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -992,8 +1011,12 @@ def _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_
             dx.copy_(dxk)
         return _small_grads(dx, weight, bias, add, scale, shift, dweight_rows, dbias_rows, dadd, dscale, dshift)
     split = _group_norm_act_split(B * G, Cg, S1, cfg["BLOCK_C"], cfg["BLOCK_L"], _target_programs(dev), S0)
-    gpart = torch.empty((2, B * G, split["n_split"]), dtype=torch.float32, device=dev)
-    cpart = torch.empty((3 if add is not None else 2, B * C, split["split_l"]), dtype=torch.float32, device=dev)
+    # the two partial-sum buffers in one allocation
+    g_shape = (2, B * G, split["n_split"])
+    c_shape = (3 if add is not None else 2, B * C, split["split_l"])
+    n_g = g_shape[0] * g_shape[1] * g_shape[2]
+    parts = torch.empty(n_g + c_shape[0] * c_shape[1] * c_shape[2], dtype=torch.float32, device=dev)
+    gpart, cpart = parts[:n_g].view(g_shape), parts[n_g:].view(c_shape)
 
     def small_grad(t):
         return torch.empty((B, C), dtype=torch.float32, device=dev) if t is not None else gpart
