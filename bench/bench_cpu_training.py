@@ -7,7 +7,9 @@ groups, attention at 16x16) on a batch of 8 32x32 images; ``sd-tiny``, an SD-1.5
 One step is ``model(**inputs).sample.square().mean().backward()`` after clearing the gradients, on one
 torch thread (the 2-core machines' other core is then free for the rest of the system, and the figure
 does not depend on how the two libraries split small ops over threads). Each run also records the
-median process CPU time of its rounds (``cpu_ms``), steadier than wall time on a shared machine.
+median process CPU time of its rounds (``cpu_ms``), steadier than wall time on a shared machine, and
+fastunet's run the speed ratio against diffusers steps alternating with its own (``vs_diffusers``,
+above 1: fastunet faster).
 ``scripts/cpu_speed.py`` times the same step with the two models alternating and prints the ratio.
 
 Smoke sizes (the test suite's run): batch 1 at 16x16 (SD: 16x16 latents, 8 tokens).
@@ -15,6 +17,7 @@ Smoke sizes (the test suite's run): batch 1 at 16x16 (SD: 16x16 latents, 8 token
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,25 +66,40 @@ def setup(provider: str, name: str):
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_training_step(benchmark, provider, name):
+    """One provider's step. fastunet's rounds alternate with untimed-by-the-benchmark diffusers steps
+    (pytest-benchmark's per-round ``setup``), whose CPU time is recorded too: ``vs_diffusers`` is the
+    median diffusers CPU time over fastunet's from those alternating rounds, the figure a drifting,
+    shared machine leaves intact."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         step = setup(provider, name)
-        cpu_times = []
+        baseline = setup("diffusers", name) if provider == "fastunet" else None
+        cpu_times, baseline_times = [], []
 
         def timed():
             start = time.process_time()
             step()
             cpu_times.append(time.process_time() - start)
 
+        def before_round():
+            if baseline is not None:
+                start = time.process_time()
+                baseline()
+                baseline_times.append(time.process_time() - start)
+
         benchmark.group = f"{name} fwd+bwd"
         if benchmark.enabled:
             step()  # warm-up
-            benchmark.pedantic(timed, rounds=9, iterations=1, warmup_rounds=1)
-            cpu_times = sorted(cpu_times[-9:])  # the warm-up round left out
-            benchmark.extra_info["cpu_ms"] = cpu_times[len(cpu_times) // 2] * 1e3
+            if baseline is not None:
+                baseline()
+            benchmark.pedantic(timed, setup=before_round, rounds=11, iterations=1, warmup_rounds=0)
+            ours = statistics.median(cpu_times)
+            benchmark.extra_info["cpu_ms"] = ours * 1e3
+            if baseline is not None:
+                benchmark.extra_info["vs_diffusers"] = statistics.median(baseline_times) / ours
         else:  # a smoke run: once, nothing measured
-            benchmark.pedantic(timed, rounds=1, iterations=1)
-            assert len(cpu_times) == 1
+            benchmark.pedantic(timed, setup=before_round, rounds=1, iterations=1)
+            assert len(cpu_times) == 1 and len(baseline_times) == (provider == "fastunet")
     finally:
         torch.set_num_threads(threads)

@@ -28,7 +28,8 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 PROVIDERS = sorted(["fastunet", "fastunet-torch", "fastunet-triton", "torch", "torch.compile", "diffusers",
                     "diffusers+compile", "sdpa-flash"], key=len, reverse=True)
 COLUMNS = {"median_ms": ("median ms", "{:.1f}"), "peak_mib": ("peak MiB", "{:.1f}"),
-           "saved_mib": ("saved for backward, MiB", "{:.1f}"), "gbps": ("GB/s", "{:.2f}")}
+           "saved_mib": ("saved for backward, MiB", "{:.1f}"), "gbps": ("GB/s", "{:.2f}"),
+           "cpu_ms": ("median CPU ms, one thread", "{:.1f}")}
 MEMORY_COLUMNS = ("peak_mib", "saved_mib")
 
 # (label, results module, group, fastunet's provider, baseline provider, baseline label, column)
@@ -55,6 +56,15 @@ ROWS = [
      "fastunet", "diffusers", "diffusers", "median_ms"),
     ("tiny `UNet2DConditionModel` fwd+bwd", "bench_e2e", "UNet2DConditionModel-sd-tiny fwd_bwd",
      "fastunet", "diffusers", "diffusers", "saved_mib"),
+    ("DDPM-CIFAR `UNet2DModel` training step, batch 8", "bench_cpu_training", "ddpm-cifar fwd+bwd",
+     "fastunet", "diffusers", "diffusers", "cpu_ms"),
+    ("SD-tiny `UNet2DConditionModel` training step, batch 4", "bench_cpu_training", "sd-tiny fwd+bwd",
+     "fastunet", "diffusers", "diffusers", "cpu_ms"),
+]
+# (label, results module, group): fastunet's speed over the baseline from alternating rounds (above 1: faster)
+RATIO_ROWS = [
+    ("DDPM-CIFAR `UNet2DModel` training step, batch 8", "bench_cpu_training", "ddpm-cifar fwd+bwd"),
+    ("SD-tiny `UNet2DConditionModel` training step, batch 4", "bench_cpu_training", "sd-tiny fwd+bwd"),
 ]
 
 
@@ -104,6 +114,12 @@ def block(results: pathlib.Path = RESULTS) -> str:
         where = f"bench/results/{module}.csv"
         lines.append(f"| {label} | {COLUMNS[column][0]} | {cell(rows, group, ours, column, where)} | "
                      f"{their_label}: {cell(rows, group, theirs, column, where)} |")
+    for label, module, group in RATIO_ROWS:
+        row = loaded[module][1].get((group, "fastunet"))
+        if row is None or not row.get("vs_diffusers"):
+            raise KeyError(f"bench/results/{module}.csv: no fastunet run with vs_diffusers in group {group!r}")
+        lines.append(f"| {label} | diffusers / fastunet CPU time, alternating rounds | "
+                     f"{float(row['vs_diffusers']):.2f} | 1.00 |")
     lines.append("")
     memory = []
     for module in modules:
