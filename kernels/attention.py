@@ -35,10 +35,22 @@ Forward: each program owns ``BLOCK_M`` queries of one (batch, head) and streams 
 ``BLOCK_N`` tiles with an online softmax; scores live in log2 units (``log2(e)`` is folded into the
 scale, so the kernel uses ``exp2``). Only ``out`` and the fp32 log-sum-exp ``lse`` ``(B, H, N)``
 (natural log) are written; the ``N x M`` score matrix never exists in memory. Softmax statistics
-and every ``tl.dot`` accumulate in fp32. fp16/bf16 run on the tensor cores (P and dS rounded to the
-input dtype, as FlashAttention does); fp32 uses exact ``input_precision="ieee"`` FMA dots, so the
-results match fp32 torch (TF32 would add ~1e-3 relative error), with the small tiles that FMA
-operands allow.
+and every ``tl.dot`` accumulate in fp32. The whole key tiles of an unmasked call run without any
+masking, in the fused form ``exp2(s * qk_scale - m)`` (one FMA per score, the row max scaled once
+per row, which needs ``scale >= 0``: a negative scale runs as ``|scale|`` on ``-k``); the ragged
+last tile, and every tile of a masked call, scale, add the bias and mask. Both backward kernels
+split their loops the same way.
+
+Every dot runs on the tensor cores. fp16/bf16 directly (P and dS rounded to the input dtype, as
+FlashAttention does); fp32 as 3xTF32 (``input_precision="tf32x3"``, about fp32 accuracy) under
+``torch.get_float32_matmul_precision() == "highest"`` (the default), plain TF32 under "high" or
+"medium" (see ``_dot_precision``). Triton's interpreter ignores ``input_precision`` and multiplies
+fp32 in fp32, so the CPU tests check the fp32 kernels at fp32 accuracy.
+
+Tiles come from per-(precision, arch) tables (``_FWD_CONFIGS`` ...), the arch from
+``_backend.compute_capability`` (sm_80 and sm_90 tables; CPU tensors under the interpreter take
+sm_80's). ``_attention_configs()`` lists every config a launcher can select; the compile test
+compiles each on its arch with the launch's own specialisation.
 
 Backward (recomputes the scores from ``q, k, v, out, lse``): ``delta = rowsum(dO * O)``, then one
 kernel parallel over key blocks for ``dK, dV`` and one parallel over query blocks for ``dQ``.
@@ -70,17 +82,22 @@ plain-torch recomputations chunked over queries (~16 MiB fp32 score chunks) serv
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
 
+from . import _backend
 from ._backend import interpreter_enabled, record_launch, register_once, tl, triton, use_triton
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: fp32 dots run on tensor cores (3xTF32 or TF32); read by ``fastunet.static_report``'s checks.
+_FP32_TENSOR_CORES = True
 _MAX_HEAD_DIM = 256
 #: Longest query and key length handled by the short-sequence kernels.
 _SHORT_SEQ_MAX = 32
@@ -131,32 +148,66 @@ def _attention_batch_head(bh, num_heads):
 
 
 @triton.jit
-def _attention_load_keys(k_base, v_base, cols, offs_d, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
-    """Key-side tiles of the backward for keys ``cols`` of one (batch, head): ``k``, ``v``
-    ``(len(cols), BLOCK_D)`` and which keys exist."""
-    col_ok = cols < seqlen_k
-    k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_k_m, stride_k_d),
-                mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_v_m, stride_v_d),
-                mask=col_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :], other=0.0)
-    return k, v, col_ok
+def _attention_load_rows(base, rows, offs_d, stride_row, stride_col, row_ok, DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Tile ``(len(rows), BLOCK_D)`` of one (batch, head) slice, zero past ``DIM`` columns and, with
+    ``CHECK_ROWS``, on rows where ``row_ok`` is False. A full tile of a head dim that fills
+    ``BLOCK_D`` loads without a mask."""
+    ptrs = _attention_tile_ptrs(base, rows, offs_d, stride_row, stride_col)
+    if CHECK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < DIM)[None, :], other=0.0)
+    elif DIM == BLOCK_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=(offs_d < DIM)[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
-def _attention_load_queries(q_base, do_base, lse_base, delta_base, rows, offs_d, seqlen_q, stride_q_n, stride_q_d,
-                            stride_do_n, stride_do_d, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
-    """Query-side tiles of the backward for queries ``rows`` of one (batch, head): ``q``, ``dO``
-    ``(len(rows), BLOCK_D)``, the log-sum-exp in log2 units and ``delta`` ``(len(rows),)``, and which
-    queries exist."""
-    row_ok = rows < seqlen_q
-    q = tl.load(_attention_tile_ptrs(q_base, rows, offs_d, stride_q_n, stride_q_d),
-                mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    do = tl.load(_attention_tile_ptrs(do_base, rows, offs_d, stride_do_n, stride_do_d),
-                 mask=row_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :], other=0.0)
-    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    return q, do, lse, delta, row_ok
+def _attention_fwd_tile(q, k_base, v_base, m_base, rows, cols, offs_d, row_ok, seqlen_k,
+                        stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m,
+                        m_i, l_i, acc, qk_scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax; returns the updated ``(m_i, l_i, acc)``.
+
+    ``m_i`` is the running row max in log2 units. A full tile without a mask (``RAGGED`` and
+    ``HAS_MASK`` False) keeps the raw scores: the row max is scaled once per row, and the scale and
+    the max-subtraction meet in one FMA per score, ``exp2(s * qk_scale - m)``. The last, ragged
+    tile and every tile of a masked call scale first, add the bias and set missing keys to
+    ``-inf``. ``qk_scale >= 0`` (the launchers make it so), so ``max(s) * qk_scale`` is
+    ``max(s * qk_scale)`` exactly."""
+    col_ok = cols < seqlen_k
+    k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
+    s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION)
+    if HAS_MASK or RAGGED:
+        s = _attention_masked_scores(s * qk_scale, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n,
+                                                                        stride_mask_m),
+                                     row_ok[:, None] & col_ok[None, :], HAS_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
+    acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attention_full_tiles(seqlen, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Length of the prefix of a loop over ``seqlen`` in ``BLOCK`` steps whose tiles run unmasked:
+    every whole tile, or none when a mask is applied (then every tile takes the masked path)."""
+    if HAS_MASK:
+        full = seqlen * 0
+    else:
+        full = (seqlen // BLOCK) * BLOCK
+    return full
 
 
 @triton.jit
@@ -173,7 +224,7 @@ def _attention_fwd_kernel(
     stride_mask_b, stride_mask_h, stride_mask_n, stride_mask_m,
     stride_out_b, stride_out_h, stride_out_n, stride_out_d,
     num_heads, seqlen_q, seqlen_k,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e), >= 0
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -184,11 +235,10 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
-    d_ok = offs_d < HEAD_DIM
     dv_ok = offs_d < HEAD_DIM_V
 
-    q = tl.load(_attention_tile_ptrs(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d),
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _attention_load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d, row_ok,
+                             HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
@@ -196,24 +246,19 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, seqlen_k, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        k = tl.load(_attention_tile_ptrs(k_base, cols, offs_d, stride_k_m, stride_k_d),
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
-                                     row_ok[:, None] & col_ok[None, :], HAS_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every score -inf so far keeps m = -inf; subtract 0 instead to avoid inf - inf.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_attention_tile_ptrs(v_base, cols, offs_d, stride_v_m, stride_v_d),
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-        m_i = m_new
+    # Whole key tiles unmasked (query rows past seqlen_q are computed and never stored), then the
+    # ragged tail; with a mask every tile is masked.
+    full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)
+    for start_n in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attention_fwd_tile(q, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
+                                            seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                            stride_mask_n, stride_mask_m, m_i, l_i, acc, qk_scale, HEAD_DIM,
+                                            HEAD_DIM_V, BLOCK_D, False, False, DOT_PRECISION)
+    for start_n in range(full, seqlen_k, BLOCK_N):
+        m_i, l_i, acc = _attention_fwd_tile(q, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
+                                            seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                            stride_mask_n, stride_mask_m, m_i, l_i, acc, qk_scale, HEAD_DIM,
+                                            HEAD_DIM_V, BLOCK_D, HAS_MASK, True, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -248,6 +293,53 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _attention_bwd_probs(s, lse, bias_ptrs, valid, qk_scale, HAS_MASK: tl.constexpr, RAGGED: tl.constexpr):
+    """Softmax probabilities of raw scores ``s`` from the log2-unit log-sum-exp ``lse`` (already
+    broadcast to ``s``'s shape): ``exp2(s * qk_scale - lse)`` as one FMA per score on a full tile
+    without a mask; scaled, biased and ``-inf`` where ``valid`` is False otherwise."""
+    if HAS_MASK or RAGGED:
+        p = tl.exp2(_attention_masked_scores(s * qk_scale, bias_ptrs, valid, HAS_MASK) - lse)
+    else:
+        p = tl.exp2(s * qk_scale - lse)
+    return p
+
+
+@triton.jit
+def _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED: tl.constexpr):
+    """Log-sum-exp (log2 units; ``+inf`` for missing queries, so their ``p`` is 0) and ``delta`` of
+    queries ``rows``."""
+    if RAGGED:
+        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows) * LOG2E
+        delta = tl.load(delta_base + rows)
+    return lse, delta
+
+
+@triton.jit
+def _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, rows, cols, offs_d, col_ok, seqlen_q,
+                         stride_q_n, stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m, dk, dv,
+                         qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query tile of the dK/dV loop on transposed tiles (keys along dim 0); returns ``(dk, dv)``
+    (dk before the softmax scale). ``RAGGED`` and ``HAS_MASK`` as in ``_attention_fwd_tile``."""
+    row_ok = rows < seqlen_q
+    q = _attention_load_rows(q_base, rows, offs_d, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, RAGGED)
+    do = _attention_load_rows(do_base, rows, offs_d, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
+    lse, delta = _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED)
+    s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION)
+    p_t = _attention_bwd_probs(s_t, lse[None, :], _attention_tile_ptrs(m_base, cols, rows, stride_mask_m,
+                                                                      stride_mask_n),
+                               col_ok[:, None] & row_ok[None, :], qk_scale, HAS_MASK, RAGGED)
+    dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+    dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     q_ptr,  # (B, H, N, D)
     k_ptr,  # (B, H, M, D)
@@ -266,47 +358,65 @@ def _attention_bwd_dkdv_kernel(
     stride_dk_b, stride_dk_h, stride_dk_m, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_m, stride_dv_d,
     num_heads, seqlen_q, seqlen_k,
-    sm_scale,  # softmax scale (natural units)
+    sm_scale,  # softmax scale (natural units), >= 0
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Works on transposed tiles (keys along dim 0) so that no register tile needs transposing.
     bh = tl.program_id(1)
     b, h = _attention_batch_head(bh, num_heads)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k, v, col_ok = _attention_load_keys(k_ptr + b * stride_k_b + h * stride_k_h,
-                                        v_ptr + b * stride_v_b + h * stride_v_h, cols, offs_d, seqlen_k,
-                                        stride_k_m, stride_k_d, stride_v_m, stride_v_d, HEAD_DIM, HEAD_DIM_V)
+    col_ok = cols < seqlen_k
+    k = _attention_load_rows(k_ptr + b * stride_k_b + h * stride_k_h, cols, offs_d, stride_k_m, stride_k_d, col_ok,
+                             HEAD_DIM, BLOCK_D, True)
+    v = _attention_load_rows(v_ptr + b * stride_v_b + h * stride_v_h, cols, offs_d, stride_v_m, stride_v_d, col_ok,
+                             HEAD_DIM_V, BLOCK_D, True)
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
     do_base = do_ptr + b * stride_do_b + h * stride_do_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
-    stat_base = bh.to(tl.int64) * seqlen_q
+    lse_base = lse_ptr + bh.to(tl.int64) * seqlen_q
+    delta_base = delta_ptr + bh.to(tl.int64) * seqlen_q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, seqlen_q, BLOCK_M):
-        rows = start_m + offs_m
-        q, do, lse, delta, row_ok = _attention_load_queries(q_base, do_base, lse_ptr + stat_base,
-                                                            delta_ptr + stat_base, rows, offs_d, seqlen_q,
-                                                            stride_q_n, stride_q_d, stride_do_n, stride_do_d,
-                                                            HEAD_DIM, HEAD_DIM_V)
-        s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION) * qk_scale
-        s_t = _attention_masked_scores(s_t, _attention_tile_ptrs(m_base, cols, rows, stride_mask_m, stride_mask_n),
-                                       col_ok[:, None] & row_ok[None, :], HAS_MASK)
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
-        dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    # Whole query tiles unmasked, then the ragged tail. Key rows past seqlen_k (k, v loaded as 0)
+    # reach only rows of dk, dv that are never stored, so the unmasked tiles leave them unmasked.
+    full = _attention_full_tiles(seqlen_q, BLOCK_M, HAS_MASK)
+    for start_m in range(0, full, BLOCK_M):
+        dk, dv = _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, start_m + offs_m, cols,
+                                      offs_d, col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
+                                      stride_mask_n, stride_mask_m, dk, dv, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                      False, False, DOT_PRECISION)
+    for start_m in range(full, seqlen_q, BLOCK_M):
+        dk, dv = _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, start_m + offs_m, cols,
+                                      offs_d, col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
+                                      stride_mask_n, stride_mask_m, dk, dv, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                      HAS_MASK, True, DOT_PRECISION)
 
     tl.store(_attention_tile_ptrs(dk_ptr + b * stride_dk_b + h * stride_dk_h, cols, offs_d, stride_dk_m, stride_dk_d),
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(_attention_tile_ptrs(dv_ptr + b * stride_dv_b + h * stride_dv_h, cols, offs_d, stride_dv_m, stride_dv_d),
              dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :])
+
+
+@triton.jit
+def _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, cols, offs_d, row_ok, seqlen_k,
+                       stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m, dq, qk_scale,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the dQ loop; returns ``dq`` (before the softmax scale)."""
+    col_ok = cols < seqlen_k
+    k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
+    v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
+    s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION)
+    p = _attention_bwd_probs(s, lse[:, None], _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
+                             row_ok[:, None] & col_ok[None, :], qk_scale, HAS_MASK, RAGGED)
+    dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
 
 
 @triton.jit
@@ -326,7 +436,7 @@ def _attention_bwd_dq_kernel(
     stride_do_b, stride_do_h, stride_do_n, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_n, stride_dq_d,
     num_heads, seqlen_q, seqlen_k,
-    sm_scale,  # softmax scale (natural units)
+    sm_scale,  # softmax scale (natural units), >= 0
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -337,28 +447,29 @@ def _attention_bwd_dq_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
     stat_base = bh.to(tl.int64) * seqlen_q
-    q, do, lse, delta, row_ok = _attention_load_queries(q_ptr + b * stride_q_b + h * stride_q_h,
-                                                        do_ptr + b * stride_do_b + h * stride_do_h,
-                                                        lse_ptr + stat_base, delta_ptr + stat_base, rows, offs_d,
-                                                        seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
-                                                        HEAD_DIM, HEAD_DIM_V)
+    q = _attention_load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d, row_ok,
+                             HEAD_DIM, BLOCK_D, True)
+    do = _attention_load_rows(do_ptr + b * stride_do_b + h * stride_do_h, rows, offs_d, stride_do_n, stride_do_d,
+                              row_ok, HEAD_DIM_V, BLOCK_D, True)
+    lse, delta = _attention_bwd_query_stats(lse_ptr + stat_base, delta_ptr + stat_base, rows, row_ok, True)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, seqlen_k, BLOCK_N):
-        cols = start_n + offs_n
-        k, v, col_ok = _attention_load_keys(k_base, v_base, cols, offs_d, seqlen_k, stride_k_m, stride_k_d,
-                                            stride_v_m, stride_v_d, HEAD_DIM, HEAD_DIM_V)
-        s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-        s = _attention_masked_scores(s, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
-                                     row_ok[:, None] & col_ok[None, :], HAS_MASK)
-        p = tl.exp2(s - lse[:, None])
-        dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)  # as in the forward
+    for start_n in range(0, full, BLOCK_N):
+        dq = _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
+                                seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n,
+                                stride_mask_m, dq, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, False, False,
+                                DOT_PRECISION)
+    for start_n in range(full, seqlen_k, BLOCK_N):
+        dq = _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
+                                seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n,
+                                stride_mask_m, dq, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, HAS_MASK, True,
+                                DOT_PRECISION)
 
     tl.store(_attention_tile_ptrs(dq_ptr + b * stride_dq_b + h * stride_dq_h, rows, offs_d, stride_dq_n, stride_dq_d),
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -516,6 +627,9 @@ class _AttentionConfig(NamedTuple):
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    #: fp32 only: exact FMA dots (``input_precision="ieee"``) instead of tensor cores, for tiles whose
+    #: 3xTF32 operands (split into high and low parts) cannot stay in registers without spilling.
+    fma: bool = False
 
 
 def _pad16(x: int) -> int:
@@ -529,49 +643,84 @@ def _block_d(d: int) -> int:
     return max(64, triton.next_power_of_2(max(int(d), 1)))
 
 
-# (block_m, block_n, num_warps, num_stages) by padded head dim and precision; block_m counts queries,
-# block_n keys. Half precision runs on tensor cores. fp32 uses exact ("ieee") FMA dots, whose
-# operands take registers in proportion to the tile and the head dim, hence the small tiles. The
-# tiles do not shrink for short sequences: N, M <= 32 go to the short kernels, and one config per
-# (head dim, precision) keeps every compiled variant checkable (tests/ops/test_attention_compile.py
-# compiles each for sm_80 and sm_90: no spills, shared memory within limits).
-_FWD_CONFIGS = {"half": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-                "fp32": {64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1)}}
-_DKDV_CONFIGS = {"half": {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
-                 "fp32": {64: (16, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 4, 2)}}
-_DQ_CONFIGS = {"half": {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
-               "fp32": {64: (32, 32, 4, 1), 128: (32, 16, 4, 1), 256: (16, 16, 8, 1)}}
+#: Archs the config tables are written for; any other capability takes the nearest one below
+#: (sm_86/89 -> 80, sm_100 -> 90; below 80 -> 80).
+_ARCHS = (80, 90)
+
+# (block_m, block_n, num_warps, num_stages[, fma]) by (precision, arch) and padded head dim; block_m
+# counts queries, block_n keys. Every dot runs on tensor cores: fp16/bf16 directly, fp32 as 3xTF32
+# (or TF32) dots, whose fp32 operands, split in high and low parts, take several times the registers
+# of half ones, hence the smaller fp32 tiles; where no such tile compiled without spilling (fp32
+# backward at BLOCK_D 256) the entry says ``fma=True`` and keeps exact FMA dots (16 x 16 tiles, 8 warps).
+# On sm_90, tiles whose dots are 64 rows per warpgroup lower to wgmma (HGMMA), others to mma.sync.
+# The tiles do not shrink for short sequences: N, M <= 32 go to the short kernels. Every entry is
+# compiled on its arch by tests/ops/test_attention_compile.py: no spills, shared memory within limits.
+_FWD_CONFIGS = {
+    ("half", 80): {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    ("half", 90): {64: (128, 128, 8, 2), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    ("fp32", 80): {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 8, 1)},
+    ("fp32", 90): {64: (64, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 32, 8, 1)},
+}
+_DKDV_CONFIGS = {
+    ("half", 80): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
+    ("half", 90): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
+    ("fp32", 80): {64: (16, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
+    ("fp32", 90): {64: (16, 64, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
+}
+_DQ_CONFIGS = {
+    ("half", 80): {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
+    ("half", 90): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    ("fp32", 80): {64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1, True)},
+    ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
+}
 
 
-def _lookup(table, block_d: int, dtype: torch.dtype) -> _AttentionConfig:
-    return _AttentionConfig(*table["fp32" if dtype == torch.float32 else "half"][block_d])
+def _arch(cc: int) -> int:
+    """The ``_ARCHS`` entry whose table serves compute capability ``cc``."""
+    return max([a for a in _ARCHS if a <= cc] or [_ARCHS[0]])
 
 
-def _attention_fwd_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
-    """Config of ``_attention_fwd_kernel``; ``block_d`` is the padded max(D, Dv)."""
-    return _lookup(_FWD_CONFIGS, block_d, dtype)
+def _precision_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
 
 
-def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
+def _lookup(table, block_d: int, dtype: torch.dtype, cc: int) -> _AttentionConfig:
+    return _AttentionConfig(*table[_precision_class(dtype), _arch(cc)][block_d])
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_fwd_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _AttentionConfig:
+    """Config of ``_attention_fwd_kernel`` on arch ``cc``; ``block_d`` is the padded max(D, Dv)."""
+    return _lookup(_FWD_CONFIGS, block_d, dtype, cc)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _AttentionConfig:
     """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step)."""
-    return _lookup(_DKDV_CONFIGS, block_d, dtype)
+    return _lookup(_DKDV_CONFIGS, block_d, dtype, cc)
 
 
-def _attention_bwd_dq_config(block_d: int, dtype: torch.dtype) -> _AttentionConfig:
+@functools.lru_cache(maxsize=None)
+def _attention_bwd_dq_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _AttentionConfig:
     """Config of ``_attention_bwd_dq_kernel`` (block_m queries per program, block_n keys per step)."""
-    return _lookup(_DQ_CONFIGS, block_d, dtype)
+    return _lookup(_DQ_CONFIGS, block_d, dtype, cc)
 
 
+@functools.lru_cache(maxsize=None)
 def _attention_bwd_preprocess_config(block_d: int) -> _AttentionConfig:
-    """Config of ``_attention_bwd_preprocess_kernel`` (block_n unused)."""
-    return _AttentionConfig(block_m=64 if block_d <= 128 else 32, block_n=16, num_warps=4, num_stages=1)
+    """Config of ``_attention_bwd_preprocess_kernel`` (block_n unused); the same on every arch."""
+    return _AttentionConfig(block_m=64 if block_d <= 128 else 32, block_n=16, num_warps=4 if block_d <= 128 else 8,
+                            num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)
 def _attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
-                           backward: bool = False) -> Optional[_AttentionConfig]:
+                            backward: bool = False, cc: int = 80) -> Optional[_AttentionConfig]:
     """Config of the short-sequence kernels, whose square 16 or 32 tile covers a whole sequence; None
-    where they do not apply: sequences longer than ``_SHORT_SEQ_MAX``, and fp32 tiles whose FMA dots
-    would spill (there the main kernels run)."""
+    where they do not apply: sequences longer than ``_SHORT_SEQ_MAX``, and fp32 tiles too large for
+    one program (there the main kernels run). fp32 keeps the FMA dots these tiles were sized and
+    compile-checked for (3xTF32 splits every operand in two, doubling their registers). The same on every arch (``cc`` is taken for a uniform
+    interface: one tile per sequence leaves nothing to tune per arch)."""
     if seqlen_q > _SHORT_SEQ_MAX or seqlen_k > _SHORT_SEQ_MAX:
         return None
     block = _pad16(max(seqlen_q, seqlen_k))
@@ -580,9 +729,33 @@ def _attention_short_config(block_d: int, seqlen_q: int, seqlen_k: int, dtype: t
         if tile > (2048 if backward else 4096):
             return None
         warps = 8 if (backward and block == 32) or (not backward and tile > 2048 and block == 32) else 4
-        return _AttentionConfig(block, block, warps, 1)
-    warps = 4 if tile <= (1024 if backward else 4096) else 8
-    return _AttentionConfig(block, block, warps, 1 if backward and block_d == 256 else 2)
+        return _AttentionConfig(block, block, warps, 1, fma=True)
+    warps = 4 if tile < (2048 if backward else 4096) else 8
+    return _AttentionConfig(block, block, warps, 1)
+
+
+def _attention_configs():
+    """Every (kernel name, dtype, BLOCK_D, arch, config) a launcher can select, one dtype per
+    precision class (fp16 stands for bf16 too, which takes the same tables). The compile test
+    compiles each on its arch."""
+    entries = set()
+    for dtype in (torch.float16, torch.float32):
+        for block_d in (64, 128, 256):
+            for cc in _ARCHS:
+                entries.add(("_attention_fwd_kernel", dtype, block_d, cc, _attention_fwd_config(block_d, dtype, cc)))
+                entries.add(("_attention_bwd_dkdv_kernel", dtype, block_d, cc,
+                             _attention_bwd_dkdv_config(block_d, dtype, cc)))
+                entries.add(("_attention_bwd_dq_kernel", dtype, block_d, cc,
+                             _attention_bwd_dq_config(block_d, dtype, cc)))
+                entries.add(("_attention_bwd_preprocess_kernel", dtype, block_d, cc,
+                             _attention_bwd_preprocess_config(block_d)))
+                for seqlen in (16, 32):  # the two short tiles
+                    for name, backward in (("_attention_short_fwd_kernel", False),
+                                           ("_attention_short_bwd_kernel", True)):
+                        cfg = _attention_short_config(block_d, seqlen, seqlen, dtype, backward, cc)
+                        if cfg is not None:
+                            entries.add((name, dtype, block_d, cc, cfg))
+    return sorted(entries, key=lambda e: (e[0], str(e[1]), e[2], e[3], e[4]))
 
 
 def _short_seqs_per_program(batch_heads: int) -> int:
@@ -591,12 +764,24 @@ def _short_seqs_per_program(batch_heads: int) -> int:
     return max(1, min(32, triton.next_power_of_2(batch_heads) // 2048))
 
 
+def _kernel_precision(precision: str, cfg: _AttentionConfig) -> str:
+    """``DOT_PRECISION`` of one launch: the call's ``_dot_precision``, or "ieee" where the config
+    asks for FMA dots (fp32 tables only)."""
+    return "ieee" if cfg.fma else precision
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` of every ``tl.dot``: exact fp32 for fp32 inputs (TF32 would add ~1e-3
-    relative error), tensor cores for fp16/bf16 (the value is then ignored), and the interpreter's
-    bf16 workaround described in ``_attention_dot``."""
+    """``input_precision`` of every ``tl.dot``, chosen per call by the launchers.
+
+    fp32 runs on the tensor cores as three TF32 products ("tf32x3": the operands split into a TF32
+    high part and a TF32 remainder, ``hi*hi + hi*lo + lo*hi``, about fp32 accuracy) under
+    ``torch.get_float32_matmul_precision() == "highest"`` (PyTorch's default), and as one plain TF32
+    product ("tf32", ~1e-3 relative error, as torch's own matmuls then give) under "high" or
+    "medium". fp16/bf16 ignore it (the value passed is "tf32"), except the interpreter's bf16
+    workaround described in ``_attention_dot``. Triton's interpreter multiplies fp32 operands in
+    fp32 whatever the precision asks, so the CPU tests see exact fp32 dots."""
     if dtype == torch.float32:
-        return "ieee"
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     if dtype == torch.bfloat16 and interpreter_enabled():
         return "ieee-upcast"
     return "tf32"
@@ -637,6 +822,43 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return _alloc_like(t, t.shape).copy_(t)
 
 
+#: Converted masks (bool -> additive bias, other float dtypes -> fp32, unaligned rows -> an aligned
+#: copy) by ``id`` of the caller's mask tensor: ``(weakref to the mask, its version counter, q's
+#: dtype, key length, the bias)``. The forward converts a mask once and its backward, and every other
+#: attention call on the same unchanged mask (a UNet passes one mask to all its layers), reuse it.
+#: An entry lives as long as its mask does (a finaliser removes it); an in-place change of the mask
+#: bumps its version and forces a new conversion.
+_MASK_BIASES: dict = {}
+
+
+def _convert_mask(mask: torch.Tensor, dtype: torch.dtype, seqlen_k: int) -> torch.Tensor:
+    """``mask`` (4-D) as an additive bias the kernels take, at the mask's own size; see ``_mask_args``."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    elif mask.dtype not in (dtype, torch.float32):
+        mask = mask.float()
+    return _aligned(mask.expand(*mask.shape[:3], seqlen_k))
+
+
+def _mask_bias(attn_mask: torch.Tensor, dtype: torch.dtype, seqlen_k: int) -> torch.Tensor:
+    """``_convert_mask`` of ``attn_mask``, from ``_MASK_BIASES`` when this mask was converted before
+    and has not changed since. Inference tensors have no version counter and are converted each
+    time (no backward follows them)."""
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if attn_mask.is_inference():
+        return _convert_mask(mask, dtype, seqlen_k)
+    key = id(attn_mask)
+    entry = _MASK_BIASES.get(key)
+    if entry is not None and entry[0]() is attn_mask and entry[1:4] == (attn_mask._version, dtype, seqlen_k):
+        return entry[4]
+    bias = _convert_mask(mask, dtype, seqlen_k)
+    if bias.untyped_storage().data_ptr() != attn_mask.untyped_storage().data_ptr():  # converted or copied
+        if entry is None or entry[0]() is not attn_mask:
+            weakref.finalize(attn_mask, _MASK_BIASES.pop, key, None)
+        _MASK_BIASES[key] = (weakref.ref(attn_mask), attn_mask._version, dtype, seqlen_k, bias)
+    return bias
+
+
 def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, shape):
     """(additive bias tensor, its four strides, HAS_MASK) for a mask broadcast to ``shape``.
 
@@ -644,17 +866,12 @@ def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, shape):
     compile-time resource checks): a bool mask becomes ``0 / -inf`` in q's dtype (exact), a float
     mask of another dtype becomes fp32. The bias keeps the mask's own size, broadcast dims get
     stride 0; it is copied (at its own size) only when converted or when its rows are not 16-byte
-    aligned (e.g. 77 keys). A mask broadcast along the keys is materialised along them (a mask
-    constant over the keys is a no-op or a fully masked row, so this is rare)."""
+    aligned (e.g. 77 keys), once per mask (``_MASK_BIASES``). A mask broadcast along the keys is
+    materialised along them (a mask constant over the keys is a no-op or a fully masked row, so this
+    is rare)."""
     if attn_mask is None:
         return q, (0, 0, 0, 0), False
-    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    elif mask.dtype not in (q.dtype, torch.float32):
-        mask = mask.float()
-    mask = _aligned(mask.expand(*mask.shape[:3], shape[3]))
-    view = mask.expand(shape)  # stride 0 on broadcast dims, no copy
+    view = _mask_bias(attn_mask, q.dtype, shape[3]).expand(shape)  # stride 0 on broadcast dims, no copy
     return view, view.stride(), True
 
 
@@ -672,10 +889,28 @@ def _batch_chunks(batch: int, heads: int) -> list[slice]:
     return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
 
 
+def _batch_slices(tensors, batch: int, heads: int):
+    """Per launch: ``(the tensors sliced to its batch chunk, its number of sequences)``. One chunk
+    (any batch below 65535 sequences) passes the tensors themselves, without slicing."""
+    chunks = _batch_chunks(batch, heads)
+    if len(chunks) == 1:
+        return [(tensors, batch * heads)]
+    return [([t[bs] for t in tensors], (bs.stop - bs.start) * heads) for bs in chunks]  # strides kept
+
+
 def _check_head_dims(d: int, dv: int) -> None:
     if d > _MAX_HEAD_DIM or dv > _MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernels take head dims up to {_MAX_HEAD_DIM}; got D={d}, Dv={dv} "
                          "(use the 'torch' backend for larger heads)")
+
+
+def _nonnegative_scale(k: torch.Tensor, scale: float):
+    """``(k, scale)`` with ``scale >= 0``, which the kernels' fused softmax needs (it scales the row
+    max, not every score): a negative scale becomes ``|scale|`` on ``-k`` (a copy; the scores are the
+    same, and dK of ``-k`` is minus dK). Returns ``(k, scale, negated)``."""
+    if scale < 0:
+        return _aligned(-k), -scale, True
+    return k, scale, False
 
 
 def _attention_fwd(q, k, v, attn_mask, scale):
@@ -684,32 +919,35 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     seqlen_k, dv = k.shape[2], v.shape[3]
     _check_head_dims(d, dv)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    k, scale, _ = _nonnegative_scale(k, scale)
     out = _alloc_like(q, (batch, heads, seqlen_q, dv))
     lse = _alloc_stats(q, (batch, heads, seqlen_q))
     if out.numel() == 0:
         return out, lse
     mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
     block_d = _block_d(max(d, dv))  # one padded width for q/k and v keeps the compiled variants few
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, HAS_MASK=has_mask,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+    cc = _backend.compute_capability(q.device)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, HAS_MASK=has_mask)
+    precision = _dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
-    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype)
+    qk_scale = scale * math.log2(math.e)
+    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, False, cc)
     if cfg is not None:
         per_program = _short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_fwd_kernel[grid](
-            q, k, v, mask, out, lse, *strides, heads, batch * heads, seqlen_q, seqlen_k, scale * math.log2(math.e),
+            q, k, v, mask, out, lse, *strides, heads, batch * heads, seqlen_q, seqlen_k, qk_scale,
             per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **common)
+            num_stages=cfg.num_stages,
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_short_fwd_kernel")
         return out, lse
-    cfg = _attention_fwd_config(block_d, q.dtype)
-    for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
-        grid = (triton.cdiv(seqlen_q, cfg.block_m), (bs.stop - bs.start) * heads)
-        _attention_fwd_kernel[grid](
-            q[bs], k[bs], v[bs], mask[bs], out[bs], lse[bs], *strides, heads, seqlen_q, seqlen_k,
-            scale * math.log2(math.e), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **common)
+    cfg = _attention_fwd_config(block_d, q.dtype, cc)
+    for (q_, k_, v_, mask_, out_, lse_), seqs in _batch_slices((q, k, v, mask, out, lse), batch, heads):
+        _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
+            q_, k_, v_, mask_, out_, lse_, *strides, heads, seqlen_q, seqlen_k, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_fwd_kernel")
     return out, lse
 
@@ -723,14 +961,16 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     dq, dk, dv = _alloc_like(q, q.shape), _alloc_like(k, k.shape), _alloc_like(v, v.shape)
     if batch * heads == 0:
         return dq, dk, dv
-    mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
-    block_d = _block_d(max(d, dv_dim))
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, HAS_MASK=has_mask,
-                  DOT_PRECISION=_dot_precision(q.dtype))
-    qk_scale = scale * math.log2(math.e)
     if seqlen_q == 0 or seqlen_k == 0:  # no scores: every gradient is zero
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, backward=True)
+    k, scale, negated = _nonnegative_scale(k, scale)
+    mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
+    block_d = _block_d(max(d, dv_dim))
+    cc = _backend.compute_capability(q.device)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, HAS_MASK=has_mask)
+    precision = _dot_precision(q.dtype)
+    qk_scale = scale * math.log2(math.e)
+    cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, True, cc)
     if cfg is not None:
         per_program = _short_seqs_per_program(batch * heads)
         grid = (triton.cdiv(batch * heads, per_program),)
@@ -739,37 +979,40 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *do.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
             heads, batch * heads, seqlen_q, seqlen_k, scale, qk_scale, per_program,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_short_bwd_kernel")
-        return dq, dk, dv
+        return dq, (dk.neg_() if negated else dk), dv
 
     delta = _alloc_stats(q, (batch, heads, seqlen_q))
     pre = _attention_bwd_preprocess_config(block_d)
     inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
-    dkdv_cfg = _attention_bwd_dkdv_config(block_d, q.dtype)
-    dq_cfg = _attention_bwd_dq_config(block_d, q.dtype)
-    for bs in _batch_chunks(batch, heads):  # slicing the batch keeps every stride
-        seqs = (bs.stop - bs.start) * heads
+    dkdv_cfg = _attention_bwd_dkdv_config(block_d, q.dtype, cc)
+    dq_cfg = _attention_bwd_dq_config(block_d, q.dtype, cc)
+    for (q_, k_, v_, mask_, out_, do_, lse_, delta_, dq_, dk_, dv_), seqs in _batch_slices(
+            (q, k, v, mask, out, do, lse, delta, dq, dk, dv), batch, heads):
         _attention_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre.block_m), seqs)](
-            out[bs], do[bs], delta[bs], *out.stride(), *do.stride(), heads, seqlen_q,
+            out_, do_, delta_, *out.stride(), *do.stride(), heads, seqlen_q,
             HEAD_DIM_V=dv_dim, BLOCK_M=pre.block_m, BLOCK_D=block_d, num_warps=pre.num_warps,
             num_stages=pre.num_stages)
         record_launch("_attention_bwd_preprocess_kernel")
 
         cfg = dkdv_cfg
         _attention_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, cfg.block_n), seqs)](
-            q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dk[bs], dv[bs], *inputs, *dk.stride(),
-            *dv.stride(), heads, seqlen_q, seqlen_k, scale, qk_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+            q_, k_, v_, mask_, do_, lse_, delta_, dk_, dv_, *inputs, *dk.stride(), *dv.stride(),
+            heads, seqlen_q, seqlen_k, scale, qk_scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_bwd_dkdv_kernel")
 
         cfg = dq_cfg
         _attention_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
-            q[bs], k[bs], v[bs], mask[bs], do[bs], lse[bs], delta[bs], dq[bs], *inputs, *dq.stride(),
+            q_, k_, v_, mask_, do_, lse_, delta_, dq_, *inputs, *dq.stride(),
             heads, seqlen_q, seqlen_k, scale, qk_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_bwd_dq_kernel")
-    return dq, dk, dv
+    return dq, (dk.neg_() if negated else dk), dv
 
 
 # --------------------------------------------------------------------------------------------------

@@ -247,6 +247,93 @@ def test_empty_key_set_gives_zeros():
         assert out.shape == (1, 2, 5, 64) and (out == 0).all()
 
 
+# Key and query lengths around the tiles: whole tiles only (no ragged tail: the masked loop runs
+# zero times), whole tiles plus a ragged tail, and a tail alone. The main kernels' tiles are 16 to
+# 128 long, so 128 and 256 are whole-tile lengths of every config and 130, 200 have tails.
+@pytest.mark.parametrize(
+    "seqlen_q, seqlen_k, head_dim, dtype",
+    [(128, 256, 64, torch.float16), (130, 200, 40, torch.float16), (200, 130, 80, torch.bfloat16),
+     (256, 128, 40, torch.float32), (130, 77, 160, torch.float32), (77, 130, 64, torch.bfloat16),
+     (200, 200, 160, torch.float16), (130, 256, 80, torch.float32)],
+)
+def test_whole_and_ragged_tiles(seqlen_q, seqlen_k, head_dim, dtype):
+    check(*qkv(1, 2, seqlen_q, seqlen_k, head_dim, dtype))
+
+
+@pytest.mark.parametrize("kind", ("bool", "additive"))
+@pytest.mark.parametrize("seqlen_k, head_dim, dtype", [(128, 40, torch.float16), (200, 80, torch.float32),
+                                                       (130, 160, torch.bfloat16)])
+def test_masks_on_whole_and_ragged_tiles(kind, seqlen_k, head_dim, dtype):
+    """With a mask every key tile takes the masked path, the whole ones included."""
+    q, k, v = qkv(2, 2, 130, seqlen_k, head_dim, dtype)
+    keep = torch.rand(2, 1, 130, seqlen_k) > 0.3
+    mask = keep if kind == "bool" else torch.randn(2, 1, 130, seqlen_k).masked_fill(~keep, float("-inf"))
+    mask[..., 9, :] = False if kind == "bool" else float("-inf")
+    check(q, k, v, mask)
+
+
+@pytest.mark.parametrize("seqlen, dtype", [(130, torch.float16), (20, torch.float32), (200, torch.bfloat16)])
+def test_negative_and_zero_scale(seqlen, dtype):
+    """The fused softmax scales the row max, which needs scale >= 0: a negative scale runs on -k
+    (short and main kernels), and dK comes back with its sign restored."""
+    q, k, v = qkv(1, 2, seqlen, seqlen + 3, 40, dtype)
+    check(q, k, v, scale=-0.4)
+    check(q, k, v, scale=0.0)
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 64), (torch.bfloat16, 160), (torch.float32, 80)])
+def test_sm90_tiles(monkeypatch, dtype, head_dim):
+    """The sm_90 tables' tiles (e.g. 128 x 128 for half precision at D 64) under the interpreter,
+    which otherwise runs sm_80's: the arch comes from ``_backend.compute_capability``."""
+    monkeypatch.setattr(attn._backend, "compute_capability", lambda device: 90)
+    seen = []
+    fwd_config = attn._attention_fwd_config
+    monkeypatch.setattr(attn, "_attention_fwd_config", lambda *a: seen.append(a[-1]) or fwd_config(*a))
+    check(*qkv(1, 2, 200, 130, head_dim, dtype), torch.rand(1, 1, 200, 130) > 0.2 if head_dim == 80 else None)
+    assert seen == [90]
+
+
+@pytest.mark.parametrize("precision", ("high", "medium"))
+def test_fp32_matmul_precision_setting(monkeypatch, precision):
+    """"high" and "medium" select TF32 dots (on a GPU; the interpreter multiplies in fp32 whatever
+    the precision asks, so the float64 parity holds at fp32 tolerance here)."""
+    seen = []
+    original = attn._dot_precision
+    monkeypatch.setattr(attn, "_dot_precision", lambda dtype: seen.append(original(dtype)) or seen[-1])
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        check(*qkv(1, 2, 70, 90, 64, torch.float32))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert set(seen) == {"tf32"}, seen
+    assert original(torch.float32) == "tf32x3"  # "highest", the default
+
+
+def test_mask_is_converted_once_for_forward_and_backward(monkeypatch):
+    """A bool mask (and an unaligned additive one: 77 keys) becomes the kernels' bias once; the
+    backward and later calls on the unchanged mask reuse it, an in-place change converts again."""
+    calls = []
+    convert = attn._convert_mask
+    monkeypatch.setattr(attn, "_convert_mask", lambda *a: calls.append(a[0].dtype) or convert(*a))
+    q, k, v = qkv(2, 2, 40, 77, 40, torch.float16)
+    for mask in (torch.rand(2, 1, 1, 77) > 0.3, torch.randn(2, 1, 40, 77, dtype=torch.float16)):
+        calls.clear()
+        check(q, k, v, mask)
+        check(q, k, v, mask)
+        assert len(calls) == 1, calls
+        if mask.dtype == torch.bool:
+            mask[0, 0, 0, :5] = False
+        else:
+            mask[0, 0, 0, :5] = float("-inf")
+        check(q, k, v, mask)  # new values: converted again, and correct
+        assert len(calls) == 2, calls
+    assert not any(e[0]() is None for e in attn._MASK_BIASES.values())
+    n = len(attn._MASK_BIASES)
+    del mask
+    assert len(attn._MASK_BIASES) == n - 1  # the entry goes with its mask
+
+
 # --------------------------------------------------------------------------------------------------
 # torch reference path
 # --------------------------------------------------------------------------------------------------

@@ -1,130 +1,192 @@
-"""The attention kernels compile for real GPUs (sm_80, sm_90) in every config the config functions
-produce, with no register spills and shared memory within the limit.
+"""The attention kernels compile for real GPUs (sm_80, sm_90) in every config a launcher can select,
+with the specialisation the launcher's real tensors give the JIT, with no register spills and shared
+memory within the limit.
 
-The config space is walked over head dims {8, 16, 32, 40, 64, 80, 128, 160, 256}, fp16/bf16/fp32 and
-query/key lengths in every bucket the launchers distinguish, then deduplicated to one entry per
-(kernel, precision, BLOCK_D, config): 44 entries. Each entry compiles three times (~90 s of CPU on a
-cold Triton cache):
+What is compiled is what is launched: for each entry of ``_attention_configs()`` (kernel, dtype,
+BLOCK_D, arch, config) the test runs the launchers on Stable-Diffusion-shaped tensors with the kernels
+stubbed and ``_backend.compute_capability`` forced to the entry's arch, captures the launch that uses
+the entry's config, and turns its arguments into the signature, constants and attributes Triton's
+runtime would derive (``triton.runtime.jit``'s own ``native_specialize_impl``: a pointer whose address
+and an integer whose value is a multiple of 16 get ``tt.divisibility = 16``, an integer equal to 1 is
+a constant). So the strides are those of the (B, N, H, D) projections the processors hand over
+(innermost stride 1, a constant; ``H * D`` along the queries), and the lengths those of SD
+(4096, 1024 or 256 queries; 77 keys with a mask, as in cross-attention, or as many keys as queries).
 
-* with a mask for sm_80 and for sm_90. The mask is an fp32 additive bias, the heaviest the kernels
-  take (a bool mask becomes a bias in q's dtype);
-* without a mask (the common case, whose layouts differ) for one architecture, alternating.
-
-The head dim cycles through the dims of the entry's BLOCK_D bucket, so every head dim of the list
-is compiled, masked along D (8, 40, 80, 160 ...) and not; fp16 and bf16 alternate likewise.
-
-Strides along the head dim and the mask's key stride are passed as the constant 1, as Triton's
-runtime specialises them for the tensors the launchers hand over (see ``_aligned``).
+Each entry compiles with a mask (an fp32 additive bias ``(B, 1, N, M)``, the heaviest the kernels
+take; a bool mask becomes a bias in q's dtype) and without. Half-precision entries alternate fp16 and
+bf16; fp32 entries compile with ``input_precision="tf32x3"`` (``torch.get_float32_matmul_precision()
+== "highest"``, the default) and the main kernels also once with plain ``"tf32"`` ("high"). The head
+dim cycles through the dims of the entry's BLOCK_D bucket (8 .. 256), so masked and unmasked head
+dims (40, 80, 160 and 64, 128, 256) all appear.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 
+import pytest
 import torch
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import native_specialize_impl
 
 from gpu_compile import check_fits, compile_cases  # tests/ is on sys.path (rootdir conftest)
 
 attn = importlib.import_module("fastunet.kernels.attention")
+backend = importlib.import_module("fastunet.kernels._backend")
 
 HEAD_DIMS = (8, 16, 32, 40, 64, 80, 128, 160, 256)
-LENGTHS = (1, 17, 33, 4097)  # short tile 16, short tile 32, main kernels
-KERNELS = {
-    "fwd": "_attention_fwd_kernel",
-    "dkdv": "_attention_bwd_dkdv_kernel",
-    "dq": "_attention_bwd_dq_kernel",
-    "preprocess": "_attention_bwd_preprocess_kernel",
-    "short_fwd": "_attention_short_fwd_kernel",
-    "short_bwd": "_attention_short_bwd_kernel",
-}
+KERNELS = ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
+           "_attention_bwd_dq_kernel", "_attention_short_fwd_kernel", "_attention_short_bwd_kernel")
+#: Queries of the main kernels' SD shapes by BLOCK_D (SD 1.5: D 40 at 64x64 latents, D 80 at 32x32,
+#: D 160 at 16x16).
+QUERIES = {64: 4096, 128: 1024, 256: 256}
 
 
-def config_space():
-    """Every distinct (kernel, precision, BLOCK_D, config) the launchers can pick, sorted."""
-    seen = set()
-    for dtype, d in itertools.product((torch.float16, torch.bfloat16, torch.float32), HEAD_DIMS):
-        prec = "fp32" if dtype == torch.float32 else "half"
-        bd = attn._block_d(d)
-        for n, m in itertools.product(LENGTHS, LENGTHS):
-            short = attn._attention_short_config(bd, n, m, dtype)
-            if short is not None:
-                seen.add(("short_fwd", prec, bd, short))
-            else:
-                seen.add(("fwd", prec, bd, attn._attention_fwd_config(bd, dtype)))
-            short = attn._attention_short_config(bd, n, m, dtype, backward=True)
-            if short is not None:
-                seen.add(("short_bwd", prec, bd, short))
-            else:
-                seen.add(("preprocess", prec, bd, attn._attention_bwd_preprocess_config(bd)))
-                seen.add(("dkdv", prec, bd, attn._attention_bwd_dkdv_config(bd, dtype)))
-                seen.add(("dq", prec, bd, attn._attention_bwd_dq_config(bd, dtype)))
-    return sorted(seen)
+class _Capture:
+    """Stands in for a ``@triton.jit`` kernel: records ``(kernel, positional args, kwargs)``."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.fn, args, kwargs))
 
 
-def _case(entry, cc: int, head_dim: int, half_dtype: str, has_mask: bool) -> dict:
-    kind, prec, bd, cfg = entry
-    fn = getattr(attn, KERNELS[kind])
-    ptr = "*fp32" if prec == "fp32" else half_dtype
-    constexprs = {"HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                  "BLOCK_D": bd, "HAS_MASK": has_mask,
-                  "DOT_PRECISION": attn._dot_precision(torch.float32 if prec == "fp32" else torch.float16)}
-    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.startswith("stride_") and (name.endswith("_d") or name == "stride_mask_m"):
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        elif name in ("lse_ptr", "delta_ptr", "mask_ptr"):
-            signature[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            signature[name] = ptr
-        elif name in ("qk_scale", "sm_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
+def _launches(monkeypatch, cc: int, dtype, head_dim: int, short: int, masked: bool, precision: str):
+    """Every launch of one forward and backward on SD-shaped inputs, kernels stubbed, arch ``cc``;
+    ``short`` is the sequence length of the short kernels (0: the main kernels)."""
+    log = []
+    with monkeypatch.context() as mp:
+        for name in KERNELS:
+            mp.setattr(attn, name, _Capture(getattr(attn, name), log))
+        mp.setattr(backend, "compute_capability", lambda device: cc)
+        mp.setattr(attn, "interpreter_enabled", lambda: False)  # the launch is for a GPU: no interpreter workaround
+        batch, heads = (64, 8) if short else (2, 2)
+        seqlen_q = short or QUERIES[attn._block_d(head_dim)]
+        seqlen_k = short or (77 if masked else seqlen_q)
+        # (B, N, H, D) projections viewed as (B, H, N, D), as the attention processors pass them.
+        q, k, v = (torch.randn(batch, n, heads, head_dim, dtype=dtype).transpose(1, 2)
+                   for n in (seqlen_q, seqlen_k, seqlen_k))
+        mask = torch.randn(batch, 1, seqlen_q, seqlen_k) if masked else None
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            out, lse = attn._attention_fwd(q, k, v, mask, head_dim ** -0.5)
+            out, lse = torch.randn_like(out), torch.randn_like(lse)  # the stubs wrote nothing
+            attn._attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, head_dim ** -0.5)
+        finally:
+            torch.set_float32_matmul_precision(previous)
+    return log
+
+
+def _is_constexpr(fn, name: str) -> bool:
+    """Whether kernel ``fn``'s parameter ``name`` is annotated ``tl.constexpr`` (``fn`` is the
+    interpreter's wrapper here; its ``.fn`` is the Python function)."""
+    return "constexpr" in str(inspect.signature(fn.fn).parameters[name].annotation)
+
+
+def _specialised_case(fn, args, kwargs, cc: int) -> dict:
+    """The compile case of one captured launch: Triton types, constants and divisibility attributes
+    exactly as ``JITFunction.run`` derives them from the arguments (the launchers pass the runtime
+    arguments by position and the constexprs by keyword)."""
+    names = fn.arg_names
+    if any(_is_constexpr(fn, n) for n in names[:len(args)]) or not all(
+            _is_constexpr(fn, n) for n in names[len(args):]):
+        raise AssertionError(f"{fn.__name__}: runtime args must come by position, constexprs by keyword")
+    signature, constexprs, attrs = {}, {}, []
+    for index, name in enumerate(names):
+        if index >= len(args):
+            signature[name], constexprs[name] = "constexpr", kwargs[name]
+            continue
+        ty, key = native_specialize_impl(BaseBackend, args[index], False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = key
+        elif key:
+            attrs.append([index, BaseBackend.parse_attr(key)])
     return {"module": "fastunet.kernels.attention", "kernel": fn.__name__, "signature": signature,
-            "constexprs": constexprs, "cc": cc, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            "constexprs": constexprs, "attrs": attrs, "cc": cc, "num_warps": kwargs["num_warps"],
+            "num_stages": kwargs["num_stages"]}
 
 
-def compile_plan() -> list[dict]:
-    """The cases described in the module docstring."""
-    bucket_dims = {bd: [d for d in HEAD_DIMS if attn._block_d(d) == bd] for bd in {attn._block_d(d) for d in HEAD_DIMS}}
+def _config_of(kwargs) -> attn._AttentionConfig:
+    return attn._AttentionConfig(kwargs["BLOCK_M"], kwargs.get("BLOCK_N", 16), kwargs["num_warps"],
+                                 kwargs["num_stages"], kwargs.get("DOT_PRECISION") == "ieee")
+
+
+def compile_plan(monkeypatch) -> list[dict]:
+    """The cases described in the module docstring, each captured from a real launcher call."""
+    bucket_dims = {bd: [d for d in HEAD_DIMS if attn._block_d(d) == bd] for bd in (64, 128, 256)}
     turn = dict.fromkeys(bucket_dims, 0)
     cases = []
-    for i, entry in enumerate(config_space()):
-        bd = entry[2]
-        for cc, has_mask in ((80, True), (90, True), ((80, 90)[i % 2], False)):
+    for i, (name, dtype, bd, cc, cfg) in enumerate(attn._attention_configs()):
+        short = cfg.block_m if "short" in name else 0
+        variants = [(True, "highest"), (False, "highest")]
+        if dtype == torch.float32 and not short and "preprocess" not in name:
+            variants.append((False, "high"))
+        for masked, precision in variants:
             head_dim = bucket_dims[bd][turn[bd] % len(bucket_dims[bd])]
             turn[bd] += 1
-            cases.append(_case(entry, cc, head_dim, ("*fp16", "*bf16")[len(cases) % 2], has_mask))
+            run_dtype = dtype if dtype == torch.float32 else (torch.float16, torch.bfloat16)[len(cases) % 2]
+            found = [(fn, a, kw) for fn, a, kw in
+                     _launches(monkeypatch, cc, run_dtype, head_dim, short, masked, precision)
+                     if fn.__name__ == name and _config_of(kw) == cfg]
+            assert found, f"no launch of {name} with {cfg} on sm_{cc} (D={head_dim}, {run_dtype}, mask={masked})"
+            cases.append(_specialised_case(*found[0], cc))
     return cases
 
 
-def test_config_space_covers_every_kernel_and_head_dim():
-    space = config_space()
-    for kind in KERNELS:
-        for prec in ("half", "fp32"):
-            buckets = {bd for k, p, bd, _ in space if (k, p) == (kind, prec)}
-            expected = {64, 128} if (kind, prec) == ("short_bwd", "fp32") else {64, 128, 256}
-            assert buckets == expected, (kind, prec, buckets)  # larger fp32 heads: main kernels
-    compiled = {(c["constexprs"]["HEAD_DIM_V"], c["constexprs"]["HAS_MASK"]) for c in compile_plan()
-                if "HAS_MASK" in c["constexprs"]}
-    assert compiled == set(itertools.product(HEAD_DIMS, (False, True)))
+def test_config_enumeration_covers_every_kernel_arch_and_head_dim(monkeypatch):
+    space = attn._attention_configs()
+    for name, prec, cc in itertools.product(KERNELS, (torch.float16, torch.float32), attn._ARCHS):
+        buckets = {bd for n, d, bd, c, _ in space if (n, d, c) == (name, prec, cc)}
+        expected = {64, 128} if (name, prec) == ("_attention_short_bwd_kernel", torch.float32) else {64, 128, 256}
+        assert buckets == expected, (name, prec, cc, buckets)  # larger fp32 heads: main kernels
+    # The launchers select only enumerated configs, on every head dim, dtype, arch and length bucket.
+    listed = {(n, d, bd, c, cfg) for n, d, bd, c, cfg in space}
+    for cc, dtype, head_dim, short in itertools.product(attn._ARCHS, (torch.float16, torch.bfloat16, torch.float32),
+                                                         (40, 80, 160), (0, 16, 32)):
+        for fn, _, kw in _launches(monkeypatch, cc, dtype, head_dim, short, short == 16, "highest"):
+            table_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+            key = (fn.__name__, table_dtype, kw["BLOCK_D"], cc, _config_of(kw))
+            assert key in listed, key
 
 
-def test_every_attention_config_compiles_without_spills():
-    cases = compile_plan()
+def test_launches_carry_the_runtime_specialisation(monkeypatch):
+    """The captured cases hold what the JIT would see: aligned pointers and strides divisible by 16,
+    unit strides as constants, the dot precision the matmul setting asks for."""
+    (fn, args, kw), *_ = _launches(monkeypatch, 90, torch.float16, 40, 0, False, "highest")
+    case = _specialised_case(fn, args, kw, 90)
+    divisible = {fn.arg_names[i] for i, _ in case["attrs"]}
+    assert {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "lse_ptr", "stride_q_n"} <= divisible, divisible
+    assert "stride_q_h" not in divisible  # 40 elements: not a multiple of 16
+    assert case["constexprs"]["stride_q_d"] == 1 and case["signature"]["stride_q_d"] == "constexpr"
+    for precision, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        (fn, _, kw), *_ = _launches(monkeypatch, 80, torch.float32, 64, 0, True, precision)
+        assert kw["DOT_PRECISION"] == expected, (precision, kw["DOT_PRECISION"])
+
+
+@pytest.mark.parametrize("arch", (80, 90))
+def test_configs_differ_by_arch_where_the_tables_say(arch):
+    """The launchers' arch comes from ``_backend.compute_capability``; archs between table entries
+    take the one below."""
+    assert attn._arch(arch) == arch and attn._arch(arch + 6) == arch and attn._arch(75) == 80
+    assert attn._attention_fwd_config(64, torch.float16, arch) == attn._AttentionConfig(
+        *attn._FWD_CONFIGS["half", arch][64])
+
+
+def test_every_attention_config_compiles_without_spills(monkeypatch):
+    cases = compile_plan(monkeypatch)
     results = compile_cases(cases)
     problems = []
     for case, res in zip(cases, results):
         problems += check_fits(case, res)
         c = case["constexprs"]
-        ptr = next(iter(case["signature"].values()))
-        print(f"sm_{case['cc']} {case['kernel'][11:-7]:<19} {ptr:<6} D={c['HEAD_DIM_V']:<3}"
+        ptr = case["signature"]["q_ptr" if "q_ptr" in case["signature"] else "out_ptr"]
+        print(f"sm_{case['cc']} {case['kernel'][11:-7]:<19} {ptr:<6} D={c.get('HEAD_DIM', c['HEAD_DIM_V']):<3}"
               f" {c['BLOCK_M']:>3}x{c.get('BLOCK_N', '-'):<3} BLOCK_D={c['BLOCK_D']:<3}"
-              f" mask={int(c.get('HAS_MASK', 0))} w{case['num_warps']} s{case['num_stages']}:"
-              f" {res['registers']:>3} regs, {res['shared']:>6} B shared")
+              f" mask={int(c.get('HAS_MASK', 0))} {c.get('DOT_PRECISION', '-'):<11} w{case['num_warps']}"
+              f" s{case['num_stages']}: {res['registers']:>3} regs, {res['shared']:>6} B shared")
     assert not problems, "\n".join(problems)
