@@ -1152,8 +1152,9 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
 def _grad_like(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dh`` (contiguous, x's number of elements) as x's gradient: x's shape and dtype, laid out as
     ``torch.empty_like(x)`` (a view of ``dh`` when x is contiguous, the common case)."""
-    if x.is_contiguous():
-        return dh.view(x.shape).to(x.dtype)
+    dh = dh.view(x.shape)
+    if dh.stride() == x.stride():  # empty_like keeps a dense x's strides, those of size-1 dims included
+        return dh.to(x.dtype)
     return _as_layout(dh, x, torch.empty_like(x, device="meta").stride())
 
 
