@@ -651,15 +651,19 @@ _ARCHS = (80, 90)
 # counts queries, block_n keys. Every dot runs on tensor cores: fp16/bf16 directly, fp32 as 3xTF32
 # (or TF32) dots, whose fp32 operands, split in high and low parts, take several times the registers
 # of half ones, hence the smaller fp32 tiles; where no such tile compiled without spilling (fp32
-# backward at BLOCK_D 256) the entry says ``fma=True`` and keeps exact FMA dots (16 x 16 tiles, 8 warps).
+# backward at BLOCK_D 256, fp32 forward at BLOCK_D 256 on sm_80) the entry says ``fma=True`` and keeps
+# exact FMA dots (16 x 16 or 16 x 32 tiles, 8 warps).
+# The fp32 entries are sized for the masked launches (HAS_MASK: the bias tile adds live registers)
+# and the unmasked ones alike, on head dims masked along D or not; 3xTF32 fp32 tiles sit near
+# 255 registers, so a change here must be recompiled (static report) before it is kept.
 # On sm_90, tiles whose dots are 64 rows per warpgroup lower to wgmma (HGMMA), others to mma.sync.
 # The tiles do not shrink for short sequences: N, M <= 32 go to the short kernels. Every entry is
 # compiled on its arch by tests/ops/test_attention_compile.py: no spills, shared memory within limits.
 _FWD_CONFIGS = {
     ("half", 80): {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
     ("half", 90): {64: (128, 128, 8, 2), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    ("fp32", 80): {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 8, 1)},
-    ("fp32", 90): {64: (64, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 32, 8, 1)},
+    ("fp32", 80): {64: (32, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 1, True)},
+    ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 1)},
 }
 _DKDV_CONFIGS = {
     ("half", 80): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
@@ -670,7 +674,7 @@ _DKDV_CONFIGS = {
 _DQ_CONFIGS = {
     ("half", 80): {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
     ("half", 90): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
-    ("fp32", 80): {64: (32, 32, 4, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1, True)},
+    ("fp32", 80): {64: (32, 32, 8, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1, True)},
     ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
 }
 
