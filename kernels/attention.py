@@ -41,11 +41,14 @@ per row, which needs ``scale >= 0``: a negative scale runs as ``|scale|`` on ``-
 last tile, and every tile of a masked call, scale, add the bias and mask. Both backward kernels
 split their loops the same way.
 
-Every dot runs on the tensor cores. fp16/bf16 directly (P and dS rounded to the input dtype, as
+The dots run on the tensor cores: fp16/bf16 directly (P and dS rounded to the input dtype, as
 FlashAttention does); fp32 as 3xTF32 (``input_precision="tf32x3"``, about fp32 accuracy) under
 ``torch.get_float32_matmul_precision() == "highest"`` (the default), plain TF32 under "high" or
 "medium" (see ``_dot_precision``). Triton's interpreter ignores ``input_precision`` and multiplies
-fp32 in fp32, so the CPU tests check the fp32 kernels at fp32 accuracy.
+fp32 in fp32, so the CPU tests check the fp32 kernels at fp32 accuracy. Exceptions, where every
+tensor-core tile tried spilled registers (table entries with ``fma=True``, plain fp32 FMA dots at any
+matmul precision): the fp32 backward at BLOCK_D 256 (head dims 129-256), the fp32 forward at BLOCK_D 256
+on sm_80, and the fp32 short-sequence kernels.
 
 Tiles come from per-(precision, arch) tables (``_FWD_CONFIGS`` ...), the arch from
 ``_backend.compute_capability`` (sm_80 and sm_90 tables; CPU tensors under the interpreter take
