@@ -19,7 +19,7 @@ The result is a contiguous cyclic run of frequencies ``u0, u0 + 1, ... (mod H)``
 
 Triton kernel: one program per ``(b, c)`` plane.  Pass 1 walks the plane in blocks of ``BLOCK_H``
 full rows and accumulates the ``|R| x |K|`` complex coefficients in fp32; pass 2 walks it again and
-writes ``x + (scale - 1) / (H W) * correction``.  A plane of up to 4096 (padded) elements is one tile,
+writes ``x + (scale - 1) / (H W) * correction``.  A plane of up to 2048 (padded) elements is one tile,
 loaded once.  Twiddles are computed in the kernel from the integer phase ``(u h) mod H``: the quarter
 turn is split off in integers and a short polynomial does the rest, so phases stay exact however large
 the plane and no float range reduction (libdevice's slow path spills to local memory) is needed.
@@ -51,7 +51,12 @@ from ._backend import get_backend, record_launch, register_once, tl, triton, use
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_FREQS = 8  # scaled frequencies per axis the kernel takes
 _MAX_SIDE = 2048  # plane height and width the kernel takes (widths above it would need a column loop)
-_ONE_TILE_ELEMENTS = 4096  # planes up to this many padded elements are loaded once
+# planes up to this many padded elements are loaded once (8 warps at 8 elements a thread). 4096-element
+# one-tile planes on 16 warps (128 registers a thread) spilled at K_PAD 8 whatever R_PAD: 16x256, 32x128,
+# 64x64 and 256x16 at R_PAD 1, 2, 4 and 8 held 184-400 B of stack on sm_80 and sm_90; they now take the
+# row blocks (two reads of x instead of one). On 8 warps they fit but for 256x16 at 8 x 8 (8 B on sm_90),
+# untested below R_PAD 8.
+_ONE_TILE_ELEMENTS = 2048
 _TILE_ELEMENTS = 2048  # tile size for larger planes
 # Tile elements a thread holds on the one-tile path. Every step of the unrolled transform is a
 # reduction across the tile, so fewer warps would issue fewer instructions a plane (64x64 fp16 at 2 x 2
@@ -213,7 +218,7 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     """Tile and launch configuration, keyed on the power-of-two buckets of ``H`` and ``W`` and on
     ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
-    A tile always spans the full (padded) width.  Planes up to 4096 padded elements are one tile,
+    A tile always spans the full (padded) width.  Planes up to 2048 padded elements are one tile,
     loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles.  Either way
     a thread holds about 8 elements of a tile (``_ONE_TILE_PER_THREAD``).  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
     held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
@@ -226,6 +231,10 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     if block_h * block_w <= _ONE_TILE_ELEMENTS and twiddle_warps <= 16:
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
                 "num_warps": min(max(block_h * block_w // (32 * _ONE_TILE_PER_THREAD), twiddle_warps, 1), 16)}
+    if block_w in (128, 1024):
+        # 2048-element row blocks on 8 warps spilled in fp32 at K_PAD 8: 2x1024 at R_PAD 4, 16 B on sm_80;
+        # 16x128 at R_PAD 8, 24 B on sm_90. 1024-element blocks on 4 warps compile with none.
+        return {"BLOCK_H": 1024 // block_w, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 4}
     rows = min(max(1, _TILE_ELEMENTS // block_w), 8 * _TWIDDLE_ROWS_PER_WARP // r_pad)
     return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 8}
 

@@ -322,11 +322,14 @@ def test_config_table_bounds_what_a_thread_holds():
     (a one-tile 2048x1 plane at R_PAD 8 used to hold 128 twiddles a thread and spilled 104 B on sm_80),
     row-block tiles that cover the width, and the one-tile path exactly when the plane fits it."""
     configs = launcher_configs()
-    assert len(configs) > 300
+    assert len(configs) > 250  # 288 since the 4096-element planes left the one-tile path (325 before)
     for key in configs:
         tile, twiddles = thread_load(key)
         assert tile <= 8 and twiddles <= 32, f"{key}: {tile} tile elements, {twiddles} twiddles a thread"
         assert key[3] in (1, 2, 4, 8, 16)
+        # 4096-element one-tile planes on 16 warps spilled 184-400 B at K_PAD 8 (16x256 and 32x128 at
+        # R_PAD 8 in the captured launches, 64x64 and 256x16 at every R_PAD): none may come back
+        assert not (key[2] and key[0] * key[1] > 2048), f"{key}: a one-tile plane over 2048 elements"
 
 
 def _worst_per_class(configs: dict) -> list[tuple]:
@@ -349,16 +352,27 @@ def _check_compiles(cases: list[dict]) -> None:
 def test_configs_compile_for_sm80_and_sm90_without_spills():
     """The heaviest config of the 1- and 16-warp one-tile classes and the row-block class of the
     launcher's table at its largest pads (tall narrow tiles, the row twiddles' worst case), the widest plane at 8 column pads (the
-    column loop's), and FreeU's 64x64 plane at pads 2, for sm_80 and sm_90, the dtypes rotating.  Every
+    column loop's), the 16x256 and 32x128 planes at 8 x 8 pads (one-tile on 16 warps they spilled 248-296 B),
+    8x1024 at 4 x 8 in fp32 and FreeU's 64x64 plane at pads 2, for sm_80 and sm_90, the dtypes rotating.  Every
     config of the table compiles in test_every_config_compiles_without_spills (opt-in: 650 compiles)."""
     configs = launcher_configs()
     # the classes hold the same load a thread; the fewest and most warps of one tile, and the row blocks
     cases = [(key, configs[key]) for key in _worst_per_class(configs) if key[3] in (1, 16) or not key[2]]
-    cases += [((1, 2048, True, 8, 1), 8), ((64, 64, True, 16, 2), 2)]
-    assert all(key in configs for key, _ in cases)
+    cases += [((1, 2048, True, 8, 1), 8)]
+    # the 4096-element planes whose one-tile 16-warp configs spilled at 8 x 8 (16x256, 32x128), and
+    # FreeU's 64x64 at pads 2: what the launcher selects for them now, at their largest column pads
+    # (and 8x1024 at 4 x 8 in fp32, whose 2x1024 8-warp row blocks spilled 16 B on sm_80, as did 16x128 ones
+    # at 8 x 8 in fp32, 24 B on sm_90: the 32x128 plane's case)
+    planes = []
+    for h, w, r_pad, k_pad, dtype in ((16, 256, 8, 8, "fp16"), (32, 128, 8, 8, "fp32"), (64, 64, 2, 2, "bf16"),
+                                      (8, 1024, 4, 8, "fp32")):
+        cfg = ff_module._fourier_filter_config(h, w, r_pad)
+        planes.append(((cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad), k_pad, dtype))
+    assert all(key in configs for key, _ in cases) and all(key in configs for key, _, _ in planes)
     dtypes = ("fp32", "fp16", "bf16")
     _check_compiles([_compile_case(key, k_pad, dtypes[i % 3], cc)
-                     for cc in (80, 90) for i, (key, k_pad) in enumerate(cases)])
+                     for cc in (80, 90) for i, (key, k_pad) in enumerate(cases)]
+                    + [_compile_case(key, k_pad, dtype, cc) for cc in (80, 90) for key, k_pad, dtype in planes])
 
 
 @pytest.mark.skipif(os.environ.get("FASTUNET_COMPILE_ALL") != "1",
