@@ -219,7 +219,8 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
     A tile always spans the full (padded) width.  Planes up to 2048 padded elements are one tile,
-    loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles.  Either way
+    loaded once; larger ones are walked ``BLOCK_H`` rows at a time in 2048-element tiles
+    (1024-element tiles on 4 warps for rows 128 or 1024 wide, where 2048 spilled in fp32).  Either way
     a thread holds about 8 elements of a tile (``_ONE_TILE_PER_THREAD``).  The row twiddles, two ``(r_pad, BLOCK_H)`` arrays, are
     held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
     the rows per tile shrink) until a thread holds at most 32 twiddles.  Without that a one-tile

@@ -255,7 +255,8 @@ def test_capture_reaches_every_config_of_the_tables(captured):
     assert all(key not in plan for _, key in missing["fourier_filter"])
     assert all(key[4] == 1 and key[0] > 1 for _, key in missing["fourier_filter"])
     table = sr.fourier_config_space()
-    assert len(table) == 325 and len(missing["fourier_filter"]) < 2 * len(table) // 4
+    # 288 since a49a9ab (one-tile planes up to 2048 elements)
+    assert len(table) == 288 and len(missing["fourier_filter"]) < 2 * len(table) // 4
     synth = sr.synthesise_fourier(captured, missing["fourier_filter"])
     assert sr.coverage(captured + synth)["fourier_filter"] == []
     # every kernel, arch and dtype was launched
@@ -346,6 +347,12 @@ def test_captured_configs_compile_without_spills_with_tensor_cores_and_no_longer
         assert res["divisible_args"] == sum(1 for _, spec in case["attrs"] if ["tt.divisibility", 16] in spec)
     recorded = sum(1 for c in cases if sr.baseline_key(c) in baseline)
     print(f"{len(cases)} cases, {recorded} with a recorded loop baseline")
+    if os.environ.get("FASTUNET_COMPILE_ALL") != "1":
+        # a new or changed config of the subset must be recorded on purpose (--record --subset), so that
+        # every loop the CI compiles is held to a count
+        unrecorded = [sr.describe(c) for c in cases if sr.baseline_key(c) not in baseline]
+        assert not unrecorded, "not in the loop baseline (python -m fastunet.cli.static --record --subset):\n" + \
+            "\n".join(unrecorded)
 
 
 # --------------------------------------------------------------------------------------------------
