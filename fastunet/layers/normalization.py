@@ -160,8 +160,8 @@ class _NormActConv(torch.autograd.Function):
         elif norm_needs:
             grads = list(group_norm_act_bwd_call(dh, x, norm_weight, norm_bias, add, scale, shift, mean, rstd,
                                                  num_groups, activation))
-            grads = [g if t is not None and need else None
-                     for g, t, need in zip(grads, (x, norm_weight, norm_bias, add, scale, shift), needs)]
+        grads = [g if t is not None and need else None
+                 for g, t, need in zip(grads, (x, norm_weight, norm_bias, add, scale, shift), needs)]
         return (*grads, dconv_weight, dconv_bias, None, None, None, None, None, None, None)
 
 
