@@ -1205,8 +1205,7 @@ def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_gro
     memory: ``xc`` and ``u`` (``_centred_torch``, one each), the activation's gradient over ``u`` (one),
     ``native_group_norm_backward`` (two) and, with ``add``, ``dadd = sum(dx)``."""
     xc, u, w = _centred_torch(x, weight, bias, add, mean, rstd, num_groups)
-    du = _activation_grad_torch(dy.reshape(xc.shape).float(), u, activation)
-    return _norm_grads_torch(du, xc, w, x, weight, bias, add, rstd, num_groups)
+    return group_norm_act_recomputed_bwd_torch(dy, (xc, u, w, activation), x, weight, bias, add, rstd, num_groups)
 
 
 def group_norm_act_recompute_torch(x, weight, bias, add, mean, rstd, num_groups, activation):
