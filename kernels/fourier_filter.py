@@ -214,7 +214,7 @@ def _scaled_frequencies(n: int, threshold: int) -> tuple[int, int]:
     return (positions.start - n // 2) % n, len(positions)
 
 
-def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
+def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
     """Tile and launch configuration, keyed on the power-of-two buckets of ``H`` and ``W`` and on
     ``r_pad``, the scaled rows rounded up to a power of two (1, 2, 4 or 8).
 
@@ -225,18 +225,33 @@ def _fourier_filter_config(H: int, W: int, r_pad: int) -> dict:
     held alongside: on tall narrow planes they outweigh the tile, so the warps grow (and past 16 warps
     the rows per tile shrink) until a thread holds at most 32 twiddles.  Without that a one-tile
     2048x1 plane at ``r_pad = 8`` held 128 per thread and spilled 104 B of stack on sm_80.
+
+    ``k_pad``, the scaled columns rounded up to a power of two (1, 2, 4 or 8; the launcher passes it,
+    callers that omit it get the table below 8 column pads), changes two cases at ``k_pad = 8``,
+    each of which spilled there (stack bytes, sm_80 / sm_90, before the change):
+    1024-element one-tile planes take 8 warps instead of 4 (32x32 on 4 warps: 8 B in bf16 sm_90 at
+    ``r_pad`` 2, 8 B in fp16/bf16 sm_80 at ``r_pad`` 8; on 8 warps 102-128 registers, no stack, every
+    ``r_pad``, dtype and arch); row blocks hold at most
+    ``1024 / r_pad`` rows (256x8 at ``r_pad`` 8: 32 B at 255 registers, every dtype, both archs;
+    now 128x8: 145-183 registers, no stack).  Not fixed: 4x512 row blocks on 8 warps at ``r_pad`` 1
+    and 2 keep 8 B of stack in fp32 on sm_80; 2x512 blocks on 4 warps held 8 B there too (at ``r_pad``
+    2 and 4, 80 registers, so not register pressure).  FreeU (threshold 1: ``r_pad = k_pad = 2``) keeps the configs it had.
     """
     block_w = triton.next_power_of_2(W)
     block_h = triton.next_power_of_2(H)
     twiddle_warps = r_pad * block_h // _TWIDDLE_ROWS_PER_WARP
+    wide_pads = k_pad >= 8
     if block_h * block_w <= _ONE_TILE_ELEMENTS and twiddle_warps <= 16:
+        tile_warps = block_h * block_w // (32 * _ONE_TILE_PER_THREAD)
+        if wide_pads and block_h * block_w == 1024:
+            tile_warps = 8  # 4 tile elements a thread: 4 warps spilled 8 B at 8 column pads (32x32)
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
-                "num_warps": min(max(block_h * block_w // (32 * _ONE_TILE_PER_THREAD), twiddle_warps, 1), 16)}
+                "num_warps": min(max(tile_warps, twiddle_warps, 1), 16)}
     if block_w in (128, 1024):
         # 2048-element row blocks on 8 warps spilled in fp32 at K_PAD 8: 2x1024 at R_PAD 4, 16 B on sm_80;
         # 16x128 at R_PAD 8, 24 B on sm_90. 1024-element blocks on 4 warps compile with none.
         return {"BLOCK_H": 1024 // block_w, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 4}
-    rows = min(max(1, _TILE_ELEMENTS // block_w), 8 * _TWIDDLE_ROWS_PER_WARP // r_pad)
+    rows = min(max(1, _TILE_ELEMENTS // block_w), (2 if wide_pads else 8) * _TWIDDLE_ROWS_PER_WARP // r_pad)
     return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 8}
 
 
@@ -274,7 +289,7 @@ def _fourier_filter_fwd(x: torch.Tensor, threshold: int, scale: float, out: torc
         if extent >= 2**31:
             raise ValueError(f"{name} planes must span < 2**31 elements; got {extent + 1}")
     r_pad, k_pad = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
-    cfg = _fourier_filter_config(H, W, r_pad)
+    cfg = _fourier_filter_config(H, W, r_pad, k_pad)
     num_warps = cfg.pop("num_warps")
     _fourier_filter_fwd_kernel[(B * C,)](
         x, y, C, H, W,

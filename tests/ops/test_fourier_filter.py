@@ -277,11 +277,12 @@ def launcher_configs() -> dict[tuple, int]:
         for log_w in range(12):
             block_h, block_w = 1 << log_h, 1 << log_w
             for r_pad in (1, 2, 4, 8):
-                if r_pad > block_h:
-                    continue
-                cfg = ff_module._fourier_filter_config(block_h, block_w, r_pad)
-                key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
-                configs[key] = max(configs.get(key, 1), min(8, block_w))
+                for k_pad in (1, 2, 4, 8):
+                    if r_pad > block_h or k_pad > block_w:
+                        continue
+                    cfg = ff_module._fourier_filter_config(block_h, block_w, r_pad, k_pad)
+                    key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
+                    configs[key] = max(configs.get(key, 1), k_pad)
     return configs
 
 
@@ -353,7 +354,8 @@ def test_configs_compile_for_sm80_and_sm90_without_spills():
     """The heaviest config of the 1- and 16-warp one-tile classes and the row-block class of the
     launcher's table at its largest pads (tall narrow tiles, the row twiddles' worst case), the widest plane at 8 column pads (the
     column loop's), the 16x256 and 32x128 planes at 8 x 8 pads (one-tile on 16 warps they spilled 248-296 B),
-    8x1024 at 4 x 8 in fp32 and FreeU's 64x64 plane at pads 2, for sm_80 and sm_90, the dtypes rotating.  Every
+    8x1024 at 4 x 8 in fp32, 32x32 at 2 x 8 (bf16) and 8 x 8 (fp16) and 1024x8 at 8 x 8 (fp32; one-tile on 4
+    warps and 256x8 row blocks they spilled 8-32 B) and FreeU's 64x64 plane at pads 2, for sm_80 and sm_90, the dtypes rotating.  Every
     config of the table compiles in test_every_config_compiles_without_spills (opt-in: 650 compiles)."""
     configs = launcher_configs()
     # the classes hold the same load a thread; the fewest and most warps of one tile, and the row blocks
@@ -365,8 +367,9 @@ def test_configs_compile_for_sm80_and_sm90_without_spills():
     # at 8 x 8 in fp32, 24 B on sm_90: the 32x128 plane's case)
     planes = []
     for h, w, r_pad, k_pad, dtype in ((16, 256, 8, 8, "fp16"), (32, 128, 8, 8, "fp32"), (64, 64, 2, 2, "bf16"),
-                                      (8, 1024, 4, 8, "fp32")):
-        cfg = ff_module._fourier_filter_config(h, w, r_pad)
+                                      (8, 1024, 4, 8, "fp32"), (32, 32, 2, 8, "bf16"), (32, 32, 8, 8, "fp16"),
+                                      (1024, 8, 8, 8, "fp32")):
+        cfg = ff_module._fourier_filter_config(h, w, r_pad, k_pad)
         planes.append(((cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad), k_pad, dtype))
     assert all(key in configs for key, _ in cases) and all(key in configs for key, _, _ in planes)
     dtypes = ("fp32", "fp16", "bf16")
