@@ -229,7 +229,7 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
     ``k_pad``, the scaled columns rounded up to a power of two (1, 2, 4 or 8; the launcher passes it,
     callers that omit it get the table below 8 column pads), changes two cases at ``k_pad = 8``,
     each of which spilled there (stack bytes, sm_80 / sm_90, before the change):
-    1024-element one-tile planes take 8 warps instead of 4 (32x32 on 4 warps: 8 B in bf16 sm_90 at
+    1024-element one-tile planes 32 to 128 wide take 8 warps instead of 4 (32x32 on 4 warps: 8 B in bf16 sm_90 at
     ``r_pad`` 2, 8 B in fp16/bf16 sm_80 at ``r_pad`` 8; on 8 warps 102-128 registers, no stack, every
     ``r_pad``, dtype and arch); row blocks hold at most
     ``1024 / r_pad`` rows (256x8 at ``r_pad`` 8: 32 B at 255 registers, every dtype, both archs;
@@ -243,7 +243,7 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
     wide_pads = k_pad >= 8
     if block_h * block_w <= _ONE_TILE_ELEMENTS and twiddle_warps <= 16:
         tile_warps = block_h * block_w // (32 * _ONE_TILE_PER_THREAD)
-        if wide_pads and block_h * block_w == 1024:
+        if wide_pads and block_h * block_w == 1024 and block_w in (32, 64, 128):  # 64x16 on 8: 8 B fp32 sm_80
             tile_warps = 8  # 4 tile elements a thread: 4 warps spilled 8 B at 8 column pads (32x32)
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
                 "num_warps": min(max(tile_warps, twiddle_warps, 1), 16)}
