@@ -542,7 +542,7 @@ def _fourier_plane_plan() -> dict[tuple, tuple]:
                 if n_rows == 0 or n_cols == 0 or max(n_rows, n_cols) > ff._MAX_FREQS:
                     continue
                 r_pad, k_pad = triton.next_power_of_2(n_rows), triton.next_power_of_2(n_cols)
-                cfg = ff._fourier_filter_config(h, w, r_pad)
+                cfg = ff._fourier_filter_config(h, w, r_pad, k_pad)
                 key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
                 rank = (k_pad, pow2)
                 if key not in plan or rank > plan[key][0]:
@@ -1025,17 +1025,21 @@ def group_norm_act_config_space() -> list[dict]:
     return importlib.import_module(f"{KERNEL_PACKAGE}.group_norm_act")._group_norm_act_configs()
 
 
-def fourier_config_space() -> set[tuple]:
+def fourier_config_space() -> dict[tuple, int]:
     """Every (BLOCK_H, BLOCK_W, ONE_TILE, num_warps, R_PAD) of the fourier config table over the
-    power-of-two plane buckets up to 2048 a side and row pads 1..8 (at most the padded height)."""
+    power-of-two plane buckets up to 2048 a side, row pads 1..8 (at most the padded height) and column
+    pads 1..8 (at most the padded width), each mapped to the largest column pad that reaches it (the
+    table gives some configs only below 8 column pads, where 8 spilled)."""
     ff = importlib.import_module(f"{KERNEL_PACKAGE}.fourier_filter")
-    keys = set()
+    keys: dict[tuple, int] = {}
     for log_h in range(12):
         for log_w in range(12):
             for r_pad in (1, 2, 4, 8):
-                if r_pad <= 1 << log_h:
-                    cfg = ff._fourier_filter_config(1 << log_h, 1 << log_w, r_pad)
-                    keys.add((cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad))
+                for k_pad in (1, 2, 4, 8):
+                    if r_pad <= 1 << log_h and k_pad <= 1 << log_w:
+                        cfg = ff._fourier_filter_config(1 << log_h, 1 << log_w, r_pad, k_pad)
+                        key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
+                        keys[key] = max(keys.get(key, 0), k_pad)
     return keys
 
 
@@ -1074,8 +1078,9 @@ def coverage(cases: list[dict], ccs=(80, 90)) -> dict[str, list]:
 def synthesise_fourier(cases: list[dict], missing: list[tuple]) -> list[dict]:
     """Cases for the fourier table configs no launch reaches (``coverage()["fourier_filter"]``): a
     captured fourier case of the same cc given the config's tiles, warps and row pad and the largest
-    column pad, ``min(8, BLOCK_W)``; one dtype per config, rotating. Their probe says
-    ``synthesised``."""
+    column pad the table gives it (:func:`fourier_config_space`); one dtype per config, rotating.
+    Their probe says ``synthesised``."""
+    space = fourier_config_space()
     templates = {}
     for c in cases:
         if op_of(c) == "fourier_filter" and c["constexprs"].get("ONE_TILE") is not None:
@@ -1086,7 +1091,8 @@ def synthesise_fourier(cases: list[dict], missing: list[tuple]) -> list[dict]:
         if not options:
             continue
         case = json.loads(json.dumps(options[i % len(options)]))
-        case["constexprs"].update(BLOCK_H=bh, BLOCK_W=bw, ONE_TILE=one, R_PAD=r_pad, K_PAD=min(8, bw))
+        case["constexprs"].update(BLOCK_H=bh, BLOCK_W=bw, ONE_TILE=one, R_PAD=r_pad,
+                                 K_PAD=space[(bh, bw, one, nw, r_pad)])
         case["num_warps"] = nw
         case["probe"] = "fourier_filter synthesised from the config table (no input reaches it)"
         out.append(case)

@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         extra = sr.synthesise_fourier(cases, missing["fourier_filter"])
         cases += extra
         notes.append(f"fourier_filter: {len(missing['fourier_filter'])} (cc, config) entries of the config table "
-                     f"are reached by no input (row pad 1 on tiles taller than one row needs a threshold the "
-                     f"kernel does not take); {len(extra)} cases synthesised from the table for them")
+                     f"are reached by no input (a row pad of 1 on a tile taller than one row, or a row pad and "
+                     f"column-pad class no threshold gives together); {len(extra)} cases synthesised from the table for them")
     for op in ("attention", "group_norm_act"):
         if op in ops:
             problems += [f"{op}: config {m} is reached by no probe launch" for m in missing[op]]

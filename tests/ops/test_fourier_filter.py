@@ -267,23 +267,12 @@ def test_bad_inputs(fn):
 
 
 def launcher_configs() -> dict[tuple, int]:
-    """Every config the launcher can select, from its config table: each (BLOCK_H, BLOCK_W, ONE_TILE,
-    num_warps, R_PAD) that ``_fourier_filter_config`` returns over the power-of-two buckets of planes up
-    to 2048 a side and the reachable row pads (at most 8, at most the padded height), mapped to the
-    largest column pad it can run with (at most 8, at most the padded width).  Registers only grow with
-    the pads, so that one compile per config is its worst case."""
-    configs = {}
-    for log_h in range(12):
-        for log_w in range(12):
-            block_h, block_w = 1 << log_h, 1 << log_w
-            for r_pad in (1, 2, 4, 8):
-                for k_pad in (1, 2, 4, 8):
-                    if r_pad > block_h or k_pad > block_w:
-                        continue
-                    cfg = ff_module._fourier_filter_config(block_h, block_w, r_pad, k_pad)
-                    key = (cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["ONE_TILE"], cfg["num_warps"], r_pad)
-                    configs[key] = max(configs.get(key, 1), k_pad)
-    return configs
+    """Every config the launcher can select, from its config table, mapped to the largest column pad it
+    can run with (the static report's :func:`fastunet.static_report.fourier_config_space`).  Registers
+    only grow with the pads, so that one compile per config is its worst case."""
+    from fastunet import static_report
+
+    return static_report.fourier_config_space()
 
 
 def thread_load(key: tuple) -> tuple[float, float]:
