@@ -1012,12 +1012,17 @@ def attention_config_space(ccs=(80, 90)) -> set[tuple]:
 
 
 def attention_config_of(case: dict) -> tuple:
+    """``(kind, precision class, head-dim bucket, config)`` of an attention case; the bucket is the
+    padded head dim the config tables are keyed on, also for a head dim split in two pieces
+    (``BLOCK_D + BLOCK_D2``)."""
+    attn = importlib.import_module(f"{KERNEL_PACKAGE}.attention")
     c = case["constexprs"]
     kind = ATTENTION_KINDS.get(case["kernel"], case["kernel"])
     prec = "fp32" if dtype_of(case) == "fp32" else "half"
     block_n = None if kind == "preprocess" else c.get("BLOCK_N")
     fma = c.get("DOT_PRECISION") == "ieee"
-    return (kind, prec, c.get("BLOCK_D"), (c.get("BLOCK_M"), block_n, case["num_warps"], case["num_stages"], fma))
+    bucket = attn._block_d(c["BLOCK_D"] + c.get("BLOCK_D2", 0))
+    return (kind, prec, bucket, (c.get("BLOCK_M"), block_n, case["num_warps"], case["num_stages"], fma))
 
 
 def group_norm_act_config_space() -> list[dict]:

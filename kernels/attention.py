@@ -65,8 +65,11 @@ sequence, so the softmax is a single pass, and each program loops over several (
 sequences. Its backward computes ``dQ, dK, dV`` of a sequence in one go (fp32 with large heads
 takes the main kernels, see ``_attention_short_config``).
 
-Head dims ``1 .. 256`` on the Triton path (padded to a power of two ``>= 64`` and masked); the torch
-reference takes any. Both paths register as ``torch.library`` custom ops (``fastunet::attention_fwd``
+Head dims ``1 .. 256`` on the Triton path, padded to a power of two ``>= 64`` and masked, except that
+the main kernels split SD 1.5's head dims (33..48, 65..80, 129..160: 40, 80, 160) into two
+power-of-two pieces, 32+16, 64+16 and 128+32 columns, each with its own dots into one score tile
+and its own output accumulator (``BLOCK_D2``, ``_block_dims``), so they compute 48, 80 and 160 columns
+instead of 64, 128 and 256; the torch reference takes any. Both paths register as ``torch.library`` custom ops (``fastunet::attention_fwd``
 -> ``(out, lse)``, ``fastunet::attention_bwd`` -> ``(dq, dk, dv)``) so ``torch.compile(fullgraph=True)``
 traces through them; the backend is picked inside the op with ``use_triton``.
 
@@ -152,14 +155,15 @@ def _attention_batch_head(bh, num_heads):
 
 @triton.jit
 def _attention_load_rows(base, rows, offs_d, stride_row, stride_col, row_ok, DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """Tile ``(len(rows), BLOCK_D)`` of one (batch, head) slice, zero past ``DIM`` columns and, with
-    ``CHECK_ROWS``, on rows where ``row_ok`` is False. A full tile of a head dim that fills
-    ``BLOCK_D`` loads without a mask."""
+                         END: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Tile ``(len(rows), len(offs_d))`` of one (batch, head) slice: columns ``offs_d``, a run of the
+    head dim that ends before column ``END``, zero past ``DIM`` columns and, with ``CHECK_ROWS``, on
+    rows where ``row_ok`` is False. A full tile whose columns all lie below ``DIM`` loads without a
+    mask."""
     ptrs = _attention_tile_ptrs(base, rows, offs_d, stride_row, stride_col)
     if CHECK_ROWS:
         tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < DIM)[None, :], other=0.0)
-    elif DIM == BLOCK_D:
+    elif DIM >= END:
         tile = tl.load(ptrs)
     else:
         tile = tl.load(ptrs, mask=(offs_d < DIM)[None, :], other=0.0)
@@ -167,12 +171,25 @@ def _attention_load_rows(base, rows, offs_d, stride_row, stride_col, row_ok, DIM
 
 
 @triton.jit
-def _attention_fwd_tile(q, k_base, v_base, m_base, rows, cols, offs_d, row_ok, seqlen_k,
+def _attention_head_dots(a, b, a2, b2, acc, BLOCK_D2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``a @ b^T (+ acc)`` over the whole head dim: the first piece's columns (``a``, ``b``) and, where
+    the head dim is split (``BLOCK_D2 > 0``), the second piece's (``a2``, ``b2``) into the same
+    accumulator."""
+    acc = _attention_dot(a, tl.trans(b), acc, DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        acc = _attention_dot(a2, tl.trans(b2), acc, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, cols, offs_d, offs_d2, row_ok, seqlen_k,
                         stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m,
-                        m_i, l_i, acc, qk_scale,
+                        m_i, l_i, acc, acc2, qk_scale,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the forward's online softmax; returns the updated ``(m_i, l_i, acc)``.
+                        BLOCK_D2: tl.constexpr, HAS_MASK: tl.constexpr, RAGGED: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """One key tile of the forward's online softmax; returns the updated ``(m_i, l_i, acc, acc2)``
+    (``acc2``: the output columns of the head dim's second piece, passed through when it has none).
 
     ``m_i`` is the running row max in log2 units. A full tile without a mask (``RAGGED`` and
     ``HAS_MASK`` False) keeps the raw scores: the row max is scaled once per row, and the scale and
@@ -181,8 +198,12 @@ def _attention_fwd_tile(q, k_base, v_base, m_base, rows, cols, offs_d, row_ok, s
     ``-inf``. ``qk_scale >= 0`` (the launchers make it so), so ``max(s) * qk_scale`` is
     ``max(s * qk_scale)`` exactly."""
     col_ok = cols < seqlen_k
+    end = BLOCK_D + BLOCK_D2
     k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
-    s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION)
+    k2 = k
+    if BLOCK_D2 > 0:
+        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, end, RAGGED)
+    s = _attention_head_dots(q, k, q2, k2, None, BLOCK_D2, DOT_PRECISION)
     if HAS_MASK or RAGGED:
         s = _attention_masked_scores(s * qk_scale, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n,
                                                                         stride_mask_m),
@@ -198,8 +219,12 @@ def _attention_fwd_tile(q, k_base, v_base, m_base, rows, cols, offs_d, row_ok, s
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
-    acc = _attention_dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-    return m_new, l_i, acc
+    p = p.to(v.dtype)
+    acc = _attention_dot(p, v, acc * alpha[:, None], DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, end, RAGGED)
+        acc2 = _attention_dot(p, v2, acc2 * alpha[:, None], DOT_PRECISION)
+    return m_new, l_i, acc, acc2
 
 
 @triton.jit
@@ -211,6 +236,14 @@ def _attention_full_tiles(seqlen, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     else:
         full = (seqlen // BLOCK) * BLOCK
     return full
+
+
+@triton.jit
+def _attention_store_rows(base, rows, offs_d, stride_row, stride_col, row_ok, tile, DIM: tl.constexpr):
+    """Store ``tile`` at rows ``rows`` and head-dim columns ``offs_d`` of one (batch, head) slice,
+    skipping rows where ``row_ok`` is False and columns from ``DIM`` on."""
+    tl.store(_attention_tile_ptrs(base, rows, offs_d, stride_row, stride_col), tile.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < DIM)[None, :])
 
 
 @triton.jit
@@ -229,7 +262,7 @@ def _attention_fwd_kernel(
     num_heads, seqlen_q, seqlen_k,
     qk_scale,  # softmax scale * log2(e), >= 0
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
@@ -238,10 +271,9 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
-    dv_ok = offs_d < HEAD_DIM_V
 
-    q = _attention_load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d, row_ok,
-                             HEAD_DIM, BLOCK_D, True)
+    q_base = q_ptr + b * stride_q_b + h * stride_q_h
+    q = _attention_load_rows(q_base, rows, offs_d, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
@@ -249,25 +281,37 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The head dim's second piece (columns BLOCK_D .. BLOCK_D + BLOCK_D2), where it is split; without
+    # one, its names stand for the first piece's and are passed through unused.
+    offs_d2, q2, acc2 = offs_d, q, acc
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
+                                  True)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     # Whole key tiles unmasked (query rows past seqlen_q are computed and never stored), then the
     # ragged tail; with a mask every tile is masked.
     full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)
     for start_n in range(0, full, BLOCK_N):
-        m_i, l_i, acc = _attention_fwd_tile(q, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
-                                            seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
-                                            stride_mask_n, stride_mask_m, m_i, l_i, acc, qk_scale, HEAD_DIM,
-                                            HEAD_DIM_V, BLOCK_D, False, False, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, start_n + offs_n, offs_d,
+                                                  offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
+                                                  stride_v_d, stride_mask_n, stride_mask_m, m_i, l_i, acc, acc2,
+                                                  qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2, False, False,
+                                                  DOT_PRECISION)
     for start_n in range(full, seqlen_k, BLOCK_N):
-        m_i, l_i, acc = _attention_fwd_tile(q, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
-                                            seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
-                                            stride_mask_n, stride_mask_m, m_i, l_i, acc, qk_scale, HEAD_DIM,
-                                            HEAD_DIM_V, BLOCK_D, HAS_MASK, True, DOT_PRECISION)
+        m_i, l_i, acc, acc2 = _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, start_n + offs_n, offs_d,
+                                                  offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
+                                                  stride_v_d, stride_mask_n, stride_mask_m, m_i, l_i, acc, acc2,
+                                                  qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2, HAS_MASK, True,
+                                                  DOT_PRECISION)
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(_attention_tile_ptrs(out_ptr + b * stride_out_b + h * stride_out_h, rows, offs_d, stride_out_n,
-                                  stride_out_d),
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    l_safe = tl.where(empty, 1.0, l_i)
+    out_base = out_ptr + b * stride_out_b + h * stride_out_h
+    _attention_store_rows(out_base, rows, offs_d, stride_out_n, stride_out_d, row_ok, acc / l_safe[:, None], HEAD_DIM_V)
+    if BLOCK_D2 > 0:
+        _attention_store_rows(out_base, rows, offs_d2, stride_out_n, stride_out_d, row_ok, acc2 / l_safe[:, None],
+                              HEAD_DIM_V)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(lse_ptr + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
 
@@ -321,25 +365,37 @@ def _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED: tl.co
 
 
 @triton.jit
-def _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, rows, cols, offs_d, col_ok, seqlen_q,
-                         stride_q_n, stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m, dk, dv,
-                         qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base, rows, cols, offs_d, offs_d2,
+                         col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d, stride_mask_n,
+                         stride_mask_m, dk, dk2, dv, dv2, qk_scale, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
                          HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query tile of the dK/dV loop on transposed tiles (keys along dim 0); returns ``(dk, dv)``
-    (dk before the softmax scale). ``RAGGED`` and ``HAS_MASK`` as in ``_attention_fwd_tile``."""
+    """One query tile of the dK/dV loop on transposed tiles (keys along dim 0); returns
+    ``(dk, dk2, dv, dv2)`` (dk before the softmax scale; the ``2`` names are the head dim's second
+    piece, passed through when it has none). ``RAGGED`` and ``HAS_MASK`` as in ``_attention_fwd_tile``."""
     row_ok = rows < seqlen_q
+    end = BLOCK_D + BLOCK_D2
     q = _attention_load_rows(q_base, rows, offs_d, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, RAGGED)
     do = _attention_load_rows(do_base, rows, offs_d, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
+    q2, do2 = q, do
+    if BLOCK_D2 > 0:
+        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, end, RAGGED)
+        do2 = _attention_load_rows(do_base, rows, offs_d2, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, end, RAGGED)
     lse, delta = _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED)
-    s_t = _attention_dot(k, tl.trans(q), None, DOT_PRECISION)
+    s_t = _attention_head_dots(k, q, k2, q2, None, BLOCK_D2, DOT_PRECISION)
     p_t = _attention_bwd_probs(s_t, lse[None, :], _attention_tile_ptrs(m_base, cols, rows, stride_mask_m,
                                                                       stride_mask_n),
                                col_ok[:, None] & row_ok[None, :], qk_scale, HAS_MASK, RAGGED)
-    dv = _attention_dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
-    dp_t = _attention_dot(v, tl.trans(do), None, DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = _attention_dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
-    return dk, dv
+    p_lo = p_t.to(do.dtype)
+    dv = _attention_dot(p_lo, do, dv, DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        dv2 = _attention_dot(p_lo, do2, dv2, DOT_PRECISION)
+    dp_t = _attention_head_dots(v, do, v2, do2, None, BLOCK_D2, DOT_PRECISION)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk = _attention_dot(ds_t, q, dk, DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        dk2 = _attention_dot(ds_t, q2, dk2, DOT_PRECISION)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
@@ -364,7 +420,7 @@ def _attention_bwd_dkdv_kernel(
     sm_scale,  # softmax scale (natural units), >= 0
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
@@ -373,10 +429,10 @@ def _attention_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < seqlen_k
-    k = _attention_load_rows(k_ptr + b * stride_k_b + h * stride_k_h, cols, offs_d, stride_k_m, stride_k_d, col_ok,
-                             HEAD_DIM, BLOCK_D, True)
-    v = _attention_load_rows(v_ptr + b * stride_v_b + h * stride_v_h, cols, offs_d, stride_v_m, stride_v_d, col_ok,
-                             HEAD_DIM_V, BLOCK_D, True)
+    k_base = k_ptr + b * stride_k_b + h * stride_k_h
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, True)
+    v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, True)
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
     do_base = do_ptr + b * stride_do_b + h * stride_do_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
@@ -385,41 +441,66 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # the head dim's second piece where it is split, as in the forward
+    offs_d2, k2, v2, dk2, dv2 = offs_d, k, v, dk, dv
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
+                                  True)
+        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V,
+                                  BLOCK_D + BLOCK_D2, True)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
     # Whole query tiles unmasked, then the ragged tail. Key rows past seqlen_k (k, v loaded as 0)
     # reach only rows of dk, dv that are never stored, so the unmasked tiles leave them unmasked.
     full = _attention_full_tiles(seqlen_q, BLOCK_M, HAS_MASK)
     for start_m in range(0, full, BLOCK_M):
-        dk, dv = _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, start_m + offs_m, cols,
-                                      offs_d, col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
-                                      stride_mask_n, stride_mask_m, dk, dv, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                      False, False, DOT_PRECISION)
+        dk, dk2, dv, dv2 = _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base,
+                                                start_m + offs_m, cols, offs_d, offs_d2, col_ok, seqlen_q, stride_q_n,
+                                                stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m,
+                                                dk, dk2, dv, dv2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
+                                                False, False, DOT_PRECISION)
     for start_m in range(full, seqlen_q, BLOCK_M):
-        dk, dv = _attention_dkdv_tile(k, v, q_base, do_base, m_base, lse_base, delta_base, start_m + offs_m, cols,
-                                      offs_d, col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d,
-                                      stride_mask_n, stride_mask_m, dk, dv, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                      HAS_MASK, True, DOT_PRECISION)
+        dk, dk2, dv, dv2 = _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base,
+                                                start_m + offs_m, cols, offs_d, offs_d2, col_ok, seqlen_q, stride_q_n,
+                                                stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m,
+                                                dk, dk2, dv, dv2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
+                                                HAS_MASK, True, DOT_PRECISION)
 
-    tl.store(_attention_tile_ptrs(dk_ptr + b * stride_dk_b + h * stride_dk_h, cols, offs_d, stride_dk_m, stride_dk_d),
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(_attention_tile_ptrs(dv_ptr + b * stride_dv_b + h * stride_dv_h, cols, offs_d, stride_dv_m, stride_dv_d),
-             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d < HEAD_DIM_V)[None, :])
+    dk_base = dk_ptr + b * stride_dk_b + h * stride_dk_h
+    dv_base = dv_ptr + b * stride_dv_b + h * stride_dv_h
+    _attention_store_rows(dk_base, cols, offs_d, stride_dk_m, stride_dk_d, col_ok, dk * sm_scale, HEAD_DIM)
+    _attention_store_rows(dv_base, cols, offs_d, stride_dv_m, stride_dv_d, col_ok, dv, HEAD_DIM_V)
+    if BLOCK_D2 > 0:
+        _attention_store_rows(dk_base, cols, offs_d2, stride_dk_m, stride_dk_d, col_ok, dk2 * sm_scale, HEAD_DIM)
+        _attention_store_rows(dv_base, cols, offs_d2, stride_dv_m, stride_dv_d, col_ok, dv2, HEAD_DIM_V)
 
 
 @triton.jit
-def _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, cols, offs_d, row_ok, seqlen_k,
-                       stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m, dq, qk_scale,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                       HAS_MASK: tl.constexpr, RAGGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key tile of the dQ loop; returns ``dq`` (before the softmax scale)."""
+def _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, cols, offs_d, offs_d2, row_ok,
+                       seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m, dq,
+                       dq2, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_D2: tl.constexpr, HAS_MASK: tl.constexpr, RAGGED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """One key tile of the dQ loop; returns ``(dq, dq2)`` (before the softmax scale; ``dq2`` the head
+    dim's second piece, passed through when it has none)."""
     col_ok = cols < seqlen_k
+    end = BLOCK_D + BLOCK_D2
     k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
     v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
-    s = _attention_dot(q, tl.trans(k), None, DOT_PRECISION)
+    k2, v2 = k, v
+    if BLOCK_D2 > 0:
+        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, end, RAGGED)
+        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, end, RAGGED)
+    s = _attention_head_dots(q, k, q2, k2, None, BLOCK_D2, DOT_PRECISION)
     p = _attention_bwd_probs(s, lse[:, None], _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
                              row_ok[:, None] & col_ok[None, :], qk_scale, HAS_MASK, RAGGED)
-    dp = _attention_dot(do, tl.trans(v), None, DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return _attention_dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    dp = _attention_head_dots(do, v, do2, v2, None, BLOCK_D2, DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq = _attention_dot(ds, k, dq, DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        dq2 = _attention_dot(ds, k2, dq2, DOT_PRECISION)
+    return dq, dq2
 
 
 @triton.jit
@@ -442,7 +523,7 @@ def _attention_bwd_dq_kernel(
     sm_scale,  # softmax scale (natural units), >= 0
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(1)
@@ -452,30 +533,41 @@ def _attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     stat_base = bh.to(tl.int64) * seqlen_q
-    q = _attention_load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, offs_d, stride_q_n, stride_q_d, row_ok,
-                             HEAD_DIM, BLOCK_D, True)
-    do = _attention_load_rows(do_ptr + b * stride_do_b + h * stride_do_h, rows, offs_d, stride_do_n, stride_do_d,
-                              row_ok, HEAD_DIM_V, BLOCK_D, True)
+    q_base = q_ptr + b * stride_q_b + h * stride_q_h
+    do_base = do_ptr + b * stride_do_b + h * stride_do_h
+    q = _attention_load_rows(q_base, rows, offs_d, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, True)
+    do = _attention_load_rows(do_base, rows, offs_d, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, True)
     lse, delta = _attention_bwd_query_stats(lse_ptr + stat_base, delta_ptr + stat_base, rows, row_ok, True)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
     m_base = mask_ptr + b * stride_mask_b + h * stride_mask_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # the head dim's second piece where it is split, as in the forward
+    offs_d2, q2, do2, dq2 = offs_d, q, do, dq
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
+                                  True)
+        do2 = _attention_load_rows(do_base, rows, offs_d2, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V,
+                                   BLOCK_D + BLOCK_D2, True)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
     full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)  # as in the forward
     for start_n in range(0, full, BLOCK_N):
-        dq = _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
-                                seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n,
-                                stride_mask_m, dq, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, False, False,
-                                DOT_PRECISION)
+        dq, dq2 = _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n,
+                                     offs_d, offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                     stride_mask_n, stride_mask_m, dq, dq2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                     BLOCK_D2, False, False, DOT_PRECISION)
     for start_n in range(full, seqlen_k, BLOCK_N):
-        dq = _attention_dq_tile(q, do, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n, offs_d, row_ok,
-                                seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n,
-                                stride_mask_m, dq, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, HAS_MASK, True,
-                                DOT_PRECISION)
+        dq, dq2 = _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n,
+                                     offs_d, offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                     stride_mask_n, stride_mask_m, dq, dq2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                     BLOCK_D2, HAS_MASK, True, DOT_PRECISION)
 
-    tl.store(_attention_tile_ptrs(dq_ptr + b * stride_dq_b + h * stride_dq_h, rows, offs_d, stride_dq_n, stride_dq_d),
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    dq_base = dq_ptr + b * stride_dq_b + h * stride_dq_h
+    _attention_store_rows(dq_base, rows, offs_d, stride_dq_n, stride_dq_d, row_ok, dq * sm_scale, HEAD_DIM)
+    if BLOCK_D2 > 0:
+        _attention_store_rows(dq_base, rows, offs_d2, stride_dq_n, stride_dq_d, row_ok, dq2 * sm_scale, HEAD_DIM)
 
 
 @triton.jit
@@ -644,6 +736,48 @@ def _block_d(d: int) -> int:
     """Padded head dim: a power of two >= 64. Head dims up to 32 are rare and cheap; buckets for
     them would only add compiled variants (see ``_FWD_CONFIGS``)."""
     return max(64, triton.next_power_of_2(max(int(d), 1)))
+
+
+#: Head dims the main kernels can split into two power-of-two pieces instead of padding them to the
+#: next power of two: ``(first piece, second piece)`` for the dims above the first piece up to their
+#: sum. These are SD 1.5's heads (40, 80, 160 at 320, 640, 1280 channels over 8 heads), padded to 64,
+#: 128, 256 columns; split, 48, 80 and 160 columns are computed. The pieces keep every ``tl.dot``
+#: dimension >= 16.
+_HEAD_DIM_SPLITS = ((32, 16), (64, 16), (128, 32))
+
+#: The head-dim buckets (``_block_d``: 64, 128, 256) whose split dims each main kernel splits, by
+#: (kernel, precision class, arch). A split is listed where, with the bucket's config, every launch
+#: the static report's probes make of it (all dtypes, masks, layouts and fp32 precisions) compiles
+#: for that arch with no stack, and every innermost loop of the SD 1.5 shapes is no longer (SASS
+#: instructions per iteration) than the padded head dim's, masked and unmasked (2026-12-02).
+#: Padded elsewhere: the split spilled (half 128+32 on sm_80 and in dK/dV on sm_90, 40-176 B; half
+#: 64+16 in the sm_80 forward and dK/dV with a mask, 8-80 B; fp32 64+16, 24-296 B; fp32 128+32 in the
+#: sm_80 dQ, 8 B, and the sm_90 forward under plain TF32, 16 B), or its loop was longer (half 32+16
+#: on sm_90, where a 64-wide wgmma beats two narrower ones; fp32 32+16 on sm_80 and in the sm_90
+#: forward and dQ). Per iteration the splits kept run fewer instructions: fp32 128+32 (the 256
+#: bucket runs FMA or 3xTF32 dots on 256 columns) 29-34%; half 64+16 in the sm_80 dQ 24-30%; half
+#: 128+32 in the sm_90 forward 17-21% and dQ 27-28%; the others 0.3-9%.
+_SPLIT_BUCKETS = {
+    ("fwd", "half", 80): (), ("fwd", "half", 90): (128, 256),
+    ("fwd", "fp32", 80): (256,), ("fwd", "fp32", 90): (),
+    ("dkdv", "half", 80): (64,), ("dkdv", "half", 90): (128,),
+    ("dkdv", "fp32", 80): (256,), ("dkdv", "fp32", 90): (64, 256),
+    ("dq", "half", 80): (64, 128), ("dq", "half", 90): (256,),
+    ("dq", "fp32", 80): (), ("dq", "fp32", 90): (256,),
+}
+
+
+def _block_dims(d: int, kernel: str, dtype: torch.dtype, cc: int) -> dict:
+    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for head dim ``d``
+    (the max of D and Dv) on arch ``cc``: the two pieces of ``_HEAD_DIM_SPLITS`` where
+    ``_SPLIT_BUCKETS`` lists the split, else ``(_block_d(d), 0)``, one padded piece. The config
+    tables stay keyed on ``_block_d(d)``."""
+    bucket = _block_d(d)
+    if bucket in _SPLIT_BUCKETS[kernel, _precision_class(dtype), _arch(cc)]:
+        for first, second in _HEAD_DIM_SPLITS:
+            if first < d <= first + second:
+                return {"BLOCK_D": first, "BLOCK_D2": second}
+    return {"BLOCK_D": bucket, "BLOCK_D2": 0}
 
 
 #: Archs the config tables are written for; any other capability takes the nearest one below
@@ -934,7 +1068,8 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
     block_d = _block_d(max(d, dv))  # one padded width for q/k and v keeps the compiled variants few
     cc = _backend.compute_capability(q.device)
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_d, HAS_MASK=has_mask)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, HAS_MASK=has_mask)
+    pieces = _block_dims(max(d, dv), "fwd", q.dtype, cc)
     precision = _dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
     qk_scale = scale * math.log2(math.e)
@@ -944,7 +1079,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
         grid = (triton.cdiv(batch * heads, per_program),)
         _attention_short_fwd_kernel[grid](
             q, k, v, mask, out, lse, *strides, heads, batch * heads, seqlen_q, seqlen_k, qk_scale,
-            per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            per_program, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_short_fwd_kernel")
@@ -954,7 +1089,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
         _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
             q_, k_, v_, mask_, out_, lse_, *strides, heads, seqlen_q, seqlen_k, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common, **pieces)
         record_launch("_attention_fwd_kernel")
     return out, lse
 
@@ -974,7 +1109,8 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     mask, mask_strides, has_mask = _mask_args(attn_mask, q, (batch, heads, seqlen_q, seqlen_k))
     block_d = _block_d(max(d, dv_dim))
     cc = _backend.compute_capability(q.device)
-    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, BLOCK_D=block_d, HAS_MASK=has_mask)
+    common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, HAS_MASK=has_mask)
+    dkdv_pieces, dq_pieces = (_block_dims(max(d, dv_dim), kernel, q.dtype, cc) for kernel in ("dkdv", "dq"))
     precision = _dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
     cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, True, cc)
@@ -986,8 +1122,8 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(), *do.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
             heads, batch * heads, seqlen_q, seqlen_k, scale, qk_scale, per_program,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_short_bwd_kernel")
         return dq, (dk.neg_() if negated else dk), dv
 
@@ -1009,7 +1145,7 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
             q_, k_, v_, mask_, do_, lse_, delta_, dk_, dv_, *inputs, *dk.stride(), *dv.stride(),
             heads, seqlen_q, seqlen_k, scale, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common, **dkdv_pieces)
         record_launch("_attention_bwd_dkdv_kernel")
 
         cfg = dq_cfg
@@ -1017,7 +1153,7 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
             q_, k_, v_, mask_, do_, lse_, delta_, dq_, *inputs, *dq.stride(),
             heads, seqlen_q, seqlen_k, scale, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            DOT_PRECISION=_kernel_precision(precision, cfg), **common)
+            DOT_PRECISION=_kernel_precision(precision, cfg), **common, **dq_pieces)
         record_launch("_attention_bwd_dq_kernel")
     return dq, (dk.neg_() if negated else dk), dv
 

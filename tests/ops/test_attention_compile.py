@@ -16,8 +16,10 @@ Each entry compiles with a mask (an fp32 additive bias ``(B, 1, N, M)``, the hea
 take; a bool mask becomes a bias in q's dtype) and without. Half-precision entries alternate fp16 and
 bf16; fp32 entries compile with ``input_precision="tf32x3"`` (``torch.get_float32_matmul_precision()
 == "highest"``, the default) and the main kernels also once with plain ``"tf32"`` ("high"). The head
-dim cycles through the dims of the entry's BLOCK_D bucket (8 .. 256), so masked and unmasked head
-dims (40, 80, 160 and 64, 128, 256) all appear.
+dim cycles through the dims of the entry's head-dim bucket (8 .. 256), so masked and unmasked head
+dims (40, 80, 160 and 64, 128, 256) all appear; the main kernels' variants alternate between a head
+dim split in two pieces (40, 80, 160: ``BLOCK_D2 > 0``) and a whole one, so each of their entries
+compiles both ways.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ attn = importlib.import_module("fastunet.kernels.attention")
 backend = importlib.import_module("fastunet.kernels._backend")
 
 HEAD_DIMS = (8, 16, 32, 40, 64, 80, 128, 160, 256)
+MAIN_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
 KERNELS = ("_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
            "_attention_bwd_dq_kernel", "_attention_short_fwd_kernel", "_attention_short_bwd_kernel")
 #: Queries of the main kernels' SD shapes by BLOCK_D (SD 1.5: D 40 at 64x64 latents, D 80 at 32x32,
@@ -116,19 +119,32 @@ def _config_of(kwargs) -> attn._AttentionConfig:
                                  kwargs["num_stages"], kwargs.get("DOT_PRECISION") == "ieee")
 
 
+def _split(name: str, head_dim: int, dtype, cc: int) -> bool:
+    """Whether main kernel ``name`` runs ``head_dim`` split in two pieces."""
+    return attn._block_dims(head_dim, name[11:-7].removeprefix("bwd_"), dtype, cc)["BLOCK_D2"] > 0
+
+
+def _bucket(kwargs) -> int:
+    """The head-dim bucket of a launch (the tables' key), split head dims included."""
+    return attn._block_d(kwargs["BLOCK_D"] + kwargs.get("BLOCK_D2", 0))
+
+
 def compile_plan(monkeypatch) -> list[dict]:
     """The cases described in the module docstring, each captured from a real launcher call."""
-    bucket_dims = {bd: [d for d in HEAD_DIMS if attn._block_d(d) == bd] for bd in (64, 128, 256)}
-    turn = dict.fromkeys(bucket_dims, 0)
+    turn = {}
     cases = []
     for i, (name, dtype, bd, cc, cfg) in enumerate(attn._attention_configs()):
         short = cfg.block_m if "short" in name else 0
         variants = [(True, "highest"), (False, "highest")]
         if dtype == torch.float32 and not short and "preprocess" not in name:
             variants.append((False, "high"))
-        for masked, precision in variants:
-            head_dim = bucket_dims[bd][turn[bd] % len(bucket_dims[bd])]
-            turn[bd] += 1
+        dims = [d for d in HEAD_DIMS if attn._block_d(d) == bd]
+        split = [d for d in dims if name in MAIN_KERNELS and _split(name, d, dtype, cc)]
+        pools = (split, [d for d in dims if d not in split]) if split else (dims,)
+        for j, (masked, precision) in enumerate(variants):
+            pool = pools[(i + j) % len(pools)]
+            head_dim = pool[turn.get(tuple(pool), 0) % len(pool)]
+            turn[tuple(pool)] = turn.get(tuple(pool), 0) + 1
             run_dtype = dtype if dtype == torch.float32 else (torch.float16, torch.bfloat16)[len(cases) % 2]
             found = [(fn, a, kw) for fn, a, kw in
                      _launches(monkeypatch, cc, run_dtype, head_dim, short, masked, precision)
@@ -146,12 +162,25 @@ def test_config_enumeration_covers_every_kernel_arch_and_head_dim(monkeypatch):
         assert buckets == expected, (name, prec, cc, buckets)  # larger fp32 heads: main kernels
     # The launchers select only enumerated configs, on every head dim, dtype, arch and length bucket.
     listed = {(n, d, bd, c, cfg) for n, d, bd, c, cfg in space}
+    splits = set()
     for cc, dtype, head_dim, short in itertools.product(attn._ARCHS, (torch.float16, torch.bfloat16, torch.float32),
                                                          (40, 80, 160), (0, 16, 32)):
         for fn, _, kw in _launches(monkeypatch, cc, dtype, head_dim, short, short == 16, "highest"):
             table_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-            key = (fn.__name__, table_dtype, kw["BLOCK_D"], cc, _config_of(kw))
+            key = (fn.__name__, table_dtype, _bucket(kw), cc, _config_of(kw))
             assert key in listed, key
+            # SD 1.5's head dims run split in two pieces (48, 80, 160 columns, not 64, 128, 256) in the
+            # main kernels where the split table says, padded to one power of two elsewhere
+            pieces = {40: (32, 16), 80: (64, 16), 160: (128, 32)}[head_dim]
+            is_split = fn.__name__ in MAIN_KERNELS and _split(fn.__name__, head_dim, dtype, cc)
+            expected = pieces if is_split else (attn._block_d(head_dim), 0)
+            assert (kw["BLOCK_D"], kw.get("BLOCK_D2", 0)) == expected, (fn.__name__, head_dim, kw)
+            if is_split:
+                prec = attn._precision_class(table_dtype)
+                splits.add((fn.__name__[11:-7].removeprefix("bwd_"), prec, cc, attn._block_d(head_dim)))
+    # every split the table lists is launched
+    assert splits == {(kernel, prec, cc, bucket) for (kernel, prec, cc), buckets in attn._SPLIT_BUCKETS.items()
+                      for bucket in buckets}
 
 
 def test_launches_carry_the_runtime_specialisation(monkeypatch):
@@ -186,7 +215,7 @@ def test_every_attention_config_compiles_without_spills(monkeypatch):
         c = case["constexprs"]
         ptr = case["signature"]["q_ptr" if "q_ptr" in case["signature"] else "out_ptr"]
         print(f"sm_{case['cc']} {case['kernel'][11:-7]:<19} {ptr:<6} D={c.get('HEAD_DIM', c['HEAD_DIM_V']):<3}"
-              f" {c['BLOCK_M']:>3}x{c.get('BLOCK_N', '-'):<3} BLOCK_D={c['BLOCK_D']:<3}"
+              f" {c['BLOCK_M']:>3}x{c.get('BLOCK_N', '-'):<3} BLOCK_D={c['BLOCK_D']:>3}+{c.get('BLOCK_D2', 0):<3}"
               f" mask={int(c.get('HAS_MASK', 0))} {c.get('DOT_PRECISION', '-'):<11} w{case['num_warps']}"
               f" s{case['num_stages']}: {res['registers']:>3} regs, {res['shared']:>6} B shared")
     assert not problems, "\n".join(problems)
