@@ -750,13 +750,16 @@ _HEAD_DIM_SPLITS = ((32, 16), (64, 16), (128, 32))
 #: the static report's probes make of it (all dtypes, masks, layouts and fp32 precisions) compiles
 #: for that arch with no stack, and every innermost loop of the SD 1.5 shapes is no longer (SASS
 #: instructions per iteration) than the padded head dim's, masked and unmasked (2026-12-02).
-#: Padded elsewhere: the split spilled (half 128+32 on sm_80 and in dK/dV on sm_90, 40-176 B; half
-#: 64+16 in the sm_80 forward and dK/dV with a mask, 8-80 B; fp32 64+16, 24-296 B; fp32 128+32 in the
-#: sm_80 dQ, 8 B, and the sm_90 forward under plain TF32, 16 B), or its loop was longer (half 32+16
+#: ``_SPLIT_BUCKETS_UNMASKED`` adds the splits that hold only without a mask (SD's self- and
+#: cross-attention pass none): with one, half 64+16 in the sm_80 forward and dK/dV spilled 8-80 B
+#: (255 registers, a key-bias mask), fp32 128+32 in the sm_80 dQ 8 B.
+#: Padded elsewhere: the split spilled (half 128+32 on sm_80 and in dK/dV on sm_90, 40-176 B; fp32
+#: 64+16, 24-296 B; fp32 128+32 in the sm_90 forward under plain TF32, 8-16 B), or its loop was longer (half 32+16
 #: on sm_90, where a 64-wide wgmma beats two narrower ones; fp32 32+16 on sm_80 and in the sm_90
 #: forward and dQ). Per iteration the splits kept run fewer instructions: fp32 128+32 (the 256
-#: bucket runs FMA or 3xTF32 dots on 256 columns) 29-34%; half 64+16 in the sm_80 dQ 24-30%; half
-#: 128+32 in the sm_90 forward 17-21% and dQ 27-28%; the others 0.3-9%.
+#: bucket runs FMA or 3xTF32 dots on 256 columns) 29-34%; half 64+16 on sm_80 19-21% (forward),
+#: 22-24% (dK/dV), 24-30% (dQ); half 128+32 in the sm_90 forward 17-21% and dQ 27-28%; the others
+#: 0.3-9%.
 _SPLIT_BUCKETS = {
     ("fwd", "half", 80): (), ("fwd", "half", 90): (128, 256),
     ("fwd", "fp32", 80): (256,), ("fwd", "fp32", 90): (),
@@ -765,15 +768,17 @@ _SPLIT_BUCKETS = {
     ("dq", "half", 80): (64, 128), ("dq", "half", 90): (256,),
     ("dq", "fp32", 80): (), ("dq", "fp32", 90): (256,),
 }
+_SPLIT_BUCKETS_UNMASKED = {("fwd", "half", 80): (128,), ("dkdv", "half", 80): (128,), ("dq", "fp32", 80): (256,)}
 
 
-def _block_dims(d: int, kernel: str, dtype: torch.dtype, cc: int) -> dict:
-    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for head dim ``d``
-    (the max of D and Dv) on arch ``cc``: the two pieces of ``_HEAD_DIM_SPLITS`` where
-    ``_SPLIT_BUCKETS`` lists the split, else ``(_block_d(d), 0)``, one padded piece. The config
-    tables stay keyed on ``_block_d(d)``."""
-    bucket = _block_d(d)
-    if bucket in _SPLIT_BUCKETS[kernel, _precision_class(dtype), _arch(cc)]:
+def _block_dims(d: int, kernel: str, dtype: torch.dtype, cc: int, has_mask: bool) -> dict:
+    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for
+    head dim ``d`` (the max of D and Dv) on arch ``cc``, with or without a mask: the two pieces of
+    ``_HEAD_DIM_SPLITS`` where ``_SPLIT_BUCKETS`` (or, unmasked, ``_SPLIT_BUCKETS_UNMASKED``) lists
+    the split, else ``_block_d(d)`` and 0, one padded piece. The config tables stay keyed on
+    ``_block_d(d)``."""
+    bucket, key = _block_d(d), (kernel, _precision_class(dtype), _arch(cc))
+    if bucket in _SPLIT_BUCKETS[key] + (() if has_mask else _SPLIT_BUCKETS_UNMASKED.get(key, ())):
         for first, second in _HEAD_DIM_SPLITS:
             if first < d <= first + second:
                 return {"BLOCK_D": first, "BLOCK_D2": second}
@@ -1069,7 +1074,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
     block_d = _block_d(max(d, dv))  # one padded width for q/k and v keeps the compiled variants few
     cc = _backend.compute_capability(q.device)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dv, HAS_MASK=has_mask)
-    pieces = _block_dims(max(d, dv), "fwd", q.dtype, cc)
+    pieces = _block_dims(max(d, dv), "fwd", q.dtype, cc, has_mask)
     precision = _dot_precision(q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
     qk_scale = scale * math.log2(math.e)
@@ -1110,7 +1115,8 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     block_d = _block_d(max(d, dv_dim))
     cc = _backend.compute_capability(q.device)
     common = dict(HEAD_DIM=d, HEAD_DIM_V=dv_dim, HAS_MASK=has_mask)
-    dkdv_pieces, dq_pieces = (_block_dims(max(d, dv_dim), kernel, q.dtype, cc) for kernel in ("dkdv", "dq"))
+    dkdv_pieces, dq_pieces = (_block_dims(max(d, dv_dim), kernel, q.dtype, cc, has_mask)
+                              for kernel in ("dkdv", "dq"))
     precision = _dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
     cfg = _attention_short_config(block_d, seqlen_q, seqlen_k, q.dtype, True, cc)

@@ -119,9 +119,9 @@ def _config_of(kwargs) -> attn._AttentionConfig:
                                  kwargs["num_stages"], kwargs.get("DOT_PRECISION") == "ieee")
 
 
-def _split(name: str, head_dim: int, dtype, cc: int) -> bool:
+def _split(name: str, head_dim: int, dtype, cc: int, masked: bool) -> bool:
     """Whether main kernel ``name`` runs ``head_dim`` split in two pieces."""
-    return attn._block_dims(head_dim, name[11:-7].removeprefix("bwd_"), dtype, cc)["BLOCK_D2"] > 0
+    return attn._block_dims(head_dim, name[11:-7].removeprefix("bwd_"), dtype, cc, masked)["BLOCK_D2"] > 0
 
 
 def _bucket(kwargs) -> int:
@@ -139,9 +139,9 @@ def compile_plan(monkeypatch) -> list[dict]:
         if dtype == torch.float32 and not short and "preprocess" not in name:
             variants.append((False, "high"))
         dims = [d for d in HEAD_DIMS if attn._block_d(d) == bd]
-        split = [d for d in dims if name in MAIN_KERNELS and _split(name, d, dtype, cc)]
-        pools = (split, [d for d in dims if d not in split]) if split else (dims,)
         for j, (masked, precision) in enumerate(variants):
+            split = [d for d in dims if name in MAIN_KERNELS and _split(name, d, dtype, cc, masked)]
+            pools = (split, [d for d in dims if d not in split]) if split else (dims,)
             pool = pools[(i + j) % len(pools)]
             head_dim = pool[turn.get(tuple(pool), 0) % len(pool)]
             turn[tuple(pool)] = turn.get(tuple(pool), 0) + 1
@@ -172,15 +172,25 @@ def test_config_enumeration_covers_every_kernel_arch_and_head_dim(monkeypatch):
             # SD 1.5's head dims run split in two pieces (48, 80, 160 columns, not 64, 128, 256) in the
             # main kernels where the split table says, padded to one power of two elsewhere
             pieces = {40: (32, 16), 80: (64, 16), 160: (128, 32)}[head_dim]
-            is_split = fn.__name__ in MAIN_KERNELS and _split(fn.__name__, head_dim, dtype, cc)
+            is_split = fn.__name__ in MAIN_KERNELS and _split(fn.__name__, head_dim, dtype, cc, short == 16)
             expected = pieces if is_split else (attn._block_d(head_dim), 0)
             assert (kw["BLOCK_D"], kw.get("BLOCK_D2", 0)) == expected, (fn.__name__, head_dim, kw)
             if is_split:
                 prec = attn._precision_class(table_dtype)
                 splits.add((fn.__name__[11:-7].removeprefix("bwd_"), prec, cc, attn._block_d(head_dim)))
-    # every split the table lists is launched
-    assert splits == {(kernel, prec, cc, bucket) for (kernel, prec, cc), buckets in attn._SPLIT_BUCKETS.items()
-                      for bucket in buckets}
+    # every split the tables list is launched (the main kernels run unmasked here)
+    assert splits == {(kernel, prec, cc, bucket)
+                      for table in (attn._SPLIT_BUCKETS, attn._SPLIT_BUCKETS_UNMASKED)
+                      for (kernel, prec, cc), buckets in table.items() for bucket in buckets}
+
+
+def test_splits_that_hold_only_without_a_mask_pad_with_one():
+    for kernel, prec, cc in attn._SPLIT_BUCKETS_UNMASKED:
+        dtype = torch.float32 if prec == "fp32" else torch.float16
+        for bucket in attn._SPLIT_BUCKETS_UNMASKED[kernel, prec, cc]:
+            d = {64: 40, 128: 80, 256: 160}[bucket]
+            assert attn._block_dims(d, kernel, dtype, cc, False)["BLOCK_D2"] > 0
+            assert attn._block_dims(d, kernel, dtype, cc, True) == {"BLOCK_D": bucket, "BLOCK_D2": 0}
 
 
 def test_launches_carry_the_runtime_specialisation(monkeypatch):
