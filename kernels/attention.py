@@ -182,7 +182,30 @@ def _attention_head_dots(a, b, a2, b2, acc, BLOCK_D2: tl.constexpr, DOT_PRECISIO
 
 
 @triton.jit
-def _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, cols, offs_d, offs_d2, row_ok, seqlen_k,
+def _attention_second_piece(first, base, rows, stride_row, stride_col, row_ok, DIM: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """The head dim's second piece of a tile of rows ``rows``: columns ``BLOCK_D .. BLOCK_D + BLOCK_D2``,
+    zero past ``DIM`` (and, with ``CHECK_ROWS``, on rows where ``row_ok`` is False). Where the head dim
+    is not split (``BLOCK_D2 == 0``) it is ``first``, the first piece, which then goes unused."""
+    piece = first
+    if BLOCK_D2 > 0:
+        piece = _attention_load_rows(base, rows, BLOCK_D + tl.arange(0, BLOCK_D2), stride_row, stride_col, row_ok,
+                                     DIM, BLOCK_D + BLOCK_D2, CHECK_ROWS)
+    return piece
+
+
+@triton.jit
+def _attention_second_acc(first, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """A zero fp32 accumulator ``(ROWS, BLOCK_D2)`` for the head dim's second piece, and its column
+    offsets; ``first`` and the first piece's offsets, unused, where the head dim is not split."""
+    acc, offs = first, tl.arange(0, BLOCK_D)
+    if BLOCK_D2 > 0:
+        acc, offs = tl.zeros([ROWS, BLOCK_D2], tl.float32), BLOCK_D + tl.arange(0, BLOCK_D2)
+    return acc, offs
+
+
+@triton.jit
+def _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, cols, offs_d, row_ok, seqlen_k,
                         stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m,
                         m_i, l_i, acc, acc2, qk_scale,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -198,11 +221,8 @@ def _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, cols, offs_d, offs_
     ``-inf``. ``qk_scale >= 0`` (the launchers make it so), so ``max(s) * qk_scale`` is
     ``max(s * qk_scale)`` exactly."""
     col_ok = cols < seqlen_k
-    end = BLOCK_D + BLOCK_D2
     k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
-    k2 = k
-    if BLOCK_D2 > 0:
-        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, end, RAGGED)
+    k2 = _attention_second_piece(k, k_base, cols, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, RAGGED)
     s = _attention_head_dots(q, k, q2, k2, None, BLOCK_D2, DOT_PRECISION)
     if HAS_MASK or RAGGED:
         s = _attention_masked_scores(s * qk_scale, _attention_tile_ptrs(m_base, rows, cols, stride_mask_n,
@@ -222,7 +242,8 @@ def _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, cols, offs_d, offs_
     p = p.to(v.dtype)
     acc = _attention_dot(p, v, acc * alpha[:, None], DOT_PRECISION)
     if BLOCK_D2 > 0:
-        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, end, RAGGED)
+        v2 = _attention_second_piece(v, v_base, cols, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
+                                     RAGGED)
         acc2 = _attention_dot(p, v2, acc2 * alpha[:, None], DOT_PRECISION)
     return m_new, l_i, acc, acc2
 
@@ -283,24 +304,20 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # The head dim's second piece (columns BLOCK_D .. BLOCK_D + BLOCK_D2), where it is split; without
     # one, its names stand for the first piece's and are passed through unused.
-    offs_d2, q2, acc2 = offs_d, q, acc
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
-                                  True)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    q2 = _attention_second_piece(q, q_base, rows, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, True)
+    acc2, offs_d2 = _attention_second_acc(acc, BLOCK_M, BLOCK_D, BLOCK_D2)
     # Whole key tiles unmasked (query rows past seqlen_q are computed and never stored), then the
     # ragged tail; with a mask every tile is masked.
     full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)
     for start_n in range(0, full, BLOCK_N):
         m_i, l_i, acc, acc2 = _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, start_n + offs_n, offs_d,
-                                                  offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
+                                                  row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
                                                   stride_v_d, stride_mask_n, stride_mask_m, m_i, l_i, acc, acc2,
                                                   qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2, False, False,
                                                   DOT_PRECISION)
     for start_n in range(full, seqlen_k, BLOCK_N):
         m_i, l_i, acc, acc2 = _attention_fwd_tile(q, q2, k_base, v_base, m_base, rows, start_n + offs_n, offs_d,
-                                                  offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
+                                                  row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m,
                                                   stride_v_d, stride_mask_n, stride_mask_m, m_i, l_i, acc, acc2,
                                                   qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2, HAS_MASK, True,
                                                   DOT_PRECISION)
@@ -365,7 +382,7 @@ def _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED: tl.co
 
 
 @triton.jit
-def _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base, rows, cols, offs_d, offs_d2,
+def _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base, rows, cols, offs_d,
                          col_ok, seqlen_q, stride_q_n, stride_q_d, stride_do_n, stride_do_d, stride_mask_n,
                          stride_mask_m, dk, dk2, dv, dv2, qk_scale, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -374,13 +391,11 @@ def _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_
     ``(dk, dk2, dv, dv2)`` (dk before the softmax scale; the ``2`` names are the head dim's second
     piece, passed through when it has none). ``RAGGED`` and ``HAS_MASK`` as in ``_attention_fwd_tile``."""
     row_ok = rows < seqlen_q
-    end = BLOCK_D + BLOCK_D2
     q = _attention_load_rows(q_base, rows, offs_d, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, RAGGED)
     do = _attention_load_rows(do_base, rows, offs_d, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
-    q2, do2 = q, do
-    if BLOCK_D2 > 0:
-        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, end, RAGGED)
-        do2 = _attention_load_rows(do_base, rows, offs_d2, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, end, RAGGED)
+    q2 = _attention_second_piece(q, q_base, rows, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, RAGGED)
+    do2 = _attention_second_piece(do, do_base, rows, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
+                                  RAGGED)
     lse, delta = _attention_bwd_query_stats(lse_base, delta_base, rows, row_ok, RAGGED)
     s_t = _attention_head_dots(k, q, k2, q2, None, BLOCK_D2, DOT_PRECISION)
     p_t = _attention_bwd_probs(s_t, lse[None, :], _attention_tile_ptrs(m_base, cols, rows, stride_mask_m,
@@ -442,27 +457,22 @@ def _attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # the head dim's second piece where it is split, as in the forward
-    offs_d2, k2, v2, dk2, dv2 = offs_d, k, v, dk, dv
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
-                                  True)
-        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V,
-                                  BLOCK_D + BLOCK_D2, True)
-        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
-        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+    k2 = _attention_second_piece(k, k_base, cols, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, True)
+    v2 = _attention_second_piece(v, v_base, cols, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, BLOCK_D2, True)
+    dk2, offs_d2 = _attention_second_acc(dk, BLOCK_N, BLOCK_D, BLOCK_D2)
+    dv2, _ = _attention_second_acc(dv, BLOCK_N, BLOCK_D, BLOCK_D2)
     # Whole query tiles unmasked, then the ragged tail. Key rows past seqlen_k (k, v loaded as 0)
     # reach only rows of dk, dv that are never stored, so the unmasked tiles leave them unmasked.
     full = _attention_full_tiles(seqlen_q, BLOCK_M, HAS_MASK)
     for start_m in range(0, full, BLOCK_M):
         dk, dk2, dv, dv2 = _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base,
-                                                start_m + offs_m, cols, offs_d, offs_d2, col_ok, seqlen_q, stride_q_n,
+                                                start_m + offs_m, cols, offs_d, col_ok, seqlen_q, stride_q_n,
                                                 stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m,
                                                 dk, dk2, dv, dv2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
                                                 False, False, DOT_PRECISION)
     for start_m in range(full, seqlen_q, BLOCK_M):
         dk, dk2, dv, dv2 = _attention_dkdv_tile(k, k2, v, v2, q_base, do_base, m_base, lse_base, delta_base,
-                                                start_m + offs_m, cols, offs_d, offs_d2, col_ok, seqlen_q, stride_q_n,
+                                                start_m + offs_m, cols, offs_d, col_ok, seqlen_q, stride_q_n,
                                                 stride_q_d, stride_do_n, stride_do_d, stride_mask_n, stride_mask_m,
                                                 dk, dk2, dv, dv2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
                                                 HAS_MASK, True, DOT_PRECISION)
@@ -477,7 +487,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, cols, offs_d, offs_d2, row_ok,
+def _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, cols, offs_d, row_ok,
                        seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d, stride_mask_n, stride_mask_m, dq,
                        dq2, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_D2: tl.constexpr, HAS_MASK: tl.constexpr, RAGGED: tl.constexpr,
@@ -485,13 +495,11 @@ def _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows,
     """One key tile of the dQ loop; returns ``(dq, dq2)`` (before the softmax scale; ``dq2`` the head
     dim's second piece, passed through when it has none)."""
     col_ok = cols < seqlen_k
-    end = BLOCK_D + BLOCK_D2
     k = _attention_load_rows(k_base, cols, offs_d, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, RAGGED)
     v = _attention_load_rows(v_base, cols, offs_d, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, RAGGED)
-    k2, v2 = k, v
-    if BLOCK_D2 > 0:
-        k2 = _attention_load_rows(k_base, cols, offs_d2, stride_k_m, stride_k_d, col_ok, HEAD_DIM, end, RAGGED)
-        v2 = _attention_load_rows(v_base, cols, offs_d2, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, end, RAGGED)
+    k2 = _attention_second_piece(k, k_base, cols, stride_k_m, stride_k_d, col_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, RAGGED)
+    v2 = _attention_second_piece(v, v_base, cols, stride_v_m, stride_v_d, col_ok, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
+                                 RAGGED)
     s = _attention_head_dots(q, k, q2, k2, None, BLOCK_D2, DOT_PRECISION)
     p = _attention_bwd_probs(s, lse[:, None], _attention_tile_ptrs(m_base, rows, cols, stride_mask_n, stride_mask_m),
                              row_ok[:, None] & col_ok[None, :], qk_scale, HAS_MASK, RAGGED)
@@ -544,23 +552,19 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # the head dim's second piece where it is split, as in the forward
-    offs_d2, q2, do2, dq2 = offs_d, q, do, dq
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        q2 = _attention_load_rows(q_base, rows, offs_d2, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D + BLOCK_D2,
+    q2 = _attention_second_piece(q, q_base, rows, stride_q_n, stride_q_d, row_ok, HEAD_DIM, BLOCK_D, BLOCK_D2, True)
+    do2 = _attention_second_piece(do, do_base, rows, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V, BLOCK_D, BLOCK_D2,
                                   True)
-        do2 = _attention_load_rows(do_base, rows, offs_d2, stride_do_n, stride_do_d, row_ok, HEAD_DIM_V,
-                                   BLOCK_D + BLOCK_D2, True)
-        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    dq2, offs_d2 = _attention_second_acc(dq, BLOCK_M, BLOCK_D, BLOCK_D2)
     full = _attention_full_tiles(seqlen_k, BLOCK_N, HAS_MASK)  # as in the forward
     for start_n in range(0, full, BLOCK_N):
         dq, dq2 = _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n,
-                                     offs_d, offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                     offs_d, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
                                      stride_mask_n, stride_mask_m, dq, dq2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                      BLOCK_D2, False, False, DOT_PRECISION)
     for start_n in range(full, seqlen_k, BLOCK_N):
         dq, dq2 = _attention_dq_tile(q, q2, do, do2, lse, delta, k_base, v_base, m_base, rows, start_n + offs_n,
-                                     offs_d, offs_d2, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
+                                     offs_d, row_ok, seqlen_k, stride_k_m, stride_k_d, stride_v_m, stride_v_d,
                                      stride_mask_n, stride_mask_m, dq, dq2, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                      BLOCK_D2, HAS_MASK, True, DOT_PRECISION)
 
