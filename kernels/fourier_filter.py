@@ -233,9 +233,13 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
     ``r_pad`` 2, 8 B in fp16/bf16 sm_80 at ``r_pad`` 8; on 8 warps 102-128 registers, no stack, every
     ``r_pad``, dtype and arch); row blocks hold at most
     ``1024 / r_pad`` rows (256x8 at ``r_pad`` 8: 32 B at 255 registers, every dtype, both archs;
-    now 128x8: 145-183 registers, no stack).  Not fixed: 4x512 row blocks on 8 warps at ``r_pad`` 1
-    and 2 keep 8 B of stack in fp32 on sm_80; 2x512 blocks on 4 warps held 8 B there too (at ``r_pad``
-    2 and 4, 80 registers, so not register pressure).  FreeU (threshold 1: ``r_pad = k_pad = 2``) keeps the configs it had.
+    now 128x8: 145-183 registers, no stack).  The full compile of the table (one dtype per entry)
+    then found three more, fixed by a compile of every dtype on both archs: 512-wide row blocks at
+    ``k_pad = 8`` run on 16 warps (4x512 on 8 warps: 8 B in fp32 on sm_80 at 80 registers; on 16,
+    64-110 registers, no stack, every ``r_pad``); 16-wide row blocks at ``k_pad = r_pad = 8`` hold 64
+    rows (128x16: 16 B in fp16/bf16 on sm_90 at 255 registers; 64x16: 112-145, none); 2048-element
+    one-tile planes 4 wide run on 16 warps (512x4 on 8: 8 B in fp16/bf16 on sm_90; on 16, 40-69
+    registers, none).  FreeU (threshold 1: ``r_pad = k_pad = 2``) keeps the configs it had.
     """
     block_w = triton.next_power_of_2(W)
     block_h = triton.next_power_of_2(H)
@@ -245,6 +249,8 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
         tile_warps = block_h * block_w // (32 * _ONE_TILE_PER_THREAD)
         if wide_pads and block_h * block_w == 1024 and block_w in (32, 64, 128):  # 64x16 on 8: 8 B fp32 sm_80
             tile_warps = 8  # 4 tile elements a thread: 4 warps spilled 8 B at 8 column pads (32x32)
+        if block_w == 4 and block_h * block_w == 2048:
+            tile_warps = 16  # 512x4 on 8 warps: 8 B in fp16/bf16 on sm_90
         return {"BLOCK_H": block_h, "BLOCK_W": block_w, "ONE_TILE": True,
                 "num_warps": min(max(tile_warps, twiddle_warps, 1), 16)}
     if block_w in (128, 1024):
@@ -252,7 +258,11 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
         # 16x128 at R_PAD 8, 24 B on sm_90. 1024-element blocks on 4 warps compile with none.
         return {"BLOCK_H": 1024 // block_w, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 4}
     rows = min(max(1, _TILE_ELEMENTS // block_w), (2 if wide_pads else 8) * _TWIDDLE_ROWS_PER_WARP // r_pad)
-    return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": 8}
+    if wide_pads and r_pad == 8 and block_w == 16:
+        rows = 64  # 128x16: 16 B in fp16/bf16 on sm_90
+    # 4x512 on 8 warps: 8 B in fp32 on sm_80 at 8 column pads
+    warps = 16 if wide_pads and block_w == 512 else 8
+    return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": warps}
 
 
 def _check_inputs(x, threshold, scale) -> None:
