@@ -775,8 +775,9 @@ _SPLIT_BUCKETS = {
 _SPLIT_BUCKETS_UNMASKED = {("fwd", "half", 80): (128,), ("dkdv", "half", 80): (128,), ("dq", "fp32", 80): (256,)}
 
 
+@functools.lru_cache(maxsize=512)
 def _block_dims(d: int, kernel: str, dtype: torch.dtype, cc: int, has_mask: bool) -> dict:
-    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for
+    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` (cached, like the config lookups: callers only unpack it) of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for
     head dim ``d`` (the max of D and Dv) on arch ``cc``, with or without a mask: the two pieces of
     ``_HEAD_DIM_SPLITS`` where ``_SPLIT_BUCKETS`` (or, unmasked, ``_SPLIT_BUCKETS_UNMASKED``) lists
     the split, else ``_block_d(d)`` and 0, one padded piece. The config tables stay keyed on
