@@ -32,6 +32,7 @@ No GPU has timed these kernels; ``fastunet bench --device cuda`` measures them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ import fastunet
 
 #: Peak HBM bandwidth (bytes/s) and dense fp16/bf16 tensor-core peak (FLOP/s), from the vendors' data sheets.
 DEVICES = {"H100": (3.35e12, 989e12), "A100": (2.0e12, 312e12)}
+#: The compute capability whose config tables each device runs (kernels/attention.py: sm_90, sm_80).
+DEVICE_ARCH = {"H100": 90, "A100": 80}
 
 #: The op categories of the README table, in its order.
 CATEGORIES = ("GroupNorm+act", "self-attention", "cross-attention", "temporal attention", "conv", "linear/GEMM",
@@ -222,6 +225,15 @@ def _next_pow2(d: int, least: int = 16) -> int:
     return max(least, 1 << (d - 1).bit_length())
 
 
+def head_dim_tile(d: int, device: str) -> int:
+    """Columns of the head dim that the fp16 attention forward computes for head dim ``d`` on ``device``
+    (unmasked; split pieces summed)."""
+    # the module, not the package's ``attention`` function of the same name
+    dims = importlib.import_module("fastunet.kernels.attention")._block_dims(d, "fwd", torch.float16,
+                                                                            DEVICE_ARCH[device], False)
+    return dims["BLOCK_D"] + dims["BLOCK_D2"]
+
+
 def call_fraction(call: OpCall, device: str) -> float:
     """Modelled fraction of the lower bound that ``call`` reaches on ``device`` (model, not a measurement).
 
@@ -231,8 +243,10 @@ def call_fraction(call: OpCall, device: str) -> float:
       (``tests/ops/test_traffic.py``); the
       Fourier filter 2x on planes of up to 4,096 padded elements and 3x above; conv/GEMM/eager ops
       are taken at their traffic floor with ``gemm``/``eager``;
-    * compute-bound attention: ``mma`` x ``D / D_pad``, where the kernel's head-dim tile ``D_pad`` is the
-      next power of two (40 -> 64, 80 -> 128, 160 -> 256 waste 37.5% of the MMA work);
+    * compute-bound attention: ``mma`` x ``D / D_tile``, where ``D_tile`` is the head-dim width the
+      fp16 forward computes on the device's arch, unmasked (``_block_dims``): a power of two (40 -> 64
+      wastes 37.5% of the MMA work) or, where the kernel splits the head dim, the two pieces' sum (on
+      sm_90 80 = 64 + 16 and 160 = 128 + 32, no waste; on sm_80 80 is split, 160 padded to 256);
     * compute-bound conv/GEMM: ``gemm``.
     """
     eff = EFFICIENCY[device]
@@ -250,7 +264,7 @@ def call_fraction(call: OpCall, device: str) -> float:
         if memory_bound:
             return eff["stream"]
         d = call.meta["bhnmd"][4]
-        return eff["mma"] * d / _next_pow2(d)
+        return eff["mma"] * d / head_dim_tile(d, device)
     if call.category in ("conv", "linear/GEMM"):
         return eff["stream"] if memory_bound else eff["gemm"]
     return eff["eager"]

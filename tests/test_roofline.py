@@ -110,3 +110,18 @@ def test_group_norm_fraction_follows_the_one_pass_rule(calls):
     assert roofline.call_fraction(norms[0], "H100") == pytest.approx(stream * 2 / 3)
     mid = next(c for c in norms if c.module.startswith("mid_block") and c.shapes[0] == (2, 1280, 8, 8))
     assert roofline.call_fraction(mid, "H100") == pytest.approx(stream)
+
+
+def test_attention_fraction_follows_the_kernels_head_dim_tile(calls):
+    """Compute-bound self-attention is modelled at ``mma x D / D_tile``, D_tile being what the fp16
+    forward computes: SD 1.5's 40 pads to 64 on both archs; 80 and 160 split on sm_90 (64+16, 128+32:
+    no waste); on sm_80 80 splits and 160 pads to 256."""
+    assert {d: roofline.head_dim_tile(d, "H100") for d in (40, 64, 80, 160)} == {40: 64, 64: 64, 80: 80, 160: 160}
+    assert {d: roofline.head_dim_tile(d, "A100") for d in (40, 64, 80, 160)} == {40: 64, 64: 64, 80: 80, 160: 256}
+    for device, (bandwidth, peak) in roofline.DEVICES.items():
+        mma = roofline.EFFICIENCY[device]["mma"]
+        bound = [c for c in calls["sd15"] if c.category == "self-attention" and c.flops / peak > c.bytes / bandwidth]
+        assert {c.meta["bhnmd"][4] for c in bound} >= {40, 80}, device
+        for call in bound:
+            d = call.meta["bhnmd"][4]
+            assert roofline.call_fraction(call, device) == pytest.approx(mma * d / roofline.head_dim_tile(d, device))
