@@ -277,11 +277,16 @@ def test_encoder_states_per_video(tiny: Pair):
 
 
 def test_triton_backend_matches_torch_backend(tiny: Pair):
-    weight = torch.randn_like(tiny.base)
-    torch_out, torch_grads = _grads(tiny.ours, tiny.inputs, weight)
+    """The whole model, forward and every gradient, on the Triton kernels (interpreter) vs the torch path.
+    One sample of 2 frames at 4x4 (its 2 frames' text states): the motion modules launch a program per
+    pixel and head, run one after another by the interpreter."""
+    inputs = dict(sample=tiny.inputs["sample"][:1, :, :2, :4, :4].contiguous(), timestep=tiny.inputs["timestep"][1:],
+                  encoder_hidden_states=tiny.inputs["encoder_hidden_states"][:2])
+    weight = torch.randn(1, 4, 2, 4, 4)
+    torch_out, torch_grads = _grads(tiny.ours, inputs, weight)
     launch_counts.clear()
     with fastunet.use_backend("triton"):
-        triton_out, triton_grads = _grads(tiny.ours, tiny.inputs, weight)
+        triton_out, triton_grads = _grads(tiny.ours, inputs, weight)
     launched = {name for name, count in launch_counts.items() if count}
     assert any("attention" in name for name in launched) and any("group_norm" in name for name in launched), launched
     assert rel_err(triton_out, torch_out) < 1e-5
