@@ -757,7 +757,8 @@ _HEAD_DIM_SPLITS = ((32, 16), (64, 16), (128, 32))
 #: ``_SPLIT_BUCKETS_UNMASKED`` adds the splits that hold only without a mask (SD's self- and
 #: cross-attention pass none): with one, half 64+16 in the sm_80 forward and dK/dV spilled 8-80 B
 #: (255 registers, a key-bias mask), fp32 128+32 in the sm_80 dQ 8 B.
-#: Padded elsewhere: the split spilled (half 128+32 on sm_80 and in dK/dV on sm_90, 40-176 B; fp32
+#: Padded elsewhere: the split spilled (half 128+32 on sm_80, 40-136 B, and on sm_90's dK/dV tile,
+#: 168-176 B, where the split takes its own tile instead, ``_SPLIT_CONFIGS``; fp32
 #: 64+16, 24-296 B; fp32 128+32 in the sm_90 forward under plain TF32, 8-16 B), or its loop was longer (half 32+16
 #: on sm_90, where a 64-wide wgmma beats two narrower ones; fp32 32+16 on sm_80 and in the sm_90
 #: forward and dQ). Per iteration the splits kept run fewer instructions: fp32 128+32 (the 256
@@ -767,7 +768,7 @@ _HEAD_DIM_SPLITS = ((32, 16), (64, 16), (128, 32))
 _SPLIT_BUCKETS = {
     ("fwd", "half", 80): (), ("fwd", "half", 90): (128, 256),
     ("fwd", "fp32", 80): (256,), ("fwd", "fp32", 90): (),
-    ("dkdv", "half", 80): (64,), ("dkdv", "half", 90): (128,),
+    ("dkdv", "half", 80): (64,), ("dkdv", "half", 90): (128, 256),
     ("dkdv", "fp32", 80): (256,), ("dkdv", "fp32", 90): (64, 256),
     ("dq", "half", 80): (64, 128), ("dq", "half", 90): (256,),
     ("dq", "fp32", 80): (), ("dq", "fp32", 90): (256,),
@@ -818,6 +819,15 @@ _DKDV_CONFIGS = {
     ("fp32", 80): {64: (16, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
     ("fp32", 90): {64: (16, 64, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
 }
+#: Configs of a split head dim (``_SPLIT_BUCKETS``) that differ from its bucket's padded config, by
+#: (kernel, precision class, arch) and bucket. The half dK/dV 128+32 split (SD 1.5's D 160) on sm_90
+#: takes 64 keys on 4 warps: its dots have 64 rows per warpgroup and lower to wgmma (HGMMA, with
+#: cp.async loads), 241-249 registers, no stack in any probed launch (fp16/bf16, masked or not), 280-445
+#: SASS instructions per 16x64 iteration, 1.1-1.7 warp-instructions per query-key pair against 4.8-5.9
+#: for the padded 16x32 tile on 8 warps (mma.sync). The padded 256 columns spilled 32-1552 B on every
+#: 64-key tile tried (4 or 8 warps, 16-64 queries, 1-3 stages), so D 200/256 keep the 16x32 mma.sync
+#: tile (2026-12-02).
+_SPLIT_CONFIGS = {("dkdv", "half", 90): {256: (16, 64, 4, 2)}}
 _DQ_CONFIGS = {
     ("half", 80): {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
     ("half", 90): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
@@ -846,9 +856,13 @@ def _attention_fwd_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _At
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _AttentionConfig:
-    """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step)."""
-    return _lookup(_DKDV_CONFIGS, block_d, dtype, cc)
+def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype, cc: int = 80,
+                               split: bool = False) -> _AttentionConfig:
+    """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step);
+    ``split``: the head dim runs in two pieces (``_block_dims``), which ``_SPLIT_CONFIGS`` may tile
+    differently."""
+    cfg = _SPLIT_CONFIGS.get(("dkdv", _precision_class(dtype), _arch(cc)), {}).get(block_d) if split else None
+    return _AttentionConfig(*cfg) if cfg else _lookup(_DKDV_CONFIGS, block_d, dtype, cc)
 
 
 @functools.lru_cache(maxsize=None)
@@ -894,8 +908,9 @@ def _attention_configs():
         for block_d in (64, 128, 256):
             for cc in _ARCHS:
                 entries.add(("_attention_fwd_kernel", dtype, block_d, cc, _attention_fwd_config(block_d, dtype, cc)))
-                entries.add(("_attention_bwd_dkdv_kernel", dtype, block_d, cc,
-                             _attention_bwd_dkdv_config(block_d, dtype, cc)))
+                for split in (False, True):
+                    entries.add(("_attention_bwd_dkdv_kernel", dtype, block_d, cc,
+                                 _attention_bwd_dkdv_config(block_d, dtype, cc, split)))
                 entries.add(("_attention_bwd_dq_kernel", dtype, block_d, cc,
                              _attention_bwd_dq_config(block_d, dtype, cc)))
                 entries.add(("_attention_bwd_preprocess_kernel", dtype, block_d, cc,
@@ -1141,7 +1156,7 @@ def _attention_bwd(do, q, k, v, out, lse, attn_mask, scale):
     delta = _alloc_stats(q, (batch, heads, seqlen_q))
     pre = _attention_bwd_preprocess_config(block_d)
     inputs = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
-    dkdv_cfg = _attention_bwd_dkdv_config(block_d, q.dtype, cc)
+    dkdv_cfg = _attention_bwd_dkdv_config(block_d, q.dtype, cc, dkdv_pieces["BLOCK_D2"] > 0)
     dq_cfg = _attention_bwd_dq_config(block_d, q.dtype, cc)
     for (q_, k_, v_, mask_, out_, do_, lse_, delta_, dq_, dk_, dv_), seqs in _batch_slices(
             (q, k, v, mask, out, do, lse, delta, dq, dk, dv), batch, heads):

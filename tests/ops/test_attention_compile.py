@@ -19,7 +19,8 @@ bf16; fp32 entries compile with ``input_precision="tf32x3"`` (``torch.get_float3
 dim cycles through the dims of the entry's head-dim bucket (8 .. 256), so masked and unmasked head
 dims (40, 80, 160 and 64, 128, 256) all appear; the main kernels' variants alternate between a head
 dim split in two pieces (40, 80, 160: ``BLOCK_D2 > 0``) and a whole one, so each of their entries
-compiles both ways.
+compiles both ways; an entry that serves only one kind (a dK/dV tile of ``_SPLIT_CONFIGS``, for split
+head dims, and its bucket's padded tile, then only for the others) compiles on the head dims it serves.
 """
 
 from __future__ import annotations
@@ -129,6 +130,15 @@ def _bucket(kwargs) -> int:
     return attn._block_d(kwargs["BLOCK_D"] + kwargs.get("BLOCK_D2", 0))
 
 
+def _runs(name: str, cfg, head_dim: int, dtype, cc: int, masked: bool) -> bool:
+    """Whether a launch of kernel ``name`` at ``head_dim`` takes ``cfg``: the dK/dV kernel tiles a split
+    head dim by ``_SPLIT_CONFIGS`` where that lists its bucket; every other entry serves its whole bucket."""
+    if name != "_attention_bwd_dkdv_kernel":
+        return True
+    split = _split(name, head_dim, dtype, cc, masked)
+    return attn._attention_bwd_dkdv_config(attn._block_d(head_dim), dtype, cc, split) == cfg
+
+
 def compile_plan(monkeypatch) -> list[dict]:
     """The cases described in the module docstring, each captured from a real launcher call."""
     turn = {}
@@ -140,8 +150,10 @@ def compile_plan(monkeypatch) -> list[dict]:
             variants.append((False, "high"))
         dims = [d for d in HEAD_DIMS if attn._block_d(d) == bd]
         for j, (masked, precision) in enumerate(variants):
-            split = [d for d in dims if name in MAIN_KERNELS and _split(name, d, dtype, cc, masked)]
-            pools = (split, [d for d in dims if d not in split]) if split else (dims,)
+            served = [d for d in dims if _runs(name, cfg, d, dtype, cc, masked)]
+            assert served, f"{name} {cfg} on sm_{cc} serves no head dim of its bucket {bd} (mask={masked})"
+            split = [d for d in served if name in MAIN_KERNELS and _split(name, d, dtype, cc, masked)]
+            pools = (split, [d for d in served if d not in split]) if split and len(split) < len(served) else (served,)
             pool = pools[(i + j) % len(pools)]
             head_dim = pool[turn.get(tuple(pool), 0) % len(pool)]
             turn[tuple(pool)] = turn.get(tuple(pool), 0) + 1
