@@ -778,11 +778,11 @@ _SPLIT_BUCKETS_UNMASKED = {("fwd", "half", 80): (128,), ("dkdv", "half", 80): (1
 
 @functools.lru_cache(maxsize=512)
 def _block_dims(d: int, kernel: str, dtype: torch.dtype, cc: int, has_mask: bool) -> dict:
-    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` (cached, like the config lookups: callers only unpack it) of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for
+    """``{"BLOCK_D": ..., "BLOCK_D2": ...}`` of main kernel ``kernel`` ("fwd", "dkdv" or "dq") for
     head dim ``d`` (the max of D and Dv) on arch ``cc``, with or without a mask: the two pieces of
     ``_HEAD_DIM_SPLITS`` where ``_SPLIT_BUCKETS`` (or, unmasked, ``_SPLIT_BUCKETS_UNMASKED``) lists
     the split, else ``_block_d(d)`` and 0, one padded piece. The config tables stay keyed on
-    ``_block_d(d)``."""
+    ``_block_d(d)``. Cached like the config lookups (one per launch); callers only unpack the dict."""
     bucket, key = _block_d(d), (kernel, _precision_class(dtype), _arch(cc))
     if bucket in _SPLIT_BUCKETS[key] + (() if has_mask else _SPLIT_BUCKETS_UNMASKED.get(key, ())):
         for first, second in _HEAD_DIM_SPLITS:
@@ -817,8 +817,13 @@ _DKDV_CONFIGS = {
     ("half", 80): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
     ("half", 90): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
     ("fp32", 80): {64: (16, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
-    ("fp32", 90): {64: (16, 64, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
+    ("fp32", 90): {64: (16, 64, 4, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
 }
+# ("fp32", 90) at 64 runs one stage: with two, a ragged 33-key launch at D 64 (tf32x3, unmasked) spilled 8 B
+# at 255 registers on sm_90 (found by the full static set, not the CI subset); with one, every probed
+# launch of the bucket (36: D 8-64, split 40, masks, tf32x3 and tf32) compiles without stack at 113-254
+# registers, loops 256-279 instructions where two stages took 272-301 (2026-12-02).
+
 #: Configs of a split head dim (``_SPLIT_BUCKETS``) that differ from its bucket's padded config, by
 #: (kernel, precision class, arch) and bucket. The half dK/dV 128+32 split (SD 1.5's D 160) on sm_90
 #: takes 64 keys on 4 warps: its dots have 64 rows per warpgroup and lower to wgmma (HGMMA, with
