@@ -810,9 +810,13 @@ _ARCHS = (80, 90)
 _FWD_CONFIGS = {
     ("half", 80): {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
     ("half", 90): {64: (128, 128, 8, 2), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    ("fp32", 80): {64: (32, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 1, True)},
+    ("fp32", 80): {64: (32, 32, 4, 1), 128: (16, 32, 4, 2), 256: (16, 32, 8, 1, True)},
     ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 8, 1)},
 }
+# ("fp32", 80) at 64 runs one stage: with two (or three), plain-TF32 launches (matmul precision "high")
+# at D 8-32 on 33 queries and keys kept 8 B of stack at 96 registers; with one, all 36 probed launches of
+# the bucket compile without stack at 122-181 registers, loops 281-330 where two stages took 283-340
+# (2026-12-02, full static set).
 _DKDV_CONFIGS = {
     ("half", 80): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
     ("half", 90): {64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 1)},
@@ -836,9 +840,14 @@ _SPLIT_CONFIGS = {("dkdv", "half", 90): {256: (16, 64, 4, 2)}}
 _DQ_CONFIGS = {
     ("half", 80): {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
     ("half", 90): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
-    ("fp32", 80): {64: (32, 32, 8, 2), 128: (16, 16, 4, 1), 256: (16, 16, 8, 1, True)},
-    ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1, True)},
+    ("fp32", 80): {64: (32, 32, 8, 2), 128: (16, 16, 4, 2), 256: (16, 16, 8, 1, True)},
+    ("fp32", 90): {64: (64, 32, 4, 2), 128: (16, 16, 8, 2), 256: (16, 16, 8, 1, True)},
 }
+# fp32 dQ at 128 runs two stages on both archs: with one, a bias-masked tf32x3 launch of 32 queries and
+# keys at D 128 spilled 24 B (sm_80, 4 warps) and 16 B (sm_90, 8 warps) at 255 registers; with two, all
+# 16 probed launches of the bucket compile without stack at 120-255 registers, each loop within 10% of
+# its one-stage length (tf32x3 823-875 on sm_80, 742-752 on sm_90). Other tiles tried spilled: 16x16 on 8
+# warps one stage on sm_80 (8 B), 32x16 (16-120 B), 4 warps on sm_90 (8 B) (2026-12-02, full static set).
 
 
 def _arch(cc: int) -> int:
