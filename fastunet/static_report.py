@@ -993,8 +993,11 @@ def attention_config_space(ccs=(80, 90)) -> set[tuple]:
                             if short is not None:
                                 seen.add((cc, ("short_bwd" if backward else "short_fwd", prec, bd, norm(short))))
                             elif not backward:
-                                seen.add((cc, ("fwd", prec, bd, norm(call(attn._attention_fwd_config, bd, dtype,
-                                                                          cc=cc)))))
+                                fwd = attn._attention_fwd_config
+                                takes_mask = "masked" in inspect.signature(getattr(fwd, "__wrapped__", fwd)).parameters
+                                for masked in ((False, True) if takes_mask else (None,)):
+                                    kw = {} if masked is None else {"masked": masked}
+                                    seen.add((cc, ("fwd", prec, bd, norm(call(fwd, bd, dtype, cc=cc, **kw)))))
                             else:
                                 pre = attn._attention_bwd_preprocess_config(bd)
                                 seen.add((cc, ("preprocess", prec, bd, norm(pre, preprocess=True))))

@@ -837,6 +837,16 @@ _DKDV_CONFIGS = {
 #: 64-key tile tried (4 or 8 warps, 16-64 queries, 1-3 stages), so D 200/256 keep the 16x32 mma.sync
 #: tile (2026-12-02).
 _SPLIT_CONFIGS = {("dkdv", "half", 90): {256: (16, 64, 4, 2)}}
+#: Forward configs of masked launches (``HAS_MASK``: the bias tile adds live registers) that differ from
+#: the bucket's, by (precision class, arch) and bucket. On sm_80 the half 128 bucket's 128x64 tile sits at
+#: 255 registers when masked, and a bias-masked D 128 launch of 4,097 queries and 333 keys spilled 8 B
+#: there (the whole static set; the CI subset does not reach it). 128 queries x 32 keys keeps the K/V
+#: re-reads: every masked launch of the bucket (D 80-128, key and full biases, fp16/bf16) compiles at
+#: 179-188 registers without stack, 1.02-1.21 warp-instructions per query-key pair against 0.96-1.10
+#: (2026-12-03). Unmasked launches keep 128x64 (0.42-0.68 against 0.51-0.76 for 128x32). Also tried,
+#: on the bucket: 64x64 on 4 warps, 2 stages (16-24 B), 128x64 on 2 or 4 stages (8 B); 64x64 on 8 warps,
+#: 3 stages compiled clean at 1.41-1.44.
+_MASKED_FWD_CONFIGS = {("half", 80): {128: (128, 32, 8, 3)}}
 _DQ_CONFIGS = {
     ("half", 80): {64: (128, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 1)},
     ("half", 90): {64: (128, 32, 8, 2), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
@@ -864,9 +874,11 @@ def _lookup(table, block_d: int, dtype: torch.dtype, cc: int) -> _AttentionConfi
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_fwd_config(block_d: int, dtype: torch.dtype, cc: int = 80) -> _AttentionConfig:
-    """Config of ``_attention_fwd_kernel`` on arch ``cc``; ``block_d`` is the padded max(D, Dv)."""
-    return _lookup(_FWD_CONFIGS, block_d, dtype, cc)
+def _attention_fwd_config(block_d: int, dtype: torch.dtype, cc: int = 80, masked: bool = False) -> _AttentionConfig:
+    """Config of ``_attention_fwd_kernel`` on arch ``cc``; ``block_d`` is the padded max(D, Dv);
+    ``masked``: the launch has a mask, which ``_MASKED_FWD_CONFIGS`` may tile differently."""
+    cfg = _MASKED_FWD_CONFIGS.get((_precision_class(dtype), _arch(cc)), {}).get(block_d) if masked else None
+    return _AttentionConfig(*cfg) if cfg else _lookup(_FWD_CONFIGS, block_d, dtype, cc)
 
 
 @functools.lru_cache(maxsize=None)
@@ -921,7 +933,9 @@ def _attention_configs():
     for dtype in (torch.float16, torch.float32):
         for block_d in (64, 128, 256):
             for cc in _ARCHS:
-                entries.add(("_attention_fwd_kernel", dtype, block_d, cc, _attention_fwd_config(block_d, dtype, cc)))
+                for masked in (False, True):
+                    entries.add(("_attention_fwd_kernel", dtype, block_d, cc,
+                                 _attention_fwd_config(block_d, dtype, cc, masked)))
                 for split in (False, True):
                     entries.add(("_attention_bwd_dkdv_kernel", dtype, block_d, cc,
                                  _attention_bwd_dkdv_config(block_d, dtype, cc, split)))
@@ -1123,7 +1137,7 @@ def _attention_fwd(q, k, v, attn_mask, scale):
             DOT_PRECISION=_kernel_precision(precision, cfg), **common)
         record_launch("_attention_short_fwd_kernel")
         return out, lse
-    cfg = _attention_fwd_config(block_d, q.dtype, cc)
+    cfg = _attention_fwd_config(block_d, q.dtype, cc, masked=has_mask)
     for (q_, k_, v_, mask_, out_, lse_), seqs in _batch_slices((q, k, v, mask, out, lse), batch, heads):
         _attention_fwd_kernel[(triton.cdiv(seqlen_q, cfg.block_m), seqs)](
             q_, k_, v_, mask_, out_, lse_, *strides, heads, seqlen_q, seqlen_k, qk_scale,

@@ -239,7 +239,9 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
     64-110 registers, no stack, every ``r_pad``); 16-wide row blocks at ``k_pad = r_pad = 8`` hold 64
     rows (128x16: 16 B in fp16/bf16 on sm_90 at 255 registers; 64x16: 112-145, none); 2048-element
     one-tile planes 4 wide run on 16 warps (512x4 on 8: 8 B in fp16/bf16 on sm_90; on 16, 40-69
-    registers, none).  FreeU (threshold 1: ``r_pad = k_pad = 2``) keeps the configs it had.
+    registers, none).  The whole static set then found three row blocks spilling in some dtype on one
+    arch; ``_ROW_BLOCKS_ON_4_WARPS`` gives them 1,024-element blocks on 4 warps.  FreeU (threshold 1:
+    ``r_pad = k_pad = 2``) keeps the configs it had.
     """
     block_w = triton.next_power_of_2(W)
     block_h = triton.next_power_of_2(H)
@@ -262,7 +264,19 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
         rows = 64  # 128x16: 16 B in fp16/bf16 on sm_90
     # 4x512 on 8 warps: 8 B in fp32 on sm_80 at 8 column pads
     warps = 16 if wide_pads and block_w == 512 else 8
+    if (r_pad, k_pad, block_w) in _ROW_BLOCKS_ON_4_WARPS:
+        rows, warps = _ROW_BLOCKS_ON_4_WARPS[(r_pad, k_pad, block_w)], 4
     return {"BLOCK_H": rows, "BLOCK_W": block_w, "ONE_TILE": False, "num_warps": warps}
+
+
+#: (r_pad, k_pad, block_w) -> rows of the row blocks that run on 4 warps.  The whole static set (every
+#: dtype, both archs) found these row blocks spilling on 8 warps, and 16 warps did not serve both archs:
+#: 64x32 at 8 row and column pads (48 B in fp16/bf16 on sm_80; 16 warps: 24 B on sm_90), 32x64 at 4
+#: (8 B in fp32 on sm_80), 8x256 at 4 (16 B in fp32 on sm_90).  As 1,024-element blocks on 4 warps
+#: (32x32, 16x64, 4x256; 8 elements a thread): 64-194 registers and no stack in every dtype on both
+#: archs; per row about as many warp-instructions as before, except 4x256 (fp32 10% more, fp16/bf16
+#: 40% more; 8x256 on 4 warps holds 16 elements a thread).
+_ROW_BLOCKS_ON_4_WARPS = {(8, 8, 32): 32, (4, 4, 64): 16, (4, 4, 256): 4}
 
 
 def _check_inputs(x, threshold, scale) -> None:

@@ -288,7 +288,7 @@ def test_sm90_tiles(monkeypatch, dtype, head_dim):
     monkeypatch.setattr(attn._backend, "compute_capability", lambda device: 90)
     seen = []
     fwd_config = attn._attention_fwd_config
-    monkeypatch.setattr(attn, "_attention_fwd_config", lambda *a: seen.append(a[-1]) or fwd_config(*a))
+    monkeypatch.setattr(attn, "_attention_fwd_config", lambda *a, **kw: seen.append(a[2]) or fwd_config(*a, **kw))
     check(*qkv(1, 2, 200, 130, head_dim, dtype), torch.rand(1, 1, 200, 130) > 0.2 if head_dim == 80 else None)
     assert seen == [90]
 

@@ -132,7 +132,10 @@ def _bucket(kwargs) -> int:
 
 def _runs(name: str, cfg, head_dim: int, dtype, cc: int, masked: bool) -> bool:
     """Whether a launch of kernel ``name`` at ``head_dim`` takes ``cfg``: the dK/dV kernel tiles a split
-    head dim by ``_SPLIT_CONFIGS`` where that lists its bucket; every other entry serves its whole bucket."""
+    head dim by ``_SPLIT_CONFIGS`` where that lists its bucket, the forward a masked launch by
+    ``_MASKED_FWD_CONFIGS``; every other entry serves its whole bucket."""
+    if name == "_attention_fwd_kernel":
+        return attn._attention_fwd_config(attn._block_d(head_dim), dtype, cc, masked=masked) == cfg
     if name != "_attention_bwd_dkdv_kernel":
         return True
     split = _split(name, head_dim, dtype, cc, masked)
@@ -149,9 +152,11 @@ def compile_plan(monkeypatch) -> list[dict]:
         if dtype == torch.float32 and not short and "preprocess" not in name:
             variants.append((False, "high"))
         dims = [d for d in HEAD_DIMS if attn._block_d(d) == bd]
+        # a masked-only entry (_MASKED_FWD_CONFIGS) is compiled on its masked variants only
+        variants = [(m, p) for m, p in variants if any(_runs(name, cfg, d, dtype, cc, m) for d in dims)]
+        assert variants, f"{name} {cfg} on sm_{cc} serves no head dim of its bucket {bd}, masked or not"
         for j, (masked, precision) in enumerate(variants):
             served = [d for d in dims if _runs(name, cfg, d, dtype, cc, masked)]
-            assert served, f"{name} {cfg} on sm_{cc} serves no head dim of its bucket {bd} (mask={masked})"
             split = [d for d in served if name in MAIN_KERNELS and _split(name, d, dtype, cc, masked)]
             pools = (split, [d for d in served if d not in split]) if split and len(split) < len(served) else (served,)
             pool = pools[(i + j) % len(pools)]
