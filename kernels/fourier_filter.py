@@ -276,7 +276,11 @@ def _fourier_filter_config(H: int, W: int, r_pad: int, k_pad: int = 1) -> dict:
 #: (32x32, 16x64, 4x256; 8 elements a thread): 64-194 registers and no stack in every dtype on both
 #: archs; per row about as many warp-instructions as before, except 4x256 (fp32 10% more, fp16/bf16
 #: 40% more; 8x256 on 4 warps holds 16 elements a thread).
-_ROW_BLOCKS_ON_4_WARPS = {(8, 8, 32): 32, (4, 4, 64): 16, (4, 4, 256): 4}
+_ROW_BLOCKS_ON_4_WARPS = {(8, 8, 32): 32, (4, 4, 64): 16, (4, 4, 256): 4,
+                          # no input reaches a row pad of 1 on a block taller than one row; the opt-in
+                          # compile of every table entry found 64x32 at 1 x 8 spilling 32 B in fp16/bf16
+                          # on sm_90 (8 warps); 32x32 on 4: 72-188 registers, no stack, every dtype, both archs
+                          (1, 8, 32): 32}
 
 
 def _check_inputs(x, threshold, scale) -> None:
