@@ -975,10 +975,9 @@ def attention_config_space(ccs=(80, 90)) -> set[tuple]:
     def norm(cfg, preprocess=False):
         return (cfg[0], None if preprocess else cfg[1], cfg[2], cfg[3], bool(getattr(cfg, "fma", False)))
 
-    def call(f, *args, cc, **kw):
-        if "cc" in inspect.signature(getattr(f, "__wrapped__", f)).parameters:
-            kw["cc"] = cc
-        return f(*args, **kw)
+    def call(f, *args, **kw):  # passes only the keywords f takes (cc, masked: later parameters)
+        params = inspect.signature(getattr(f, "__wrapped__", f)).parameters
+        return f(*args, **{k: v for k, v in kw.items() if k in params})
 
     seen = set()
     for cc in ccs:
@@ -993,11 +992,9 @@ def attention_config_space(ccs=(80, 90)) -> set[tuple]:
                             if short is not None:
                                 seen.add((cc, ("short_bwd" if backward else "short_fwd", prec, bd, norm(short))))
                             elif not backward:
-                                fwd = attn._attention_fwd_config
-                                takes_mask = "masked" in inspect.signature(getattr(fwd, "__wrapped__", fwd)).parameters
-                                for masked in ((False, True) if takes_mask else (None,)):
-                                    kw = {} if masked is None else {"masked": masked}
-                                    seen.add((cc, ("fwd", prec, bd, norm(call(fwd, bd, dtype, cc=cc, **kw)))))
+                                for masked in (False, True):
+                                    seen.add((cc, ("fwd", prec, bd, norm(call(attn._attention_fwd_config, bd, dtype,
+                                                                              cc=cc, masked=masked)))))
                             else:
                                 pre = attn._attention_bwd_preprocess_config(bd)
                                 seen.add((cc, ("preprocess", prec, bd, norm(pre, preprocess=True))))

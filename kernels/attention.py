@@ -828,15 +828,15 @@ _DKDV_CONFIGS = {
 # launch of the bucket (36: D 8-64, split 40, masks, tf32x3 and tf32) compiles without stack at 113-254
 # registers, loops 256-279 instructions where two stages took 272-301 (2026-12-02).
 
-#: Configs of a split head dim (``_SPLIT_BUCKETS``) that differ from its bucket's padded config, by
-#: (kernel, precision class, arch) and bucket. The half dK/dV 128+32 split (SD 1.5's D 160) on sm_90
+#: dK/dV configs of a split head dim (``_SPLIT_BUCKETS``) that differ from its bucket's padded config, by
+#: (precision class, arch) and bucket. The half dK/dV 128+32 split (SD 1.5's D 160) on sm_90
 #: takes 64 keys on 4 warps: its dots have 64 rows per warpgroup and lower to wgmma (HGMMA, with
 #: cp.async loads), 241-249 registers, no stack in any probed launch (fp16/bf16, masked or not), 280-445
 #: SASS instructions per 16x64 iteration, 1.1-1.7 warp-instructions per query-key pair against 4.8-5.9
 #: for the padded 16x32 tile on 8 warps (mma.sync). The padded 256 columns spilled 32-1552 B on every
 #: 64-key tile tried (4 or 8 warps, 16-64 queries, 1-3 stages), so D 200/256 keep the 16x32 mma.sync
 #: tile (2026-12-02).
-_SPLIT_CONFIGS = {("dkdv", "half", 90): {256: (16, 64, 4, 2)}}
+_SPLIT_CONFIGS = {("half", 90): {256: (16, 64, 4, 2)}}
 #: Forward configs of masked launches (``HAS_MASK``: the bias tile adds live registers) that differ from
 #: the bucket's, by (precision class, arch) and bucket. On sm_80 the half 128 bucket's 128x64 tile sits at
 #: 255 registers when masked, and a bias-masked D 128 launch of 4,097 queries and 333 keys spilled 8 B
@@ -869,16 +869,18 @@ def _precision_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def _lookup(table, block_d: int, dtype: torch.dtype, cc: int) -> _AttentionConfig:
-    return _AttentionConfig(*table[_precision_class(dtype), _arch(cc)][block_d])
+def _lookup(table, block_d: int, dtype: torch.dtype, cc: int, overrides=None) -> _AttentionConfig:
+    """``table``'s config for (precision class, arch) and bucket ``block_d``, unless ``overrides`` (a
+    table of the same keys that lists only some entries) has one."""
+    key = (_precision_class(dtype), _arch(cc))
+    return _AttentionConfig(*((overrides or {}).get(key, {}).get(block_d) or table[key][block_d]))
 
 
 @functools.lru_cache(maxsize=None)
 def _attention_fwd_config(block_d: int, dtype: torch.dtype, cc: int = 80, masked: bool = False) -> _AttentionConfig:
     """Config of ``_attention_fwd_kernel`` on arch ``cc``; ``block_d`` is the padded max(D, Dv);
     ``masked``: the launch has a mask, which ``_MASKED_FWD_CONFIGS`` may tile differently."""
-    cfg = _MASKED_FWD_CONFIGS.get((_precision_class(dtype), _arch(cc)), {}).get(block_d) if masked else None
-    return _AttentionConfig(*cfg) if cfg else _lookup(_FWD_CONFIGS, block_d, dtype, cc)
+    return _lookup(_FWD_CONFIGS, block_d, dtype, cc, _MASKED_FWD_CONFIGS if masked else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -887,8 +889,7 @@ def _attention_bwd_dkdv_config(block_d: int, dtype: torch.dtype, cc: int = 80,
     """Config of ``_attention_bwd_dkdv_kernel`` (block_n keys per program, block_m queries per step);
     ``split``: the head dim runs in two pieces (``_block_dims``), which ``_SPLIT_CONFIGS`` may tile
     differently."""
-    cfg = _SPLIT_CONFIGS.get(("dkdv", _precision_class(dtype), _arch(cc)), {}).get(block_d) if split else None
-    return _AttentionConfig(*cfg) if cfg else _lookup(_DKDV_CONFIGS, block_d, dtype, cc)
+    return _lookup(_DKDV_CONFIGS, block_d, dtype, cc, _SPLIT_CONFIGS if split else None)
 
 
 @functools.lru_cache(maxsize=None)
