@@ -96,7 +96,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend
-from ._backend import interpreter_enabled, record_launch, register_once, tl, triton, use_triton
+from ._backend import direct_call, interpreter_enabled, record_launch, register_once, tl, triton, use_triton
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -1243,10 +1243,20 @@ def _cpu_flash_applies(q, k, v, attn_mask) -> bool:
 def _has_inf(t: torch.Tensor, positive_only: bool = False) -> bool:
     """Whether ``t`` holds ``+inf`` (or, unless ``positive_only``, ``-inf``), from its extremes: two
     scalars and no temporary of ``t``'s size, except when a NaN hides them (then an element-wise test)."""
-    low, high = torch.aminmax(t)
+    dense = _in_memory_order(t)
+    low, high = torch.aminmax(dense) if dense.is_contiguous() else (t.amin(), t.amax())
     if bool(torch.isnan(high)):
         return bool((t == float("inf")).any()) if positive_only else bool(torch.isinf(t).any())
     return bool(high == float("inf")) or (not positive_only and bool(low == float("-inf")))
+
+
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed with its dims in memory order (outermost first, no copy): contiguous exactly when
+    ``t`` is dense and non-overlapping, and then an order-free reduction reads it straight. ``aminmax``
+    copies a permuted view (the heads of a ``(B, N, H, D)`` projection seen as ``(B, H, N, D)``) in full
+    first: 135 us against 17 us for a ``(4, 8, 1024, 4)`` fp32 q on one core."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order)
 
 
 def _cpu_flash_operand(t: torch.Tensor) -> torch.Tensor:
@@ -1422,7 +1432,7 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastunet.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, ctx.scale)
+    dq, dk, dv = attention_bwd_call(grad_out, q, k, v, out, lse, attn_mask, ctx.scale)
     return dq, dk, dv, None, None
 
 
@@ -1435,6 +1445,41 @@ def _register_ops() -> None:
 
 
 register_once(__name__, "fastunet::attention_fwd", _register_ops)
+
+
+class _AttentionEager(torch.autograd.Function):
+    """``fastunet::attention_fwd`` with its registered autograd, minus the dispatcher: what an eager call
+    runs (``direct_call``), with the same outputs, saved tensors and backward. Through the op, a CPU
+    call paid ~0.9 ms of dispatch per forward+backward (SD-tiny's 32 attention calls: 29 ms a step)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, scale):
+        output = _attention_fwd_op(q, k, v, attn_mask, scale)
+        _attention_setup_context(ctx, (q, k, v, attn_mask, scale), output)
+        return output
+
+    backward = staticmethod(_attention_backward)
+
+
+# the package's module only: a stray top-level ``kernels`` import (see register_once) goes through the ops
+_DIRECT = __name__.startswith("fastunet.kernels.")
+
+
+def attention_fwd_call(q, k, v, attn_mask, scale):
+    """``torch.ops.fastunet.attention_fwd(...)``, differentiable, with the dispatcher skipped where
+    ``direct_call`` allows."""
+    if not (_DIRECT and direct_call(q)):
+        return torch.ops.fastunet.attention_fwd(q, k, v, attn_mask, scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionEager.apply(q, k, v, attn_mask, scale)
+    return _attention_fwd_op(q, k, v, attn_mask, scale)
+
+
+def attention_bwd_call(grad_out, q, k, v, out, lse, attn_mask, scale):
+    """``torch.ops.fastunet.attention_bwd(...)``, with the dispatcher skipped where ``direct_call`` allows."""
+    if _DIRECT and direct_call(q) and direct_call(grad_out):
+        return _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, scale)
+    return torch.ops.fastunet.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, scale)
 
 
 def _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES) -> None:
@@ -1490,4 +1535,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise ValueError("attention does not differentiate attn_mask; pass attn_mask.detach()")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.fastunet.attention_fwd(q, k, v, attn_mask, scale)[0]
+    return attention_fwd_call(q, k, v, attn_mask, scale)[0]

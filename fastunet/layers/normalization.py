@@ -22,6 +22,7 @@ from ..kernels.group_norm_act import (
     group_norm_act_bwd_call,
     group_norm_act_fwd_call,
     group_norm_act_recompute_torch,
+    group_norm_act_reference,
     group_norm_act_recomputed_bwd_torch,
 )
 from .activations import fused_activation_name
@@ -60,6 +61,10 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act_fn: str | None = None, add
     key = act_fn.lower() if isinstance(act_fn, str) else act_fn
     post = _UNFUSED.get(key)
     fused = None if post is not None else fused_activation_name(act_fn)
+    if out_layout is None and _plain(norm, x):
+        y = group_norm_act_reference(x, norm.num_groups, norm.weight, norm.bias, norm.eps, fused, add=add,
+                                     scale=scale, shift=shift)
+        return y if post is None else post(y)
     layout = {"out_layout": out_layout} if _KERNEL_HAS_OUT_LAYOUT and out_layout is not None else {}
     y = group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, fused, add=add, scale=scale,
                        shift=shift, **layout)
@@ -81,13 +86,28 @@ def norm_act_conv(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Module, act_fn: 
     active dropout, a convolution other than plain zero-padded ``nn.ConvNd`` or one with hooks -- the
     two run as separate ops, with the same result.
     """
-    if not _fusable_conv(conv, x, dropout) or (act_fn is not None and act_fn.lower() in _UNFUSED):
+    if (not _fusable_conv(conv, x, dropout) or (act_fn is not None and act_fn.lower() in _UNFUSED)
+            or _plain(norm, x)):
         h = norm_act(norm, x, act_fn, add=add, scale=scale, shift=shift)
         return conv(h if dropout is None else dropout(h))
     activation = fused_activation_name(act_fn) or _NO_ACTIVATION
     return _NormActConv.apply(x, norm.weight, norm.bias, add, scale, shift, conv.weight, conv.bias,
                               norm.num_groups, float(norm.eps), activation, tuple(conv.stride),
                               tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+# Below this many elements of x, on the torch path (no Triton kernel: CPU tensors) in eager mode, a
+# GroupNorm site runs aten's own differentiable ops (F.group_norm, the activation, then the
+# convolution, as diffusers does) instead of fastunet's autograd nodes. Those cost about 0.1 ms of
+# Python a call forward and 0.3 ms backward on a CPU core, more than a small layer's arithmetic, and
+# what they spare in saved activations there is at most 2 x 128 KiB of fp32 a call.
+PLAIN_BELOW_ELEMENTS = 1 << 15
+
+
+def _plain(norm: nn.GroupNorm, x: torch.Tensor) -> bool:
+    """Whether a GroupNorm site on ``x`` runs aten's plain ops (``PLAIN_BELOW_ELEMENTS``)."""
+    return (x.numel() < PLAIN_BELOW_ELEMENTS and x.dtype == torch.float32 and direct_call(x)
+            and not use_triton(x, norm.weight, norm.bias))
 
 
 _NO_ACTIVATION = "none"  # group_norm_act_fwd's name for no activation
@@ -137,8 +157,8 @@ class _NormActConv(torch.autograd.Function):
         x, norm_weight, norm_bias, add, scale, shift, conv_weight, mean, rstd = ctx.saved_tensors
         num_groups, eps, activation = ctx.norm_args
         stride, padding, dilation, groups = ctx.conv_args
-        # the torch path recomputes from the saved statistics and keeps the centred input and
-        # pre-activation for the GroupNorm backward (6 passes over x's size instead of 8)
+        # the torch path recomputes from the saved statistics into one buffer of its own, which the
+        # GroupNorm backward then reuses (5 passes over x's size and 3 new buffers of it, not 8 and 5)
         state = None
         if scale is None and shift is None and direct_call(x) and not use_triton(x, norm_weight, norm_bias, add):
             h, state = group_norm_act_recompute_torch(x, norm_weight, norm_bias, add, mean, rstd, num_groups,
@@ -155,8 +175,8 @@ class _NormActConv(torch.autograd.Function):
         del h
         grads = [None] * 6
         if norm_needs and state is not None:
-            grads = list(group_norm_act_recomputed_bwd_torch(dh, state, x, norm_weight, norm_bias, add, rstd,
-                                                             num_groups))
+            grads = list(group_norm_act_recomputed_bwd_torch(dh, state, x, norm_weight, norm_bias, add, mean,
+                                                             rstd, num_groups))
         elif norm_needs:
             grads = list(group_norm_act_bwd_call(dh, x, norm_weight, norm_bias, add, scale, shift, mean, rstd,
                                                  num_groups, activation))

@@ -127,7 +127,9 @@ class Transformer2DModel(ModelMixin):
             h = self.proj_in(h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1]))
         else:  # the normalised map is recomputed in backward rather than kept for proj_in's weight gradient
             h = norm_act_conv(self.norm, hidden_states, self.proj_in)
-            h = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1])
+            # one copy into token order here: as a view of the NCHW map the token stream would be
+            # strided, and every LayerNorm on it (forward, recompute, backward) would copy it again
+            h = h.permute(0, 2, 3, 1).reshape(batch, height * width, h.shape[1]).contiguous()
 
         for block in self.transformer_blocks:
             h = maybe_checkpoint(self.gradient_checkpointing, block, h, attention_mask=attention_mask,

@@ -95,12 +95,13 @@ def test_saved_activations_at_most_limit_of_diffusers(make_pair, record_property
 
 
 def test_saved_activations_of_the_five_families(record_property):
-    """Recorded, not asserted against a limit: the tiny configs are dominated by small tensors."""
+    """Recorded, not asserted against a limit: the tiny configs are dominated by small tensors, where
+    the layers run aten's plain ops (``normalization.PLAIN_BELOW_ELEMENTS``) and save what diffusers saves."""
     for name in NAMES:
         value, mine, reference = ratio(family_pair(name))
         record_property(name, round(value, 4))
         print(f"\n{name}: fastunet {mine / 2**10:.1f} KiB, diffusers {reference / 2**10:.1f} KiB, ratio {value:.3f}")
-        assert value < 1.0, f"{name} saves more than diffusers ({value:.3f}x)"
+        assert value <= 1.0, f"{name} saves more than diffusers ({value:.3f}x)"
 
 
 def test_counts_unique_storages_without_parameters():
