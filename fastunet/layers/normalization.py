@@ -133,8 +133,8 @@ class _NormActConv(torch.autograd.Function):
 
     Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight, the (B, G)
     statistics. Backward: the ``group_norm_act`` output again (the Triton path: its forward, same
-    statistics bit for bit; the torch path: from the saved statistics, keeping the centred input for
-    the next step), ``aten.convolution_backward`` for the convolution's input, weight and bias
+    statistics bit for bit; the torch path: from the saved statistics, into a buffer the GroupNorm
+    backward then reuses), ``aten.convolution_backward`` for the convolution's input, weight and bias
     gradients, then ``group_norm_act``'s own backward.
     """
 
@@ -158,7 +158,8 @@ class _NormActConv(torch.autograd.Function):
         num_groups, eps, activation = ctx.norm_args
         stride, padding, dilation, groups = ctx.conv_args
         # the torch path recomputes from the saved statistics into one buffer of its own, which the
-        # GroupNorm backward then reuses (5 passes over x's size and 3 new buffers of it, not 8 and 5)
+        # GroupNorm backward then reuses: 6 passes over x's size as before, but 3 new buffers of that
+        # size, not 5 (x centred first, for a large mean: one pass and one buffer more)
         state = None
         if scale is None and shift is None and direct_call(x) and not use_triton(x, norm_weight, norm_bias, add):
             h, state = group_norm_act_recompute_torch(x, norm_weight, norm_bias, add, mean, rstd, num_groups,
