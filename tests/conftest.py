@@ -38,3 +38,16 @@ def _isolate_backend_and_seed():
     torch.manual_seed(0)
     yield
     fastunet.set_backend("auto")
+
+
+@pytest.fixture
+def fused_nodes(monkeypatch):
+    """Every GroupNorm site runs fastunet's own autograd nodes, in eager mode too.
+
+    In eager mode a site under ``normalization.PLAIN_BELOW_ELEMENTS`` elements runs aten's plain ops,
+    and the test models are that small throughout; ``torch.compile`` always traces the fused custom
+    ops. A test that compares compiled with eager, or that means to exercise the nodes, takes this
+    fixture so both sides run the same ops."""
+    from fastunet.layers import normalization
+
+    monkeypatch.setattr(normalization, "PLAIN_BELOW_ELEMENTS", 0)

@@ -73,7 +73,7 @@ def test_direct_path_equals_the_op_bit_for_bit(dtype, variant):
 
 
 @pytest.mark.parametrize("with_add", [False, True])
-def test_norm_act_conv_torch_backward_against_float64(with_add, monkeypatch):
+def test_norm_act_conv_torch_backward_against_float64(with_add, monkeypatch, fused_nodes):
     """The torch path's recompute from the saved statistics (norm_act_conv's backward) against autograd
     through the float64 unfused ops."""
     normalization = importlib.import_module("fastunet.layers.normalization")
@@ -84,7 +84,6 @@ def test_norm_act_conv_torch_backward_against_float64(with_add, monkeypatch):
         return gna.group_norm_act_recompute_torch(*args)
 
     monkeypatch.setattr(normalization, "group_norm_act_recompute_torch", spy)
-    monkeypatch.setattr(normalization, "PLAIN_BELOW_ELEMENTS", 0)  # this small x would run the plain ops
     g = torch.Generator().manual_seed(5)
     norm, conv = nn.GroupNorm(4, 16), nn.Conv2d(16, 8, 3, padding=1)
     with torch.no_grad():

@@ -32,7 +32,7 @@ def _check(compiled, model, name, inputs, out_tol, grad_tol):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fullgraph_aot_eager_forward_and_backward_match_eager(name):
+def test_fullgraph_aot_eager_forward_and_backward_match_eager(name, fused_nodes):
     model, inputs = make(name)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -47,7 +47,7 @@ def test_fullgraph_aot_eager_forward_and_backward_match_eager(name):
         _check(compiled, model, name, make_inputs(name, "again"), AOT_EAGER_TOL, AOT_EAGER_TOL)
 
 
-def test_fullgraph_inductor_forward_and_backward_match_eager():
+def test_fullgraph_inductor_forward_and_backward_match_eager(fused_nodes):
     name = "unet_1d"  # the smallest graph: inductor's CPU code generation is the slow part
     model, inputs = make(name)
     torch._dynamo.reset()

@@ -45,7 +45,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     assert not model.is_gradient_checkpointing
 
 
-def test_gradient_checkpointing_under_fullgraph_compile():
+def test_gradient_checkpointing_under_fullgraph_compile(fused_nodes):
     name = "unet_2d"
     model, inputs = make(name)
     target = target_for(name, inputs)

@@ -62,7 +62,7 @@ def test_add_adapter_trains_only_the_lora_weights():
     assert not unchanged_lora, f"LoRA weights did not train: {unchanged_lora[:5]}"
 
 
-def test_lora_fine_tuning_under_fullgraph_compile_follows_eager():
+def test_lora_fine_tuning_under_fullgraph_compile_follows_eager(fused_nodes):
     eager_model, inputs, target = lora_model()
     eager_losses = fit(eager_model, inputs, target)
 
