@@ -1169,61 +1169,55 @@ _UNCENTRED_MEAN_OVER_STD = 8.0
 
 class _PreActivation(NamedTuple):
     """What the torch backward keeps of a recomputed pre-activation ``u = (x + add - mean) rstd w + bias``:
-    ``u`` (an fp32 ``(B, C, L)`` buffer of our own), the centred input ``xc`` (or None: x is read as
-    it is, with ``mean``), x as ``(B, C, L)``, the per-(sample, channel) ``gain = rstd w`` and
-    ``offset`` of ``u = x' gain + offset`` (x' = xc, or x), the weight (ones for none), the activation,
-    and whether ``u`` holds the activation's output instead (it then is recomputed before use)."""
+    ``u`` (an fp32 ``(B, C, L)`` buffer of our own), the centred input ``xc`` (or None: the GroupNorm
+    backward reads ``source`` with ``mean``), the fp32 ``(B, C, L)`` input the statistics are of
+    (``x + add``; x itself where that is x), the weight (ones for none) and the activation."""
 
     u: torch.Tensor
     xc: Optional[torch.Tensor]
-    x3: torch.Tensor
-    gain: torch.Tensor
-    offset: Optional[torch.Tensor]
+    source: torch.Tensor
     w: torch.Tensor
     activation: Optional[str]
-    activated: bool
 
 
-def _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation) -> _PreActivation:
-    """From the saved statistics, without scale/shift: the pre-activation ``u`` (one pass over x, two
-    where x is centred first; see ``_UNCENTRED_MEAN_OVER_STD``). Per-channel factors broadcast over
-    ``(B, G, Cg)`` views rather than repeated tensors: on small layers this Python is part of a step."""
+def _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation, eps=None) -> _PreActivation:
+    """From the saved statistics, without scale/shift: the pre-activation ``u``.
+
+    With ``eps`` (norm_act_conv's recompute knows it) and means within ``_UNCENTRED_MEAN_OVER_STD``
+    standard deviations on the CPU, u is aten's GroupNorm forward run again: the forward's u bit for
+    bit, and on the CPU faster than the affine map below, whose (B, C, 1) factors broadcast slowly.
+    Otherwise u comes from the saved statistics: one pass over x where x is read as it is, two where
+    it is centred first. Per-channel factors broadcast over ``(B, G, Cg)`` views rather than repeated
+    tensors: on small layers this Python is part of a step."""
     B, C = x.shape[:2]
     G = num_groups
     Cg = C // G
     L = x.numel() // (B * C)
     # aten's CPU backward wants a weight whenever it returns dbias: ones stand in for a missing one
     w = weight.float() if weight is not None else torch.ones(C, device=x.device)
-    gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
+    act = _activation_of(activation)
     x3 = x.reshape(B, C, L)
-    u = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
-    uncentred = (add is None and x.dtype == torch.float32 and x3.is_contiguous() and x.device.type == "cpu"
-                 and bool((mean.abs() * rstd).max() <= _UNCENTRED_MEAN_OVER_STD))
-    if uncentred:
-        xc = None
+    as_is = eps is not None or (add is None and x.dtype == torch.float32 and x3.is_contiguous())
+    if as_is and x.device.type == "cpu" and bool((mean * rstd).abs().max() <= _UNCENTRED_MEAN_OVER_STD):
+        if eps is not None:
+            source = _input_torch(x, add)
+            u = torch.ops.aten.native_group_norm(source, weight.float() if weight is not None else None,
+                                                 bias.float() if bias is not None else None, B, C, L, G, eps)[0]
+            return _PreActivation(u, None, source, w, act)
+        gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
         offset = (gain.view(B, G, Cg) * -mean[..., None]).view(B, C, 1)
         if bias is not None:
             offset = offset + bias.float()[:, None]
+        return _PreActivation(torch.addcmul(offset, x3, gain), None, x3, w, act)
+    gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
+    xc = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
+    if add is None:
+        torch.sub(x.reshape(B, G, Cg * L), mean[..., None], out=xc.view(B, G, Cg * L))
     else:
-        xc = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
-        if add is None:
-            torch.sub(x.reshape(B, G, Cg * L), mean[..., None], out=xc.view(B, G, Cg * L))
-        else:
-            shift_c = (add.float().view(B, G, Cg) - mean[..., None]).view(B, C)
-            torch.add(x3, shift_c[..., None], out=xc)
-        offset = bias.float()[:, None] if bias is not None else None
-    state = _PreActivation(u, xc, x3, gain, offset, w, _activation_of(activation), False)
-    _fill_pre_activation(state)
-    return state
-
-
-def _fill_pre_activation(state: _PreActivation) -> None:
-    """Write ``u`` into ``state.u`` (again, where the activation's output overwrote it)."""
-    source = state.x3 if state.xc is None else state.xc
-    if state.offset is None:
-        torch.mul(source, state.gain, out=state.u)
-    else:
-        torch.addcmul(state.offset, source, state.gain, out=state.u)
+        shift_c = (add.float().view(B, G, Cg) - mean[..., None]).view(B, C)
+        torch.add(x3, shift_c[..., None], out=xc)
+    u = torch.mul(xc, gain) if bias is None else torch.addcmul(bias.float()[:, None], xc, gain)
+    return _PreActivation(u, xc, x3, w, act)
 
 
 def _norm_grads_torch(du, state: _PreActivation, x, weight, bias, add, mean, rstd, num_groups):
@@ -1233,7 +1227,7 @@ def _norm_grads_torch(du, state: _PreActivation, x, weight, bias, add, mean, rst
     # aten's GroupNorm backward reads its gradient as contiguous: mish_backward (and the identity's
     # clone) keep the strides of a strided dy
     if state.xc is None:
-        source, means = state.x3, mean
+        source, means = state.source, mean
     else:
         source, means = state.xc, torch.zeros_like(rstd)
     dh, dw, db = torch.ops.aten.native_group_norm_backward(
@@ -1249,45 +1243,40 @@ def _norm_grads_torch(du, state: _PreActivation, x, weight, bias, add, mean, rst
     )
 
 
-def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation):
+def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation, eps=None):
     """Torch backward without scale/shift: ``(dx, dweight, dbias, dadd, None, None)``. Passes over
     memory: ``u`` (``_pre_activation_torch``, one, or two with centring), the activation's gradient over
     ``u`` (one), ``native_group_norm_backward`` (two) and, with ``add``, ``dadd = sum(dx)``."""
-    state = _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation)
+    state = _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation, eps)
     return group_norm_act_recomputed_bwd_torch(dy, state, x, weight, bias, add, mean, rstd, num_groups)
 
 
-def group_norm_act_recompute_torch(x, weight, bias, add, mean, rstd, num_groups, activation):
+def group_norm_act_recompute_torch(x, weight, bias, add, mean, rstd, num_groups, eps, activation):
     """For a backward that needs the forward's output again (a convolution after the GroupNorm):
-    ``(y, state)``, y recomputed from the saved statistics (contiguous, x's dtype; equal to the
-    forward's y up to rounding) and the state ``group_norm_act_recomputed_bwd_torch`` continues from.
-    The activation runs in place in the pre-activation's buffer, so the fp32 y is that buffer: the
-    backward writes the pre-activation there again (one pass, no new buffer), so call it only once y
-    is no longer read. Torch path without scale/shift only; ``activation`` as the op takes it
-    (``"none"`` for none)."""
-    state = _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation)
-    if state.activation is not None:
-        _TORCH_ACTIVATIONS_INPLACE[state.activation](state.u)
-        state = state._replace(activated=True)
-    return state.u.view(x.shape).to(x.dtype), state
+    ``(y, state)``, y recomputed (contiguous, x's dtype; the forward's y bit for bit on the CPU with
+    moderate means, else up to rounding) and the state ``group_norm_act_recomputed_bwd_torch``
+    continues from, which keeps the pre-activation beside y so that nothing is recomputed twice.
+    Torch path without scale/shift only; ``activation`` as the op takes it (``"none"`` for none)."""
+    state = _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation, eps)
+    return _TORCH_ACTIVATIONS[state.activation](state.u).view(x.shape).to(x.dtype), state
 
 
 def group_norm_act_recomputed_bwd_torch(dy, state, x, weight, bias, add, mean, rstd, num_groups):
     """The GroupNorm+activation backward from ``group_norm_act_recompute_torch``'s (or
-    ``_pre_activation_torch``'s) state: ``(dx, dweight, dbias, dadd, None, None)``."""
-    if state.activated:
-        _fill_pre_activation(state)
+    ``_pre_activation_torch``'s) state: ``(dx, dweight, dbias, dadd, None, None)``. The activation's
+    gradient is written over the pre-activation's buffer."""
     du = _activation_grad_torch(dy.reshape(state.u.shape).float(), state.u, state.activation)
     return _norm_grads_torch(du, state, x, weight, bias, add, mean, rstd, num_groups)
 
 
-def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+def _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation,
+                              eps=None):
     """Torch backward from ``x``, ``mean``, ``rstd``: ``(dx, dweight, dbias, dadd, dscale, dshift)``.
     Without scale/shift, aten's GroupNorm backward (``_group_norm_act_bwd_torch_aten``); with them,
     the same algebra as the kernels: dx = rstd (gain du - c1 - xhat c2). ``dy`` may have any strides
     (copied to a contiguous fp32 buffer); ``dx`` is laid out as ``torch.empty_like(x)``."""
     if scale is None and shift is None:
-        return _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation)
+        return _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation, eps)
     B, C = x.shape[:2]
     Cg = C // num_groups
     w, bia, s1p, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
@@ -1348,8 +1337,10 @@ def _group_norm_act_fwd_fake(x, weight, bias, add, scale, shift, num_groups, eps
             x.new_empty(stats, dtype=torch.float32))
 
 
-def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
-    """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor."""
+def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps=None):
+    """``(dx, dweight, dbias, dadd, dscale, dshift)``; an absent input's gradient is an empty tensor.
+    ``eps`` (the forward's; optional) lets the torch path run the forward's GroupNorm again for the
+    pre-activation rather than map x through the saved statistics (``_pre_activation_torch``)."""
     act = _activation_of(activation)
     if x.numel() == 0:  # an empty batch
         grads = (torch.empty_like(x), *(t.new_zeros(t.shape) if t is not None else None
@@ -1357,20 +1348,23 @@ def _group_norm_act_bwd_op(dy, x, weight, bias, add, scale, shift, mean, rstd, n
     elif use_triton(x, dy, weight, bias, add, scale, shift):
         grads = _group_norm_act_bwd(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
     else:
-        grads = _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act)
+        grads = _group_norm_act_bwd_torch(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, act,
+                                          eps)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-def _group_norm_act_bwd_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+def _group_norm_act_bwd_fake(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation,
+                             eps=None):
     return (torch.empty_like(x),) + tuple(
         t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (weight, bias, add, scale, shift))
 
 
 def _group_norm_act_setup_context(ctx, inputs, output):
-    x, weight, bias, add, scale, shift, num_groups, _, activation, _ = inputs
+    x, weight, bias, add, scale, shift, num_groups, eps, activation, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
     ctx.num_groups = num_groups
+    ctx.eps = eps
     ctx.activation = activation
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -1378,7 +1372,7 @@ def _group_norm_act_setup_context(ctx, inputs, output):
 def _group_norm_act_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
     grads = group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, ctx.num_groups,
-                                    ctx.activation)
+                                    ctx.activation, ctx.eps)
     present = (x, weight, bias, add, scale, shift)
     grads = [g if t is not None else None for g, t in zip(grads, present)]
     return (*grads, None, None, None, None)
@@ -1394,7 +1388,7 @@ def _register_ops() -> None:
     bwd = torch.library.custom_op(
         "fastunet::group_norm_act_bwd", _group_norm_act_bwd_op, mutates_args=(),
         schema="(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, "
-               "Tensor mean, Tensor rstd, int num_groups, str activation) "
+               "Tensor mean, Tensor rstd, int num_groups, str activation, float? eps=None) "
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     bwd.register_fake(_group_norm_act_bwd_fake)
 
@@ -1432,9 +1426,9 @@ def group_norm_act_fwd_call(x, weight, bias, add, scale, shift, num_groups, eps,
     return _group_norm_act_fwd_op(*args)
 
 
-def group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation):
+def group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps=None):
     """``torch.ops.fastunet.group_norm_act_bwd(...)``, with the dispatcher skipped where ``direct_call`` allows."""
-    args = (dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation)
+    args = (dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps)
     if _DIRECT and direct_call(x) and direct_call(dy):
         return _group_norm_act_bwd_op(*args)
     return torch.ops.fastunet.group_norm_act_bwd(*args)

@@ -133,8 +133,8 @@ class _NormActConv(torch.autograd.Function):
 
     Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight, the (B, G)
     statistics. Backward: the ``group_norm_act`` output again (the Triton path: its forward, same
-    statistics bit for bit; the torch path: from the saved statistics, into a buffer the GroupNorm
-    backward then reuses), ``aten.convolution_backward`` for the convolution's input, weight and bias
+    statistics bit for bit; the torch path: aten's GroupNorm forward again, whose output the
+    activation's gradient then overwrites), ``aten.convolution_backward`` for the convolution's input, weight and bias
     gradients, then ``group_norm_act``'s own backward.
     """
 
@@ -157,13 +157,13 @@ class _NormActConv(torch.autograd.Function):
         x, norm_weight, norm_bias, add, scale, shift, conv_weight, mean, rstd = ctx.saved_tensors
         num_groups, eps, activation = ctx.norm_args
         stride, padding, dilation, groups = ctx.conv_args
-        # the torch path recomputes from the saved statistics into one buffer of its own, which the
-        # GroupNorm backward then reuses: 6 passes over x's size as before, but 3 new buffers of that
-        # size, not 5 (x centred first, for a large mean: one pass and one buffer more)
+        # the torch path runs aten's GroupNorm forward again and keeps its output u beside the
+        # activation's: two passes over x's size more than a backward from saved activations, and the
+        # activation's gradient is then written over u (x centred first, for a large mean: one more)
         state = None
         if scale is None and shift is None and direct_call(x) and not use_triton(x, norm_weight, norm_bias, add):
             h, state = group_norm_act_recompute_torch(x, norm_weight, norm_bias, add, mean, rstd, num_groups,
-                                                      activation)
+                                                      eps, activation)
         else:
             h, _, _ = group_norm_act_fwd_call(x, norm_weight, norm_bias, add, scale, shift, num_groups, eps,
                                               activation, None)
@@ -180,7 +180,7 @@ class _NormActConv(torch.autograd.Function):
                                                              rstd, num_groups))
         elif norm_needs:
             grads = list(group_norm_act_bwd_call(dh, x, norm_weight, norm_bias, add, scale, shift, mean, rstd,
-                                                 num_groups, activation))
+                                                 num_groups, activation, eps))
         grads = [g if t is not None and need else None
                  for g, t, need in zip(grads, (x, norm_weight, norm_bias, add, scale, shift), needs)]
         return (*grads, dconv_weight, dconv_bias, None, None, None, None, None, None, None)
