@@ -1245,8 +1245,9 @@ def _norm_grads_torch(du, state: _PreActivation, x, weight, bias, add, mean, rst
 
 def _group_norm_act_bwd_torch_aten(dy, x, weight, bias, add, mean, rstd, num_groups, activation, eps=None):
     """Torch backward without scale/shift: ``(dx, dweight, dbias, dadd, None, None)``. Passes over
-    memory: ``u`` (``_pre_activation_torch``, one, or two with centring), the activation's gradient over
-    ``u`` (one), ``native_group_norm_backward`` (two) and, with ``add``, ``dadd = sum(dx)``."""
+    memory: ``u`` (``_pre_activation_torch``: two, aten's GroupNorm forward again; or one from the saved
+    statistics, two with centring), the activation's gradient over ``u`` (one),
+    ``native_group_norm_backward`` (two) and, with ``add``, ``dadd = sum(dx)``."""
     state = _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activation, eps)
     return group_norm_act_recomputed_bwd_torch(dy, state, x, weight, bias, add, mean, rstd, num_groups)
 
