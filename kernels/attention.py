@@ -987,12 +987,23 @@ def _alloc_like(t: torch.Tensor, shape, dtype=None, device=None) -> torch.Tensor
     ``t``'s (so a ``(B, N, H, D)`` layout seen as ``(B, H, N, D)`` round-trips), the last dim
     innermost and padded to 16 bytes (a view of the first ``shape[3]`` columns is returned), so that
     every stride is 16-byte aligned."""
-    dtype = dtype or t.dtype
+    order, width, _ = _like_layout(t, shape, dtype or t.dtype)
+    buf = torch.empty([shape[i] for i in order] + [width], dtype=dtype or t.dtype, device=device or t.device)
+    return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
+
+
+def _like_layout(t: torch.Tensor, shape, dtype: torch.dtype) -> tuple[list[int], int, list[int]]:
+    """The layout of ``_alloc_like(t, shape, dtype)`` without allocating: the first three dims in
+    memory order (outermost first), the padded width of the last, and the view's strides."""
     order = sorted(range(3), key=lambda i: -t.stride(i))
     vec = max(1, 16 // dtype.itemsize)
     width = -(-shape[3] // vec) * vec
-    buf = torch.empty([shape[i] for i in order] + [width], dtype=dtype, device=device or t.device)
-    return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
+    strides = [0, 0, 0, 1]
+    step = width
+    for i in reversed(order):
+        strides[i] = step
+        step *= shape[i]
+    return order, width, strides
 
 
 def _alloc_stats(q: torch.Tensor, shape) -> torch.Tensor:
@@ -1226,18 +1237,20 @@ _CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 
 def _cpu_flash_applies(q, k, v, attn_mask) -> bool:
     """Whether the fused CPU kernels take these inputs: CPU tensors, one head dim for keys and values
-    (D == Dv), at least one query, one key and one (batch, head), and no score that can be ``+inf``
-    (an infinite entry of q or k, or a ``+inf`` in a float mask). In fp16/bf16 those kernels give a
-    row whose max score is ``+inf`` an output of zeros (measured on torch 2.13), where SDPA's math
-    path, its fp32 fused kernel and the Triton kernels give NaN (``exp(inf - inf)``); the chunked
-    recomputation gives NaN too. The check reads q and k once (a min/max reduction each, no full-size
-    temporary unless they hold a NaN), against the N * M * D of the op."""
+    (D == Dv), at least one query, one key and one (batch, head), no ``+inf`` in a float mask and, in
+    fp16/bf16, no infinite entry of q or k. In fp16/bf16 those kernels give a row whose max score is
+    ``+inf`` an output of zeros (measured on torch 2.13), where SDPA's math path, its fp32 fused kernel
+    and the Triton kernels give NaN (``exp(inf - inf)``); the chunked recomputation gives NaN too. The
+    check reads q and k once (a min/max reduction each, no full-size temporary unless they hold a
+    NaN), against the N * M * D of the op."""
     batch, heads, seqlen_q, d = q.shape
     if not (q.device.type == "cpu" and d == v.shape[-1] and min(batch * heads, seqlen_q, k.shape[2]) > 0):
         return False
     if attn_mask is not None and attn_mask.dtype != torch.bool and _has_inf(attn_mask, positive_only=True):
         return False
-    return not (_has_inf(q) or _has_inf(k))
+    # fp32: the kernel is SDPA's own fp32 CPU kernel, NaN rows for a +inf score included, so an
+    # infinite q or k entry needs no test (two reductions and four host syncs a call saved)
+    return q.dtype == torch.float32 or not (_has_inf(q) or _has_inf(k))
 
 
 def _has_inf(t: torch.Tensor, positive_only: bool = False) -> bool:
@@ -1245,6 +1258,8 @@ def _has_inf(t: torch.Tensor, positive_only: bool = False) -> bool:
     scalars and no temporary of ``t``'s size, except when a NaN hides them (then an element-wise test)."""
     dense = _in_memory_order(t)
     low, high = torch.aminmax(dense) if dense.is_contiguous() else (t.amin(), t.amax())
+    if bool(torch.isfinite(high - low)):  # the common case in one host sync: no inf, no NaN
+        return False
     if bool(torch.isnan(high)):
         return bool((t == float("inf")).any()) if positive_only else bool(torch.isinf(t).any())
     return bool(high == float("inf")) or (not positive_only and bool(low == float("-inf")))
@@ -1280,7 +1295,7 @@ def _cpu_flash_bias(attn_mask: Optional[torch.Tensor], q: torch.Tensor) -> Optio
 def _in_fake_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x``, or a copy of it in the layout ``_alloc_like(t, x.shape)`` gives, which the fake ops promise
     (the fused CPU kernels return ``(B, N, H, D)`` memory order whatever the input's)."""
-    want = _alloc_like(t, x.shape, device="meta").stride()
+    want = _like_layout(t, x.shape, t.dtype)[2]
     # the stride of a size-1 dim places nothing: comparing it would copy an equal layout (one head)
     if all(a == b or n == 1 for a, b, n in zip(x.stride(), want, x.shape)):
         return x

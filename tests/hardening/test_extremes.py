@@ -16,6 +16,8 @@ and is judged against a float64 reference or against PyTorch's own op:
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,5 +285,25 @@ def test_attention_nonfinite_input_propagates_like_sdpa(where, seqlen, backend):
     if where == "nan-key":
         assert ours[0][1, 0].isnan().all() and torch.isfinite(ours[0][0]).all() and torch.isfinite(ours[0][1, 1]).all()
     checked = 1 if where in ("inf-key", "-inf-key-row") else 4  # Inf: the forward only
+    assert_same_nonfinite(ours[:checked], theirs[:checked], ATTN_NAMES)
+    assert ours[0].isnan().any() or where == "-inf-key-row"
+
+
+@pytest.mark.parametrize("where", ["inf-key", "-inf-key-row", "nan-key"])
+def test_attention_fp32_nonfinite_on_the_fused_cpu_kernel_like_sdpa(where, monkeypatch):
+    """fp32 on the torch backend takes PyTorch's fused CPU kernel without testing q and k for
+    infinities (in fp32 that kernel is SDPA's own, NaN rows for a ``+inf`` score included): NaN/Inf
+    positions of the output (and, for a NaN, of every gradient) equal SDPA's."""
+    attention_module = importlib.import_module("fastunet.kernels.attention")
+    calls = []
+    fused = attention_module._CPU_FLASH_FWD
+    monkeypatch.setattr(attention_module, "_CPU_FLASH_FWD", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    _poison(where, q, k, v)
+    grad_out = torch.randn(2, 2, 40, 16)
+    ours = with_grads(lambda *t: attention(*t, None), (q, k, v), grad_out, "torch")
+    theirs = with_grads(lambda *t: sdpa(*t, None), (q, k, v), grad_out)
+    assert calls  # the fused kernel ran
+    checked = 4 if where == "nan-key" else 1  # Inf: the forward only
     assert_same_nonfinite(ours[:checked], theirs[:checked], ATTN_NAMES)
     assert ours[0].isnan().any() or where == "-inf-key-row"
