@@ -113,9 +113,14 @@ class _LayerNormFeedForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(h, norm_weight, norm_bias, eps, weight1, bias1, weight2, bias2, gated, approximate):
+    def forward(ctx, h, norm_weight, norm_bias, eps, weight1, bias1, weight2, bias2, gated, approximate):
+        # forward(ctx, ...), not a separate setup_context: apply() then binds no default arguments
+        # through inspect.signature, a cost on every call
         normed = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
         p = F.linear(normed, weight1, bias1)
+        ctx.save_for_backward(h, norm_weight, norm_bias, weight1, weight2, p)
+        ctx.mark_non_differentiable(p)
+        ctx.options = (eps, gated, approximate, bias1 is not None, bias2 is not None)
         return F.linear(_LayerNormFeedForward.activate(p, gated, approximate)[0], weight2, bias2), p
 
     @staticmethod
@@ -126,14 +131,6 @@ class _LayerNormFeedForward(torch.autograd.Function):
         value, gate = p.chunk(2, dim=-1)
         gelu_gate = F.gelu(gate, approximate=approximate)
         return value * gelu_gate, gelu_gate
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, norm_weight, norm_bias, eps, weight1, bias1, weight2, bias2, gated, approximate = inputs
-        _, p = output
-        ctx.save_for_backward(h, norm_weight, norm_bias, weight1, weight2, p)
-        ctx.mark_non_differentiable(p)
-        ctx.options = (eps, gated, approximate, bias1 is not None, bias2 is not None)
 
     @staticmethod
     def backward(ctx, dy, _dp):
@@ -176,16 +173,12 @@ class _LayerNormLinears(torch.autograd.Function):
     projections' input gradients and runs LayerNorm's backward once."""
 
     @staticmethod
-    def forward(h, norm_weight, norm_bias, eps, *projections):
+    def forward(ctx, h, norm_weight, norm_bias, eps, *projections):  # ctx first: see _LayerNormFeedForward
         normed = F.layer_norm(h, h.shape[-1:], norm_weight, norm_bias, eps)
-        return tuple(F.linear(normed, projections[i], projections[i + 1]) for i in range(0, len(projections), 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        h, norm_weight, norm_bias, eps, *projections = inputs
         ctx.save_for_backward(h, norm_weight, norm_bias, *projections[0::2])
         ctx.eps = eps
         ctx.has_bias = [b is not None for b in projections[1::2]]
+        return tuple(F.linear(normed, projections[i], projections[i + 1]) for i in range(0, len(projections), 2))
 
     @staticmethod
     def backward(ctx, *douts):

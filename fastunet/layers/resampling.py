@@ -201,16 +201,14 @@ class _NearestUpsampleConv(torch.autograd.Function):
     input gradient back through aten's nearest-upsampling backward, as autograd would."""
 
     @staticmethod
-    def forward(x, weight, bias, size, by_factor, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, size, by_factor, stride, padding, dilation, groups):
+        # forward(ctx, ...), not a separate setup_context: apply() then binds no default arguments
+        # through inspect.signature, a cost on every call
+        ctx.save_for_backward(x, weight)
+        ctx.args = (size, by_factor, stride, padding, dilation, groups, bias is not None)
         up = F.interpolate(x, scale_factor=2.0, mode="nearest") if by_factor else F.interpolate(x, size=size,
                                                                                                 mode="nearest")
         return torch.ops.aten.convolution(up, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, size, by_factor, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.args = (size, by_factor, stride, padding, dilation, groups, bias is not None)
 
     @staticmethod
     def backward(ctx, dy):
