@@ -111,3 +111,29 @@ def test_norm_act_conv_torch_backward_against_float64(with_add, offset, centred,
     assert rel_err(out, ref, norm="max") < tol
     for got, want in zip(grads, grads64):
         assert rel_err(got, want, norm="max") < tol
+
+
+@pytest.mark.parametrize("shape, plain", [((2, 16, 6, 5), True), ((2, 64, 16, 16), False)],
+                         ids=["under-cutoff", "over-cutoff"])
+def test_small_group_norm_sites_run_plain_aten_ops(shape, plain, monkeypatch):
+    """In eager mode on the torch path, a GroupNorm site under ``PLAIN_BELOW_ELEMENTS`` elements runs
+    aten's own differentiable ops (the step ends in aten's convolution node, nothing of fastunet's),
+    one at or over it the fused recompute node; both give the gradients of the fused node."""
+    normalization = importlib.import_module("fastunet.layers.normalization")
+    assert (shape[0] * shape[1] * shape[2] * shape[3] < normalization.PLAIN_BELOW_ELEMENTS) == plain
+    g = torch.Generator().manual_seed(11)
+    norm, conv = nn.GroupNorm(4, shape[1]), nn.Conv2d(shape[1], 8, 3, padding=1)
+    x = (0.5 + torch.randn(*shape, generator=g)).requires_grad_()
+    dy = torch.randn(shape[0], 8, *shape[2:], generator=g)
+    leaves = [x, norm.weight, norm.bias, conv.weight, conv.bias]
+    with fastunet.use_backend("torch"):
+        out = norm_act_conv(norm, x, conv, "silu")
+        assert type(out.grad_fn).__name__ == ("ConvolutionBackward0" if plain else "_NormActConvBackward")
+        grads = torch.autograd.grad(out, leaves, dy)
+        monkeypatch.setattr(normalization, "PLAIN_BELOW_ELEMENTS", 0)
+        fused = norm_act_conv(norm, x, conv, "silu")
+        assert type(fused.grad_fn).__name__ == "_NormActConvBackward"
+        fused_grads = torch.autograd.grad(fused, leaves, dy)
+    assert rel_err(out, fused, norm="max") < 1e-6
+    for got, want in zip(grads, fused_grads):
+        assert rel_err(got, want, norm="max") < 1e-5
