@@ -1170,8 +1170,9 @@ _UNCENTRED_MEAN_OVER_STD = 8.0
 class _PreActivation(NamedTuple):
     """What the torch backward keeps of a recomputed pre-activation ``u = (x + add - mean) rstd w + bias``:
     ``u`` (an fp32 ``(B, C, L)`` buffer of our own), the centred input ``xc`` (or None: the GroupNorm
-    backward reads ``source`` with ``mean``), the fp32 ``(B, C, L)`` input the statistics are of
-    (``x + add``; x itself where that is x), the weight (ones for none) and the activation."""
+    backward reads ``source`` with ``mean``), ``source``, the fp32 ``(B, C, L)`` input the statistics
+    are of (``x + add``; x itself where that is x; x as ``(B, C, L)``, unread, where ``xc`` is kept),
+    the weight (ones for none) and the activation."""
 
     u: torch.Tensor
     xc: Optional[torch.Tensor]
@@ -1193,30 +1194,32 @@ def _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activati
     G = num_groups
     Cg = C // G
     L = x.numel() // (B * C)
+    weight32 = weight.float() if weight is not None else None
+    bias32 = bias.float() if bias is not None else None
     # aten's CPU backward wants a weight whenever it returns dbias: ones stand in for a missing one
-    w = weight.float() if weight is not None else torch.ones(C, device=x.device)
+    w = weight32 if weight32 is not None else torch.ones(C, device=x.device)
     act = _activation_of(activation)
     x3 = x.reshape(B, C, L)
     as_is = eps is not None or (add is None and x.dtype == torch.float32 and x3.is_contiguous())
-    if as_is and x.device.type == "cpu" and bool((mean * rstd).abs().max() <= _UNCENTRED_MEAN_OVER_STD):
-        if eps is not None:
-            source = _input_torch(x, add)
-            u = torch.ops.aten.native_group_norm(source, weight.float() if weight is not None else None,
-                                                 bias.float() if bias is not None else None, B, C, L, G, eps)[0]
-            return _PreActivation(u, None, source, w, act)
-        gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
-        offset = (gain.view(B, G, Cg) * -mean[..., None]).view(B, C, 1)
-        if bias is not None:
-            offset = offset + bias.float()[:, None]
-        return _PreActivation(torch.addcmul(offset, x3, gain), None, x3, w, act)
+    uncentred = (as_is and x.device.type == "cpu"
+                 and bool((mean * rstd).abs().max() <= _UNCENTRED_MEAN_OVER_STD))
+    if uncentred and eps is not None:
+        source = _input_torch(x, add)
+        u = torch.ops.aten.native_group_norm(source, weight32, bias32, B, C, L, G, eps)[0]
+        return _PreActivation(u, None, source, w, act)
     gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
+    if uncentred:
+        offset = (gain.view(B, G, Cg) * -mean[..., None]).view(B, C, 1)
+        if bias32 is not None:
+            offset = offset + bias32[:, None]
+        return _PreActivation(torch.addcmul(offset, x3, gain), None, x3, w, act)
     xc = torch.empty((B, C, L), dtype=torch.float32, device=x.device)
     if add is None:
         torch.sub(x.reshape(B, G, Cg * L), mean[..., None], out=xc.view(B, G, Cg * L))
     else:
         shift_c = (add.float().view(B, G, Cg) - mean[..., None]).view(B, C)
         torch.add(x3, shift_c[..., None], out=xc)
-    u = torch.mul(xc, gain) if bias is None else torch.addcmul(bias.float()[:, None], xc, gain)
+    u = torch.mul(xc, gain) if bias32 is None else torch.addcmul(bias32[:, None], xc, gain)
     return _PreActivation(u, xc, x3, w, act)
 
 

@@ -134,8 +134,8 @@ class _NormActConv(torch.autograd.Function):
     Saved: x, the norm's weight and bias, add/scale/shift, the convolution's weight, the (B, G)
     statistics. Backward: the ``group_norm_act`` output again (the Triton path: its forward, same
     statistics bit for bit; the torch path: aten's GroupNorm forward again, whose output the
-    activation's gradient then overwrites), ``aten.convolution_backward`` for the convolution's input, weight and bias
-    gradients, then ``group_norm_act``'s own backward.
+    activation's gradient then overwrites), ``aten.convolution_backward`` for the convolution's input,
+    weight and bias gradients, then ``group_norm_act``'s own backward.
     """
 
     @staticmethod
