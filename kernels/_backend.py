@@ -184,6 +184,27 @@ def direct_call(x: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _get_current_dispatch_mode() is None)
 
 
+def forward_call(direct: bool, op: str, eager: type, impl, args: tuple, differentiable: int):
+    """One kernel op's forward on ``args``, the way a layer calls it: ``torch.ops.fastunet.<op>`` unless
+    ``direct`` (the caller is the package's own module) and ``direct_call(args[0])``; otherwise
+    ``eager.apply`` (the op's autograd minus the dispatcher) where any of the first ``differentiable``
+    args is a tensor that needs a gradient, else ``impl`` itself, recording nothing."""
+    if not (direct and direct_call(args[0])):
+        return getattr(torch.ops.fastunet, op)(*args)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in args[:differentiable]):
+        return eager.apply(*args)
+    return impl(*args)
+
+
+def backward_call(direct: bool, op: str, impl, args: tuple, probes: tuple):
+    """One kernel op's backward on ``args``: ``impl`` where ``direct`` and every tensor in ``probes`` may
+    skip the dispatcher (``direct_call``), else ``torch.ops.fastunet.<op>``."""
+    if direct and all(direct_call(t) for t in probes):
+        return impl(*args)
+    return getattr(torch.ops.fastunet, op)(*args)
+
+
 def compute_capability(device: torch.device) -> int:
     """The arch a launcher sizes its kernels for: ``major * 10 + minor`` of a CUDA ``device``
     (``torch.cuda.get_device_capability``; 80 for an A100, 90 for an H100), and 80 for any other

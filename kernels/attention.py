@@ -96,7 +96,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend
-from ._backend import direct_call, interpreter_enabled, record_launch, register_once, tl, triton, use_triton
+from ._backend import (backward_call, forward_call, interpreter_enabled, record_launch, register_once, tl, triton,
+                       use_triton)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -1483,18 +1484,13 @@ _DIRECT = __name__.startswith("fastunet.kernels.")
 def attention_fwd_call(q, k, v, attn_mask, scale):
     """``torch.ops.fastunet.attention_fwd(...)``, differentiable, with the dispatcher skipped where
     ``direct_call`` allows."""
-    if not (_DIRECT and direct_call(q)):
-        return torch.ops.fastunet.attention_fwd(q, k, v, attn_mask, scale)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionEager.apply(q, k, v, attn_mask, scale)
-    return _attention_fwd_op(q, k, v, attn_mask, scale)
+    return forward_call(_DIRECT, "attention_fwd", _AttentionEager, _attention_fwd_op, (q, k, v, attn_mask, scale), 3)
 
 
 def attention_bwd_call(grad_out, q, k, v, out, lse, attn_mask, scale):
     """``torch.ops.fastunet.attention_bwd(...)``, with the dispatcher skipped where ``direct_call`` allows."""
-    if _DIRECT and direct_call(q) and direct_call(grad_out):
-        return _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, scale)
-    return torch.ops.fastunet.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, scale)
+    return backward_call(_DIRECT, "attention_bwd", _attention_bwd_op,
+                         (grad_out, q, k, v, out, lse, attn_mask, scale), (q, grad_out))
 
 
 def _check_inputs(q, k, v, attn_mask, scale, dtypes=_DTYPES) -> None:

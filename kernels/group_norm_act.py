@@ -75,7 +75,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._backend import direct_call, record_launch, register_once, tl, triton, use_triton
+from ._backend import backward_call, forward_call, record_launch, register_once, tl, triton, use_triton
 
 _ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1138,11 +1138,11 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
     B, C = x.shape[:2]
     h = _input_torch(x, add)
     if scale is None and shift is None:
-        u, mean, rstd = torch.ops.aten.native_group_norm(
+        u, mean, rstd = torch.native_group_norm(
             h, weight.float() if weight is not None else None, bias.float() if bias is not None else None,
             B, C, h.shape[-1], num_groups, eps)
     else:
-        u, mean, rstd = torch.ops.aten.native_group_norm(h, None, None, B, C, h.shape[-1], num_groups, eps)
+        u, mean, rstd = torch.native_group_norm(h, None, None, B, C, h.shape[-1], num_groups, eps)
         _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
         torch.addcmul(offset[..., None], u, gain[..., None], out=u)
     y = _TORCH_ACTIVATIONS_INPLACE[activation](u)
@@ -1205,7 +1205,7 @@ def _pre_activation_torch(x, weight, bias, add, mean, rstd, num_groups, activati
                  and bool((mean * rstd).abs().max() <= _UNCENTRED_MEAN_OVER_STD))
     if uncentred and eps is not None:
         source = _input_torch(x, add)
-        u = torch.ops.aten.native_group_norm(source, weight32, bias32, B, C, L, G, eps)[0]
+        u = torch.native_group_norm(source, weight32, bias32, B, C, L, G, eps)[0]
         return _PreActivation(u, None, source, w, act)
     gain = (rstd[..., None] * w.view(G, Cg)).view(B, C, 1)
     if uncentred:
@@ -1422,20 +1422,14 @@ _DIRECT = __name__.startswith("fastunet.kernels.")
 def group_norm_act_fwd_call(x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout):
     """``torch.ops.fastunet.group_norm_act_fwd(...)``, differentiable, with the dispatcher skipped where
     ``direct_call`` allows (the layers call this, not the op)."""
-    args = (x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout)
-    if not (_DIRECT and direct_call(x)):
-        return torch.ops.fastunet.group_norm_act_fwd(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
-        return _GroupNormActEager.apply(*args)
-    return _group_norm_act_fwd_op(*args)
+    return forward_call(_DIRECT, "group_norm_act_fwd", _GroupNormActEager, _group_norm_act_fwd_op,
+                        (x, weight, bias, add, scale, shift, num_groups, eps, activation, out_layout), 6)
 
 
 def group_norm_act_bwd_call(dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps=None):
     """``torch.ops.fastunet.group_norm_act_bwd(...)``, with the dispatcher skipped where ``direct_call`` allows."""
-    args = (dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps)
-    if _DIRECT and direct_call(x) and direct_call(dy):
-        return _group_norm_act_bwd_op(*args)
-    return torch.ops.fastunet.group_norm_act_bwd(*args)
+    return backward_call(_DIRECT, "group_norm_act_bwd", _group_norm_act_bwd_op,
+                         (dy, x, weight, bias, add, scale, shift, mean, rstd, num_groups, activation, eps), (x, dy))
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, activation, add, scale, shift, out_layout=None):

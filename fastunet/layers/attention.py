@@ -138,7 +138,7 @@ class _LayerNormFeedForward(torch.autograd.Function):
         eps, gated, approximate, has_bias1, has_bias2 = ctx.options
         needs = ctx.needs_input_grad
         dims = [h.shape[-1]]
-        normed, mean, rstd = torch.ops.aten.native_layer_norm(h, dims, norm_weight, norm_bias, eps)
+        normed, mean, rstd = torch.native_layer_norm(h, dims, norm_weight, norm_bias, eps)
         act, gelu_gate = _LayerNormFeedForward.activate(p, gated, approximate)
         # a permuted incoming gradient (the transformer's tokens-to-image transpose) is copied once here;
         # the row view and the matmul below would each copy it again
@@ -185,7 +185,7 @@ class _LayerNormLinears(torch.autograd.Function):
         h, norm_weight, norm_bias, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dims = [h.shape[-1]]
-        normed, mean, rstd = torch.ops.aten.native_layer_norm(h, dims, norm_weight, norm_bias, ctx.eps)
+        normed, mean, rstd = torch.native_layer_norm(h, dims, norm_weight, norm_bias, ctx.eps)
         normed_rows = normed.reshape(-1, dims[0])
         grads, dnormed = [], None
         for i, (dout, weight, has_bias) in enumerate(zip(douts, weights, ctx.has_bias)):

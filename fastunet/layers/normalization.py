@@ -58,10 +58,15 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, act_fn: str | None = None, add
     ``y.permute(out_layout)`` is contiguous: ``out_layout=(0, 3, 4, 2, 1)`` on ``(B, C, F, H, W)``
     stores ``(B, H, W, F, C)``.
     """
+    return _norm_act(norm, x, act_fn, add, scale, shift, out_layout, out_layout is None and _plain(norm, x))
+
+
+def _norm_act(norm, x, act_fn, add, scale, shift, out_layout, plain: bool) -> torch.Tensor:
+    """:func:`norm_act` with its ``_plain`` decision made by the caller (``norm_act_conv`` has it already)."""
     key = act_fn.lower() if isinstance(act_fn, str) else act_fn
     post = _UNFUSED.get(key)
     fused = None if post is not None else fused_activation_name(act_fn)
-    if out_layout is None and _plain(norm, x):
+    if plain:
         y = group_norm_act_reference(x, norm.num_groups, norm.weight, norm.bias, norm.eps, fused, add=add,
                                      scale=scale, shift=shift)
         return y if post is None else post(y)
@@ -86,9 +91,9 @@ def norm_act_conv(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Module, act_fn: 
     active dropout, a convolution other than plain zero-padded ``nn.ConvNd`` or one with hooks -- the
     two run as separate ops, with the same result.
     """
-    if (not _fusable_conv(conv, x, dropout) or (act_fn is not None and act_fn.lower() in _UNFUSED)
-            or _plain(norm, x)):
-        h = norm_act(norm, x, act_fn, add=add, scale=scale, shift=shift)
+    plain = _plain(norm, x)
+    if not _fusable_conv(conv, x, dropout) or (act_fn is not None and act_fn.lower() in _UNFUSED) or plain:
+        h = _norm_act(norm, x, act_fn, add, scale, shift, None, plain)
         return conv(h if dropout is None else dropout(h))
     activation = fused_activation_name(act_fn) or _NO_ACTIVATION
     return _NormActConv.apply(x, norm.weight, norm.bias, add, scale, shift, conv.weight, conv.bias,
@@ -149,7 +154,7 @@ class _NormActConv(torch.autograd.Function):
         ctx.norm_args = (num_groups, eps, activation)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_conv_bias = conv_bias is not None
-        return torch.ops.aten.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
+        return torch.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
                                           [0] * len(stride), groups)
 
     @staticmethod

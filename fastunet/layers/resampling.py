@@ -208,7 +208,7 @@ class _NearestUpsampleConv(torch.autograd.Function):
         ctx.args = (size, by_factor, stride, padding, dilation, groups, bias is not None)
         up = F.interpolate(x, scale_factor=2.0, mode="nearest") if by_factor else F.interpolate(x, size=size,
                                                                                                 mode="nearest")
-        return torch.ops.aten.convolution(up, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+        return torch.convolution(up, weight, bias, stride, padding, dilation, False, [0, 0], groups)
 
     @staticmethod
     def backward(ctx, dy):
