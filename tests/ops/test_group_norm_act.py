@@ -326,9 +326,14 @@ def test_bare_kernels_copy_does_not_take_over_the_ops():
     code = textwrap.dedent(f"""
         import sys, torch
         from fastunet.kernels import group_norm_act, launch_counts, use_backend
+        # fastunet's import may already have brought in the PyPI ``kernels`` (transformers imports it):
+        # forget it, so that the import below finds the repository's folder as a bare copy
+        for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
+            del sys.modules[name]
         sys.path.insert(0, {str(root)!r})
         import kernels.group_norm_act
-        assert "kernels.group_norm_act" in sys.modules
+        bare = sys.modules["kernels.group_norm_act"].__file__
+        assert bare.startswith({str(root)!r}), bare
         with use_backend("triton"):
             group_norm_act(torch.randn(2, 8, 3, 3), 2)
         assert launch_counts["_group_norm_act_fwd_kernel"] == 1, dict(launch_counts)
