@@ -184,6 +184,17 @@ def direct_call(x: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _get_current_dispatch_mode() is None)
 
 
+def dense_strides(shape, order=None) -> tuple[int, ...]:
+    """Strides of a dense tensor of ``shape`` whose dims lie in memory in ``order`` (outermost first;
+    None: contiguous), as ``torch.empty`` would give them (a size-0 dim steps like a size-1 one)."""
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(range(len(shape)) if order is None else order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
 def forward_call(direct: bool, op: str, eager: type, impl, args: tuple, differentiable: int):
     """One kernel op's forward on ``args``, the way a layer calls it: ``torch.ops.fastunet.<op>`` unless
     ``direct`` (the caller is the package's own module) and ``direct_call(args[0])``; otherwise

@@ -96,8 +96,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend
-from ._backend import (backward_call, forward_call, interpreter_enabled, record_launch, register_once, tl, triton,
-                       use_triton)
+from ._backend import (backward_call, dense_strides, forward_call, interpreter_enabled, record_launch, register_once,
+                       tl, triton, use_triton)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -993,18 +993,13 @@ def _alloc_like(t: torch.Tensor, shape, dtype=None, device=None) -> torch.Tensor
     return buf.permute([order.index(i) for i in range(3)] + [3])[..., : shape[3]]
 
 
-def _like_layout(t: torch.Tensor, shape, dtype: torch.dtype) -> tuple[list[int], int, list[int]]:
+def _like_layout(t: torch.Tensor, shape, dtype: torch.dtype) -> tuple[list[int], int, tuple[int, ...]]:
     """The layout of ``_alloc_like(t, shape, dtype)`` without allocating: the first three dims in
     memory order (outermost first), the padded width of the last, and the view's strides."""
     order = sorted(range(3), key=lambda i: -t.stride(i))
     vec = max(1, 16 // dtype.itemsize)
     width = -(-shape[3] // vec) * vec
-    strides = [0, 0, 0, 1]
-    step = width
-    for i in reversed(order):
-        strides[i] = step
-        step *= shape[i]
-    return order, width, strides
+    return order, width, dense_strides((*shape[:3], width), [*order, 3])
 
 
 def _alloc_stats(q: torch.Tensor, shape) -> torch.Tensor:

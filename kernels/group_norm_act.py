@@ -75,7 +75,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._backend import backward_call, forward_call, record_launch, register_once, tl, triton, use_triton
+from ._backend import backward_call, dense_strides, forward_call, record_launch, register_once, tl, triton, use_triton
 
 _ACTIVATION_NAMES = ("silu", "gelu", "mish", None)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -827,21 +827,9 @@ def _group_norm_act_split(n_bg: int, Cg: int, S1: int, block_c: int, block_l: in
             "n_split": split_c * split_l}
 
 
-def _out_strides(shape, out_layout: Sequence[int] | None) -> tuple[int, ...]:
-    """Strides of a dense tensor of ``shape`` whose dims lie in memory in the order ``out_layout``
-    (outermost first; None: contiguous)."""
-    order = range(len(shape)) if out_layout is None else out_layout
-    strides = [0] * len(shape)
-    step = 1
-    for d in reversed(order):
-        strides[d] = step
-        step *= max(shape[d], 1)
-    return tuple(strides)
-
-
 def _alloc_out(x: torch.Tensor, out_layout: Sequence[int] | None) -> torch.Tensor:
     """Uninitialised ``y``: x's shape and dtype, dims in memory in the order ``out_layout``."""
-    return torch.empty_strided(x.shape, _out_strides(x.shape, out_layout), dtype=x.dtype, device=x.device)
+    return torch.empty_strided(x.shape, dense_strides(x.shape, out_layout), dtype=x.dtype, device=x.device)
 
 
 def _spatial_plan(shape, tensors: Sequence[torch.Tensor]):
@@ -1146,7 +1134,7 @@ def _group_norm_act_fwd_torch(x, weight, bias, add, scale, shift, num_groups, ep
         _, _, _, gain, offset = _channel_coefs_torch(weight, bias, scale, shift, B, C, x.device)
         torch.addcmul(offset[..., None], u, gain[..., None], out=u)
     y = _TORCH_ACTIVATIONS_INPLACE[activation](u)
-    return _as_layout(y, x, _out_strides(x.shape, out_layout)), mean, rstd
+    return _as_layout(y, x, dense_strides(x.shape, out_layout)), mean, rstd
 
 
 def _grad_like(dh: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

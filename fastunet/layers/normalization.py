@@ -154,8 +154,8 @@ class _NormActConv(torch.autograd.Function):
         ctx.norm_args = (num_groups, eps, activation)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.has_conv_bias = conv_bias is not None
-        return torch.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False,
-                                          [0] * len(stride), groups)
+        return torch.convolution(h, conv_weight, conv_bias, stride, padding, dilation, False, [0] * len(stride),
+                                 groups)
 
     @staticmethod
     def backward(ctx, dy):
